@@ -1,0 +1,204 @@
+"""Framework-free inference pipelines: raw payload -> prepared tensor -> batched encoder forward.
+
+Each pipeline splits its work in two so that a server can place them well:
+``prepare`` (decode + preprocessing, CPU-bound, one item, run off the event loop) and
+``encode`` (one batched model forward). The same preprocessing code is used by training.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.audio.preprocessing import AudioFeatureConfig, LogMelExtractor, pad_features
+from models.checkpoint import DEFAULT_WEIGHTS_DIR, load_model
+from models.labels import EMOTIONS, MODALITIES
+from models.media import DEFAULT_LIMITS, DecodeLimits, decode_audio, decode_frames
+from models.text.preprocessing import TextPreprocessor
+from models.video.preprocessing import FaceConfig, FaceCropper, faces_to_tensor, pad_clips
+
+
+class EmptyTextError(ValueError):
+    """The text is empty or only whitespace."""
+
+
+@dataclass
+class Prepared:
+    """One decoded and preprocessed input, ready for a batched forward."""
+
+    data: Any
+    info: dict[str, Any] = field(default_factory=dict)
+    prepare_ms: float = 0.0
+
+
+@dataclass
+class EncoderResult:
+    """What an encoder gives for one input: its 256-d embedding and its own calibrated prediction."""
+
+    embedding: np.ndarray
+    probabilities: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def emotion(self) -> str:
+        return EMOTIONS[int(np.argmax(self.probabilities))]
+
+    @property
+    def confidence(self) -> float:
+        return float(np.max(self.probabilities))
+
+
+def _ms_since(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
+
+
+class _Pipeline:
+    """Common parts: load weights, run a batched forward without autograd."""
+
+    modality: str
+
+    def __init__(self, weights_dir: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                 device: str = "cpu") -> None:
+        directory = Path(weights_dir) if weights_dir else DEFAULT_WEIGHTS_DIR / self.modality
+        self.model, self.checkpoint = load_model(directory, overrides)
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.version = str(self.checkpoint.get("metadata", {}).get("version", "unversioned"))
+
+    def _results(self, embedding: torch.Tensor, logits: torch.Tensor, items: list[Prepared]) -> list[EncoderResult]:
+        probs = self.model.head.probabilities(logits).float().cpu().numpy()
+        emb = embedding.float().cpu().numpy()
+        return [EncoderResult(emb[i], probs[i], dict(item.info)) for i, item in enumerate(items)]
+
+
+class TextPipeline(_Pipeline):
+    """Text: tokenise in ``encode`` (cheap, batched); ``prepare`` validates."""
+
+    modality = "text"
+
+    def __init__(self, weights_dir: str | Path | None = None, backbone: str | None = None, device: str = "cpu") -> None:
+        super().__init__(weights_dir, {"backbone": backbone} if backbone else None, device)
+        cfg = self.model.config
+        self.preprocessor = TextPreprocessor(cfg.backbone, cfg.max_length)
+
+    def prepare(self, text: str) -> Prepared:
+        """Check the text and normalise its whitespace."""
+        cleaned = " ".join(str(text).split())
+        if not cleaned:
+            raise EmptyTextError("text is empty")
+        return Prepared(cleaned, {"characters": len(cleaned)})
+
+    @torch.inference_mode()
+    def encode(self, items: list[Prepared]) -> list[EncoderResult]:
+        """Batched forward over prepared texts."""
+        tok = self.preprocessor([it.data for it in items])
+        embedding, logits = self.model(tok.input_ids.to(self.device), tok.attention_mask.to(self.device))
+        results = self._results(embedding, logits, items)
+        for res, truncated in zip(results, tok.truncated, strict=True):
+            res.info["truncated"] = truncated
+        return results
+
+
+class AudioPipeline(_Pipeline):
+    """Speech: ffmpeg decode to 16 kHz mono, log-mel; batched CNN-BiGRU forward."""
+
+    modality = "audio"
+
+    def __init__(self, weights_dir: str | Path | None = None, device: str = "cpu",
+                 limits: DecodeLimits = DEFAULT_LIMITS) -> None:
+        super().__init__(weights_dir, None, device)
+        features = self.checkpoint.get("metadata", {}).get("features", {})
+        self.extractor = LogMelExtractor(AudioFeatureConfig(**features))
+        self.limits = limits
+
+    def prepare(self, data: bytes) -> Prepared:
+        """Decode audio bytes (or a video's audio track) and compute its log-mel."""
+        start = time.perf_counter()
+        wave = decode_audio(data, self.extractor.config.sample_rate, self.limits)
+        decode_ms = _ms_since(start)
+        features = self.extractor(wave)
+        info = {"duration_s": round(len(wave) / self.extractor.config.sample_rate, 3), "decode_ms": round(decode_ms, 2)}
+        return Prepared(features, info, _ms_since(start))
+
+    @torch.inference_mode()
+    def encode(self, items: list[Prepared]) -> list[EncoderResult]:
+        batch, lengths = pad_features([it.data for it in items])
+        embedding, logits = self.model(batch.to(self.device), lengths.to(self.device))
+        return self._results(embedding, logits, items)
+
+
+class VideoPipeline(_Pipeline):
+    """Faces: ffmpeg decode of up to N uniformly sampled frames, Haar face crops; batched forward."""
+
+    modality = "video"
+
+    def __init__(self, weights_dir: str | Path | None = None, device: str = "cpu", num_frames: int = 16,
+                 limits: DecodeLimits = DEFAULT_LIMITS) -> None:
+        super().__init__(weights_dir, None, device)
+        self.cropper = FaceCropper(FaceConfig(face_size=self.model.config.face_size))
+        self.num_frames = num_frames
+        self.limits = limits
+
+    def prepare(self, data: bytes) -> Prepared:
+        """Decode a video or still image to face crops."""
+        start = time.perf_counter()
+        frames = decode_frames(data, self.num_frames, self.limits)
+        decode_ms = _ms_since(start)
+        faces, detected = self.cropper.crop(frames)
+        info = {"frames": int(len(frames)), "face_detected": detected, "decode_ms": round(decode_ms, 2)}
+        return Prepared(faces_to_tensor(faces), info, _ms_since(start))
+
+    @torch.inference_mode()
+    def encode(self, items: list[Prepared]) -> list[EncoderResult]:
+        batch, mask = pad_clips([it.data for it in items])
+        embedding, logits = self.model(batch.to(self.device), mask.to(self.device))
+        return self._results(embedding, logits, items)
+
+
+@dataclass
+class FusionResult:
+    """Fused prediction over the modalities that were present."""
+
+    probabilities: np.ndarray
+    contributions: dict[str, float]
+
+    @property
+    def emotion(self) -> str:
+        return EMOTIONS[int(np.argmax(self.probabilities))]
+
+
+class FusionPipeline(_Pipeline):
+    """Attention fusion of whichever modality embeddings are available."""
+
+    modality = "fusion"
+
+    def __init__(self, weights_dir: str | Path | None = None, device: str = "cpu") -> None:
+        super().__init__(weights_dir, None, device)
+        self.modalities: tuple[str, ...] = tuple(self.model.config.modalities)
+
+    @torch.inference_mode()
+    def fuse(self, embeddings: dict[str, np.ndarray]) -> FusionResult:
+        """Fuse ``{modality: 256-d embedding}`` (any non-empty subset of text/audio/video)."""
+        unknown = set(embeddings) - set(self.modalities)
+        if not embeddings or unknown:
+            raise ValueError(f"need a non-empty subset of {list(self.modalities)}, got {sorted(embeddings)}")
+        dim = self.model.config.embed_dim
+        stacked = torch.zeros(1, len(self.modalities), dim)
+        present = torch.zeros(1, len(self.modalities), dtype=torch.bool)
+        for i, name in enumerate(self.modalities):
+            if name in embeddings:
+                stacked[0, i] = torch.as_tensor(np.asarray(embeddings[name], dtype=np.float32))
+                present[0, i] = True
+        logits, contributions = self.model(stacked.to(self.device), present.to(self.device))
+        probs = self.model.head.probabilities(logits)[0].float().cpu().numpy()
+        contrib = contributions[0].float().cpu().numpy()
+        return FusionResult(probs, {m: float(contrib[i]) for i, m in enumerate(self.modalities) if m in embeddings})
+
+
+PIPELINES = {"text": TextPipeline, "audio": AudioPipeline, "video": VideoPipeline}
+assert set(PIPELINES) == set(MODALITIES)

@@ -1,0 +1,6 @@
+"""Video encoder: face crops per frame -> CNN -> BiGRU over frames -> attention pooling -> 256-d."""
+
+from models.video.model import VideoModel, VideoModelConfig
+from models.video.preprocessing import FaceConfig, FaceCropper, faces_to_tensor
+
+__all__ = ["VideoModel", "VideoModelConfig", "FaceConfig", "FaceCropper", "faces_to_tensor"]

@@ -1,0 +1,62 @@
+"""Preprocessed training inputs, computed once with the serving preprocessing and cached on disk.
+
+Audio goes through :func:`models.media.decode_audio` + :class:`LogMelExtractor`; faces through
+:class:`FaceCropper` (each still is a 1-frame video). Caches are safetensors / ``.npz`` files
+read with ``allow_pickle=False`` under ``.cache/`` (git-ignored).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from models.audio.preprocessing import AudioFeatureConfig, LogMelExtractor
+from models.media import decode_audio
+from models.video.preprocessing import FaceConfig, FaceCropper
+
+CACHE_DIR = Path(".cache")
+
+
+def _cache_path(kind: str, samples: Sequence[tuple[str, int]], config: object) -> Path:
+    digest = hashlib.sha1(repr((kind, [s[0] for s in samples], config)).encode()).hexdigest()[:16]
+    return CACHE_DIR / f"{kind}-{digest}"
+
+
+def audio_features(samples: Sequence[tuple[str, int]], config: AudioFeatureConfig) -> list[torch.Tensor]:
+    """Log-mel features of each audio file (decoded with ffmpeg exactly as when serving)."""
+    path = _cache_path("audio", samples, config).with_suffix(".safetensors")
+    if path.is_file():
+        cached = load_file(str(path))
+        return [cached[str(i)] for i in range(len(samples))]
+    extractor = LogMelExtractor(config)
+    feats = [extractor(decode_audio(Path(p).read_bytes(), config.sample_rate)) for p, _ in tqdm(samples, desc="log-mel")]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({str(i): f for i, f in enumerate(feats)}, str(path))
+    return feats
+
+
+def face_crops(samples: Sequence[tuple[str, int]], config: FaceConfig) -> tuple[np.ndarray, np.ndarray]:
+    """``(N, S, S)`` uint8 face crops of each image and whether a face was detected in it."""
+    path = _cache_path("faces", samples, config).with_suffix(".npz")
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as cached:
+            return cached["faces"], cached["detected"]
+    cropper = FaceCropper(config)
+    faces = np.empty((len(samples), config.face_size, config.face_size), dtype=np.uint8)
+    detected = np.zeros(len(samples), dtype=bool)
+    for i, (p, _) in enumerate(tqdm(samples, desc="faces")):
+        image = cv2.imread(p, cv2.IMREAD_GRAYSCALE)
+        if image is None:
+            raise ValueError(f"unreadable image {p}")
+        crop, found = cropper.crop(image[None])
+        faces[i], detected[i] = crop[0], found
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, faces=faces, detected=detected)
+    return faces, detected

@@ -1,0 +1,48 @@
+"""Resumable training state: model + optimizer tensors in safetensors, the rest in JSON (no pickle)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def save_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, info: dict[str, Any]) -> None:
+    """Write ``model``/``optimizer`` tensors and ``info`` (epoch, best score, history...) atomically."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    scalars: dict[str, Any] = {}
+    for pid, pstate in opt["state"].items():
+        for key, value in pstate.items():
+            if torch.is_tensor(value):
+                tensors[f"opt.{pid}.{key}"] = value.contiguous().clone()
+            else:
+                scalars[f"{pid}.{key}"] = value
+    save_file(tensors, str(directory / "state.tmp"))
+    meta = {"info": info, "param_groups": opt["param_groups"], "opt_scalars": scalars}
+    (directory / "state.json.tmp").write_text(json.dumps(meta))
+    (directory / "state.tmp").replace(directory / "state.safetensors")
+    (directory / "state.json.tmp").replace(directory / "state.json")
+
+
+def load_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+    """Restore a state written by :func:`save_state`; returns its ``info`` or None if there is none."""
+    if not (directory / "state.json").is_file():
+        return None
+    tensors = load_file(str(directory / "state.safetensors"))
+    meta = json.loads((directory / "state.json").read_text())
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict[str, Any]] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, pid, key = k.split(".", 2)
+            state.setdefault(int(pid), {})[key] = v
+    for k, v in meta["opt_scalars"].items():
+        pid, key = k.split(".", 1)
+        state.setdefault(int(pid), {})[key] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return meta["info"]

