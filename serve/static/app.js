@@ -1,0 +1,652 @@
+/*
+ * Emotion recognition page: collects text / audio / video (files, microphone, webcam), sends them
+ * together to POST /predict as multipart form data and renders the fused answer.
+ * Plain browser JavaScript, no build step, no third-party code.
+ */
+"use strict";
+
+(() => {
+  const EMOTIONS = ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"];
+  const EMOJI = {
+    angry: "😠", disgust: "🤢", fear: "😨", happy: "😄", neutral: "😐", sad: "😢", surprise: "😲",
+  };
+  const MODALITY_LABEL = { text: "Text", audio: "Audio", video: "Video" };
+  const MODALITY_ICON = { text: "💬", audio: "🎙️", video: "🙂" };
+  const MAX_MIC_SECONDS = 30;
+  const CLIP_SECONDS = 3;
+
+  // Endpoints are relative so the page also works behind a route prefix.
+  const PREDICT_URL = "predict";
+  const HEALTH_URL = "api/health";
+
+  const $ = (id) => document.getElementById(id);
+  const el = {
+    form: $("predict-form"),
+    text: $("text-input"),
+    audioFile: $("audio-file"),
+    audioPreview: $("audio-preview"),
+    audioStatus: $("audio-status"),
+    micButton: $("mic-button"),
+    videoFile: $("video-file"),
+    videoPreview: $("video-preview"),
+    videoStatus: $("video-status"),
+    cameraButton: $("camera-button"),
+    cameraPanel: $("camera-panel"),
+    cameraView: $("camera-view"),
+    snapshotButton: $("snapshot-button"),
+    clipButton: $("clip-button"),
+    analyze: $("analyze-button"),
+    output: $("output"),
+    error: $("error"),
+    loading: $("loading"),
+    placeholder: $("placeholder"),
+    live: $("live"),
+    result: $("result"),
+    emoji: $("result-emoji"),
+    emotion: $("result-emotion"),
+    confidence: $("result-confidence"),
+    probabilities: $("probabilities"),
+    contribStack: $("contrib-stack"),
+    contributions: $("contributions"),
+    perModality: $("per-modality"),
+    droppedBlock: $("dropped-block"),
+    dropped: $("dropped"),
+    meta: $("result-meta"),
+    health: $("health"),
+    healthText: $("health-text"),
+  };
+
+  /** Inputs chosen so far: a File per media modality (from a picker, the microphone or the webcam). */
+  const state = {
+    audio: null,
+    video: null,
+    maxUploadBytes: null,
+    busy: false,
+    mic: null, // {recorder, stream, timer}
+    camera: null, // MediaStream
+    clip: null, // {recorder, timer}
+  };
+
+  // ---------------------------------------------------------------- helpers
+
+  function pct(x) {
+    const v = Math.max(0, Math.min(1, Number(x) || 0)) * 100;
+    return v >= 99.95 || v === 0 ? `${v.toFixed(0)}%` : `${v.toFixed(1)}%`;
+  }
+
+  function ms(x) {
+    const v = Number(x);
+    if (!Number.isFinite(v)) return "—";
+    return v >= 100 ? `${Math.round(v)} ms` : `${v.toFixed(1)} ms`;
+  }
+
+  function bytes(n) {
+    if (n < 1024) return `${n} B`;
+    if (n < 1024 * 1024) return `${(n / 1024).toFixed(1)} KB`;
+    return `${(n / 1024 / 1024).toFixed(1)} MB`;
+  }
+
+  function cap(s) {
+    return s ? s.charAt(0).toUpperCase() + s.slice(1) : s;
+  }
+
+  function make(tag, attrs = {}, ...children) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs)) {
+      if (k === "class") node.className = v;
+      else if (k === "style") node.setAttribute("style", v);
+      else if (k === "text") node.textContent = v;
+      else if (v !== undefined && v !== null) node.setAttribute(k, v);
+    }
+    for (const c of children) if (c !== null && c !== undefined) node.append(c);
+    return node;
+  }
+
+  /** MIME type for MediaRecorder that this browser supports, or "" to let it choose. */
+  function pickMime(candidates) {
+    if (typeof MediaRecorder === "undefined" || !MediaRecorder.isTypeSupported) return "";
+    return candidates.find((t) => MediaRecorder.isTypeSupported(t)) || "";
+  }
+
+  function extensionFor(mime, fallback) {
+    if (/mp4/.test(mime)) return "mp4";
+    if (/ogg/.test(mime)) return "ogg";
+    if (/webm/.test(mime)) return "webm";
+    return fallback;
+  }
+
+  function stopStream(stream) {
+    if (stream) stream.getTracks().forEach((t) => t.stop());
+  }
+
+  function mediaErrorMessage(err, what) {
+    const name = err && err.name;
+    if (name === "NotAllowedError" || name === "SecurityError") {
+      return `Permission to use the ${what} was denied. Allow it in the browser, or upload a file instead.`;
+    }
+    if (name === "NotFoundError" || name === "OverconstrainedError") return `No ${what} was found on this device.`;
+    if (!window.isSecureContext) return `The ${what} needs a secure page (https:// or localhost).`;
+    return `Could not use the ${what}: ${(err && err.message) || err}`;
+  }
+
+  // ---------------------------------------------------------------- chosen media
+
+  function setMedia(kind, file, source) {
+    state[kind] = file;
+    const preview = kind === "audio" ? el.audioPreview : el.videoPreview;
+    const status = kind === "audio" ? el.audioStatus : el.videoStatus;
+    const old = preview.querySelector("[data-url]");
+    if (old) URL.revokeObjectURL(old.dataset.url);
+    preview.replaceChildren();
+    if (!file) {
+      preview.hidden = true;
+      status.textContent = "";
+      return;
+    }
+    const url = URL.createObjectURL(file);
+    let media;
+    const type = file.type || "";
+    if (type.startsWith("image/")) {
+      media = make("img", { src: url, alt: `Selected image ${file.name}`, "data-url": url });
+    } else if (kind === "video" && !type.startsWith("audio/")) {
+      media = make("video", { src: url, controls: "", muted: "", playsinline: "", "data-url": url,
+        "aria-label": `Selected video ${file.name}` });
+    } else {
+      media = make("audio", { src: url, controls: "", "data-url": url, "aria-label": `Selected audio ${file.name}` });
+    }
+    const remove = make("button", { type: "button", class: "btn btn-ghost btn-small",
+      "aria-label": `Remove ${kind} ${file.name}`, text: "Remove" });
+    remove.addEventListener("click", () => {
+      if (kind === "audio") el.audioFile.value = "";
+      else el.videoFile.value = "";
+      setMedia(kind, null);
+      (kind === "audio" ? el.audioFile : el.videoFile).focus();
+    });
+    const name = make("span", { class: "file-name", text: `${file.name} · ${bytes(file.size)}` });
+    preview.append(media, make("div", { class: "file-row" }, name, remove));
+    preview.hidden = false;
+    status.textContent = `${source}: ${file.name} (${bytes(file.size)}) will be analysed.`;
+    if (state.maxUploadBytes && file.size > state.maxUploadBytes) {
+      status.textContent += ` Warning: larger than the ${bytes(state.maxUploadBytes)} upload limit.`;
+    }
+  }
+
+  el.audioFile.addEventListener("change", () => {
+    const f = el.audioFile.files && el.audioFile.files[0];
+    setMedia("audio", f || null, "Audio file");
+  });
+  el.videoFile.addEventListener("change", () => {
+    const f = el.videoFile.files && el.videoFile.files[0];
+    setMedia("video", f || null, f && f.type.startsWith("image/") ? "Image" : "Video file");
+  });
+
+  // ---------------------------------------------------------------- microphone
+
+  function setMicUi(recording) {
+    el.micButton.setAttribute("aria-pressed", String(recording));
+    el.micButton.classList.toggle("recording", recording);
+    el.micButton.querySelector(".label").textContent = recording ? "Stop recording" : "Record microphone";
+  }
+
+  async function startMic() {
+    if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia || typeof MediaRecorder === "undefined") {
+      el.audioStatus.textContent = "This browser cannot record audio. Upload a file instead.";
+      return;
+    }
+    let stream;
+    try {
+      stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+    } catch (err) {
+      el.audioStatus.textContent = mediaErrorMessage(err, "microphone");
+      return;
+    }
+    const mime = pickMime(["audio/webm;codecs=opus", "audio/webm", "audio/ogg;codecs=opus", "audio/mp4"]);
+    const recorder = new MediaRecorder(stream, mime ? { mimeType: mime } : undefined);
+    const chunks = [];
+    const started = performance.now();
+    recorder.addEventListener("dataavailable", (e) => { if (e.data && e.data.size) chunks.push(e.data); });
+    recorder.addEventListener("stop", () => {
+      clearInterval(state.mic && state.mic.timer);
+      stopStream(stream);
+      state.mic = null;
+      setMicUi(false);
+      const type = (recorder.mimeType || mime || "audio/webm").split(";")[0];
+      const blob = new Blob(chunks, { type });
+      if (!blob.size) {
+        el.audioStatus.textContent = "The recording is empty; try again.";
+        return;
+      }
+      const file = new File([blob], `recording.${extensionFor(type, "webm")}`, { type });
+      el.audioFile.value = "";
+      setMedia("audio", file, "Microphone recording");
+    });
+    const timer = setInterval(() => {
+      const s = (performance.now() - started) / 1000;
+      el.audioStatus.textContent = `Recording… ${s.toFixed(0)} s (max ${MAX_MIC_SECONDS} s). Press Stop when done.`;
+      if (s >= MAX_MIC_SECONDS) stopMic();
+    }, 250);
+    state.mic = { recorder, stream, timer };
+    recorder.start(250);
+    setMicUi(true);
+    el.audioStatus.textContent = "Recording… speak now, then press Stop.";
+  }
+
+  function stopMic() {
+    if (state.mic && state.mic.recorder.state !== "inactive") state.mic.recorder.stop();
+  }
+
+  el.micButton.addEventListener("click", () => (state.mic ? stopMic() : startMic()));
+
+  // ---------------------------------------------------------------- webcam
+
+  function setCameraUi(open) {
+    el.cameraPanel.hidden = !open;
+    el.cameraButton.setAttribute("aria-expanded", String(open));
+    el.cameraButton.querySelector(".label").textContent = open ? "Close webcam" : "Use webcam";
+  }
+
+  async function openCamera() {
+    if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+      el.videoStatus.textContent = "This browser cannot use a webcam. Upload a file instead.";
+      return;
+    }
+    let stream;
+    try {
+      // Ask for sound as well so a recorded clip also feeds the audio encoder; fall back to video only.
+      stream = await navigator.mediaDevices.getUserMedia({ video: { facingMode: "user" }, audio: true })
+        .catch(() => navigator.mediaDevices.getUserMedia({ video: { facingMode: "user" } }));
+    } catch (err) {
+      el.videoStatus.textContent = mediaErrorMessage(err, "webcam");
+      return;
+    }
+    state.camera = stream;
+    el.cameraView.srcObject = stream;
+    setCameraUi(true);
+    el.videoStatus.textContent = "Webcam on. Take a snapshot or record a short clip.";
+    el.snapshotButton.focus();
+  }
+
+  function closeCamera() {
+    if (state.clip) state.clip.recorder.stop();
+    stopStream(state.camera);
+    state.camera = null;
+    el.cameraView.srcObject = null;
+    setCameraUi(false);
+  }
+
+  el.cameraButton.addEventListener("click", () => (state.camera ? closeCamera() : openCamera()));
+
+  el.snapshotButton.addEventListener("click", () => {
+    const v = el.cameraView;
+    if (!state.camera || !v.videoWidth) {
+      el.videoStatus.textContent = "The webcam is not ready yet; try again in a moment.";
+      return;
+    }
+    const canvas = document.createElement("canvas");
+    canvas.width = v.videoWidth;
+    canvas.height = v.videoHeight;
+    canvas.getContext("2d").drawImage(v, 0, 0);
+    canvas.toBlob((blob) => {
+      if (!blob) return;
+      el.videoFile.value = "";
+      setMedia("video", new File([blob], "webcam-snapshot.jpg", { type: "image/jpeg" }), "Webcam snapshot");
+    }, "image/jpeg", 0.92);
+  });
+
+  el.clipButton.addEventListener("click", () => {
+    if (!state.camera || state.clip || typeof MediaRecorder === "undefined") return;
+    const mime = pickMime(["video/webm;codecs=vp8,opus", "video/webm", "video/mp4"]);
+    const recorder = new MediaRecorder(state.camera, mime ? { mimeType: mime } : undefined);
+    const chunks = [];
+    let left = CLIP_SECONDS;
+    recorder.addEventListener("dataavailable", (e) => { if (e.data && e.data.size) chunks.push(e.data); });
+    recorder.addEventListener("stop", () => {
+      clearInterval(state.clip && state.clip.timer);
+      state.clip = null;
+      el.clipButton.disabled = false;
+      el.clipButton.classList.remove("recording");
+      const type = (recorder.mimeType || mime || "video/webm").split(";")[0];
+      const blob = new Blob(chunks, { type });
+      if (!blob.size) {
+        el.videoStatus.textContent = "The clip is empty; try again.";
+        return;
+      }
+      el.videoFile.value = "";
+      setMedia("video", new File([blob], `webcam-clip.${extensionFor(type, "webm")}`, { type }), "Webcam clip");
+    });
+    const timer = setInterval(() => {
+      left -= 1;
+      if (left <= 0) {
+        if (recorder.state !== "inactive") recorder.stop();
+      } else {
+        el.videoStatus.textContent = `Recording clip… ${left} s`;
+      }
+    }, 1000);
+    state.clip = { recorder, timer };
+    el.clipButton.disabled = true;
+    el.clipButton.classList.add("recording");
+    el.videoStatus.textContent = `Recording clip… ${CLIP_SECONDS} s`;
+    recorder.start(250);
+  });
+
+  // ---------------------------------------------------------------- errors
+
+  /** Human-readable text for a pydantic / FastAPI `detail` value (string, list of errors or object). */
+  function formatDetail(detail) {
+    if (detail === undefined || detail === null) return "";
+    if (typeof detail === "string") return detail;
+    if (Array.isArray(detail)) {
+      return detail.map((d) => {
+        if (typeof d === "string") return d;
+        const loc = Array.isArray(d.loc) ? d.loc.filter((p) => p !== "body").join(".") : "";
+        return loc ? `${loc}: ${d.msg || JSON.stringify(d)}` : d.msg || JSON.stringify(d);
+      }).join("; ");
+    }
+    if (typeof detail === "object") return detail.message || detail.msg || JSON.stringify(detail);
+    return String(detail);
+  }
+
+  function errorTitle(status) {
+    switch (status) {
+      case 400: return "The file could not be read";
+      case 413: return "The upload is too large";
+      case 415: return "Unsupported file type";
+      case 422: return "The input is not valid";
+      case 429:
+      case 503: return "The service is busy";
+      default: return status >= 500 ? "The service had a problem" : `Request failed (HTTP ${status})`;
+    }
+  }
+
+  function errorHint(status) {
+    switch (status) {
+      case 400: return "It may be corrupt, truncated or not a media file. Try another file or record one here.";
+      case 413: return state.maxUploadBytes
+        ? `Uploads are limited to ${bytes(state.maxUploadBytes)}. Trim the recording or pick a shorter clip.`
+        : "Trim the recording or pick a shorter clip.";
+      case 415: return "Use a common audio (WAV, MP3, OGG, WebM…), video (MP4, WebM…) or image (JPEG, PNG) file.";
+      case 422: return "Check the text and files and try again.";
+      case 429:
+      case 503: return "Please try again in a moment.";
+      default: return status >= 500 ? "Please try again; if it keeps happening, check the server logs." : "";
+    }
+  }
+
+  function showError(title, message, hint, status) {
+    el.error.replaceChildren(
+      make("span", { class: "error-icon", "aria-hidden": "true", text: "⚠️" }),
+      make("div", {},
+        make("p", { class: "error-title", text: title }),
+        message ? make("p", { class: "error-message", text: message }) : null,
+        hint ? make("p", { class: "error-hint", text: hint }) : null),
+    );
+    if (status) el.error.dataset.status = String(status);
+    else delete el.error.dataset.status;
+    el.error.hidden = false;
+    el.placeholder.hidden = true;
+    revealOutput();
+  }
+
+  function clearError() {
+    el.error.hidden = true;
+    el.error.replaceChildren();
+    delete el.error.dataset.status;
+  }
+
+  // ---------------------------------------------------------------- rendering
+
+  function renderBars(probabilities, top) {
+    el.probabilities.replaceChildren();
+    const names = EMOTIONS.filter((e) => e in probabilities)
+      .concat(Object.keys(probabilities).filter((e) => !EMOTIONS.includes(e)));
+    for (const name of names) {
+      const p = Number(probabilities[name]) || 0;
+      const fill = make("span", { class: "bar-fill", style: `width:${(Math.max(0, Math.min(1, p)) * 100).toFixed(2)}%` });
+      const track = make("span", { class: "bar-track", role: "img", "aria-label": `${name} ${pct(p)}` }, fill);
+      const li = make("li", { class: `bar emo-${name}${name === top ? " top" : ""}`, "data-emotion": name },
+        make("span", { class: "bar-label" }, make("span", { "aria-hidden": "true", text: `${EMOJI[name] || "•"} ` }), name),
+        track,
+        make("span", { class: "bar-value", text: pct(p) }));
+      el.probabilities.append(li);
+    }
+  }
+
+  function renderContributions(contributions) {
+    el.contribStack.replaceChildren();
+    el.contributions.replaceChildren();
+    const entries = Object.entries(contributions || {}).sort((a, b) => b[1] - a[1]);
+    if (!entries.length) {
+      el.contributions.append(make("li", { text: "No modality information." }));
+      return;
+    }
+    for (const [mod, w] of entries) {
+      const label = MODALITY_LABEL[mod] || cap(mod);
+      el.contribStack.append(make("span", { class: `stack-seg mod-${mod}`,
+        style: `flex-grow:${Math.max(0.0001, Number(w) || 0)}`, title: `${label} ${pct(w)}` }));
+      el.contributions.append(make("li", { class: `contrib mod-${mod}`, "data-modality": mod },
+        make("span", { class: "swatch", "aria-hidden": "true" }),
+        make("span", { class: "contrib-name" }, make("span", { "aria-hidden": "true", text: `${MODALITY_ICON[mod] || ""} ` }), label),
+        make("span", { class: "contrib-value", text: pct(w) })));
+    }
+  }
+
+  /** Short notes from a modality's extra fields (truncation, frames, faces…), when the server reports them. */
+  function modalityNotes(info) {
+    const skip = new Set(["emotion", "confidence", "probabilities", "latency_ms", "embedding"]);
+    const notes = [];
+    for (const [k, v] of Object.entries(info || {})) {
+      if (skip.has(k) || v === null || v === undefined || typeof v === "object") continue;
+      if (typeof v === "boolean") {
+        if (v) notes.push(k.replace(/_/g, " "));
+      } else {
+        const num = typeof v === "number" && !Number.isInteger(v) ? v.toFixed(2) : v;
+        notes.push(`${k.replace(/_/g, " ")}: ${num}`);
+      }
+    }
+    return notes.join(" · ");
+  }
+
+  function renderPerModality(modalities) {
+    const body = el.perModality.tBodies[0];
+    body.replaceChildren();
+    const order = ["text", "audio", "video"];
+    const mods = Object.keys(modalities || {}).sort((a, b) => order.indexOf(a) - order.indexOf(b));
+    for (const mod of mods) {
+      const m = modalities[mod] || {};
+      const notes = modalityNotes(m);
+      const emotionCell = make("td", {},
+        make("span", { "aria-hidden": "true", text: `${EMOJI[m.emotion] || ""} ` }),
+        m.emotion || "—",
+        notes ? make("span", { class: "notes", text: notes }) : null);
+      body.append(make("tr", { "data-modality": mod },
+        make("th", { scope: "row" }, make("span", { "aria-hidden": "true", text: `${MODALITY_ICON[mod] || ""} ` }),
+          MODALITY_LABEL[mod] || cap(mod)),
+        emotionCell,
+        make("td", { "data-label": "Confidence", text: m.confidence === undefined ? "—" : pct(m.confidence) }),
+        make("td", { "data-label": "Latency", text: ms(m.latency_ms) })));
+    }
+    if (!mods.length) body.append(make("tr", {}, make("td", { colspan: "4", text: "—" })));
+  }
+
+  function renderDropped(dropped) {
+    const entries = Object.entries(dropped || {});
+    el.dropped.replaceChildren();
+    el.droppedBlock.hidden = entries.length === 0;
+    for (const [mod, reason] of entries) {
+      el.dropped.append(make("li", { "data-modality": mod },
+        make("strong", { text: `${MODALITY_LABEL[mod] || cap(mod)}: ` }),
+        formatDetail(reason) || "dropped"));
+    }
+  }
+
+  function renderResult(data) {
+    const emotion = String(data.emotion || "");
+    el.emoji.textContent = EMOJI[emotion] || "❓";
+    el.emotion.textContent = emotion;
+    el.emotion.dataset.emotion = emotion;
+    el.result.className = `result emo-${emotion}`;
+    el.confidence.textContent = pct(data.confidence);
+    renderBars(data.probabilities || {}, emotion);
+    renderContributions(data.contributions);
+    renderPerModality(data.modalities);
+    renderDropped(data.dropped);
+    const meta = [];
+    if (data.model_version) meta.push(`Model ${data.model_version}`);
+    if (data.latency_ms !== undefined) meta.push(`answered in ${ms(data.latency_ms)}`);
+    el.meta.textContent = meta.join(" · ");
+    el.placeholder.hidden = true;
+    el.result.hidden = false;
+    revealOutput();
+
+    const used = Object.keys(data.contributions || {}).map((m) => MODALITY_LABEL[m] || m).join(", ");
+    const droppedNames = Object.keys(data.dropped || {});
+    el.live.textContent = `Detected emotion: ${emotion}, ${pct(data.confidence)} confidence` +
+      (used ? `, from ${used}` : "") + (droppedNames.length ? `. Not used: ${droppedNames.join(", ")}.` : ".");
+  }
+
+  /** On narrow screens the result sits below the form: bring it into view if it is off screen. */
+  function revealOutput() {
+    const top = el.output.getBoundingClientRect().top;
+    if (top > window.innerHeight * 0.6 || top < 0) {
+      const smooth = !window.matchMedia("(prefers-reduced-motion: reduce)").matches;
+      el.output.scrollIntoView({ behavior: smooth ? "smooth" : "auto", block: "start" });
+    }
+  }
+
+  // ---------------------------------------------------------------- submit
+
+  function setBusy(busy) {
+    state.busy = busy;
+    el.analyze.disabled = busy;
+    el.analyze.classList.toggle("busy", busy);
+    el.analyze.querySelector(".label").textContent = busy ? "Analysing…" : "Analyze emotion";
+    el.loading.hidden = !busy;
+    el.output.setAttribute("aria-busy", String(busy));
+    if (busy) el.placeholder.hidden = true;
+  }
+
+  async function submit() {
+    if (state.busy) return;
+    if (state.mic) {
+      el.audioStatus.textContent = "Stop the recording first.";
+      el.micButton.focus();
+      return;
+    }
+    clearError();
+    const text = el.text.value.trim();
+    const body = new FormData();
+    if (text) body.append("text", text);
+    if (state.audio) body.append("audio", state.audio, state.audio.name);
+    if (state.video) body.append("video", state.video, state.video.name);
+    if (!text && !state.audio && !state.video) {
+      el.result.hidden = true;
+      showError("Nothing to analyse", "Type some text, add an audio recording, or add a video or photo.", "");
+      el.text.focus();
+      return;
+    }
+
+    setBusy(true);
+    el.live.textContent = "Analysing…";
+    let response;
+    try {
+      response = await fetch(PREDICT_URL, { method: "POST", body, headers: { Accept: "application/json" } });
+    } catch (err) {
+      setBusy(false);
+      el.result.hidden = true;
+      const big = [state.audio, state.video].some((f) => f && state.maxUploadBytes && f.size > state.maxUploadBytes);
+      showError(big ? errorTitle(413) : "Could not reach the service",
+        big ? "The server closed the connection during the upload." : String((err && err.message) || err),
+        big ? errorHint(413) : "Check that the service is running, then try again.");
+      el.live.textContent = "";
+      return;
+    }
+    let data = null;
+    try {
+      data = await response.json();
+    } catch (_) {
+      data = null;
+    }
+    setBusy(false);
+    if (!response.ok || !data || typeof data !== "object" || !("emotion" in data)) {
+      el.result.hidden = true;
+      const status = response.ok ? 502 : response.status;
+      const detail = data && typeof data === "object" ? formatDetail(data.detail) : "";
+      showError(errorTitle(status), detail || response.statusText || "Unexpected answer from the server.",
+        errorHint(status), status);
+      el.live.textContent = "";
+      return;
+    }
+    renderResult(data);
+  }
+
+  el.form.addEventListener("submit", (e) => {
+    e.preventDefault();
+    submit();
+  });
+
+  el.text.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
+      e.preventDefault();
+      submit();
+    }
+  });
+
+  el.form.addEventListener("reset", () => {
+    stopMic();
+    if (state.camera) closeCamera();
+    setMedia("audio", null);
+    setMedia("video", null);
+    clearError();
+    el.result.hidden = true;
+    el.placeholder.hidden = false;
+    el.live.textContent = "";
+    setTimeout(() => el.text.focus(), 0);
+  });
+
+  window.addEventListener("pagehide", () => {
+    stopMic();
+    stopStream(state.camera);
+  });
+
+  // ---------------------------------------------------------------- health
+
+  /** Find an upload limit in the health answer if the server publishes one (any of a few likely names). */
+  function findUploadLimit(obj, depth = 0) {
+    if (!obj || typeof obj !== "object" || depth > 3) return null;
+    for (const [k, v] of Object.entries(obj)) {
+      if (typeof v === "number" && /upload/i.test(k)) {
+        if (/mb$/i.test(k)) return v * 1024 * 1024;
+        if (/bytes$/i.test(k)) return v;
+      }
+      if (v && typeof v === "object") {
+        const found = findUploadLimit(v, depth + 1);
+        if (found) return found;
+      }
+    }
+    return null;
+  }
+
+  async function checkHealth() {
+    try {
+      const r = await fetch(HEALTH_URL, { headers: { Accept: "application/json" } });
+      const data = await r.json().catch(() => ({}));
+      state.maxUploadBytes = findUploadLimit(data);
+      const status = String(data.status || (r.ok ? "ok" : "unavailable"));
+      const ready = r.ok && /^(ok|ready|healthy|up)$/i.test(status);
+      el.health.dataset.state = ready ? "ok" : "warn";
+      let models = "";
+      if (data.models && typeof data.models === "object") {
+        const loaded = Array.isArray(data.models)
+          ? data.models
+          : Object.entries(data.models).filter(([, v]) => v && (v === true || v.loaded !== false)).map(([k]) => k);
+        if (loaded.length) models = ` · ${loaded.join(", ")}`;
+      }
+      el.healthText.textContent = ready ? `Service ready${models}` : `Service ${status}`;
+    } catch (_) {
+      el.health.dataset.state = "down";
+      el.healthText.textContent = "Service unreachable";
+    }
+  }
+
+  checkHealth();
+})();
