@@ -150,7 +150,7 @@ class VideoPipeline(_Pipeline):
         frames = decode_frames(data, self.num_frames, self.limits)
         decode_ms = _ms_since(start)
         faces, detected = self.cropper.crop(frames)
-        info = {"frames": int(len(frames)), "face_detected": detected, "decode_ms": round(decode_ms, 2)}
+        info = {"frames": len(frames), "face_detected": detected, "decode_ms": round(decode_ms, 2)}
         return Prepared(faces_to_tensor(faces), info, _ms_since(start))
 
     @torch.inference_mode()

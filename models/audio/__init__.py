@@ -3,4 +3,4 @@
 from models.audio.model import AudioModel, AudioModelConfig
 from models.audio.preprocessing import AudioFeatureConfig, LogMelExtractor
 
-__all__ = ["AudioModel", "AudioModelConfig", "AudioFeatureConfig", "LogMelExtractor"]
+__all__ = ["AudioFeatureConfig", "AudioModel", "AudioModelConfig", "LogMelExtractor"]

@@ -35,7 +35,7 @@ class AudioModel(nn.Module):
         super().__init__()
         self.config = config
         c1, c2 = config.conv_channels
-        self.conv = nn.Sequential(_conv_block(1, c1), _conv_block(c1, c2))
+        self.conv = nn.ModuleList([_conv_block(1, c1), _conv_block(c1, c2)])
         self.project = nn.Sequential(nn.Linear(c2 * (config.n_mels // 4), config.frame_dim), nn.ReLU(inplace=True))
         self.gru = nn.GRU(config.frame_dim, config.gru_hidden, batch_first=True, bidirectional=True)
         self.embed = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(2 * config.gru_hidden, config.embed_dim), nn.GELU())
@@ -43,10 +43,15 @@ class AudioModel(nn.Module):
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``features`` (B, 1, n_mels, T), ``lengths`` (B,) -> ``(embedding [B, 256], logits [B, 7])``."""
-        x = self.conv(features)  # (B, C, M/4, T/4)
-        b, c, m, t = x.shape
+        x, steps = features, lengths
+        for block in self.conv:
+            # Zero the padded tail after each block so a clip gives the same result alone or in a batch.
+            x = block(x)
+            steps = steps // 2
+            x = x * (torch.arange(x.shape[-1], device=x.device) < steps[:, None])[:, None, None, :]
+        b, c, m, t = x.shape  # (B, C, M/4, T/4)
         x = self.project(x.permute(0, 3, 1, 2).reshape(b, t, c * m))
-        steps = (lengths // 4).clamp(1, t)
+        steps = steps.clamp(1, t)
         packed = nn.utils.rnn.pack_padded_sequence(x, steps.cpu(), batch_first=True, enforce_sorted=False)
         out, _ = self.gru(packed)
         out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=t)

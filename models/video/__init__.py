@@ -3,4 +3,4 @@
 from models.video.model import VideoModel, VideoModelConfig
 from models.video.preprocessing import FaceConfig, FaceCropper, faces_to_tensor
 
-__all__ = ["VideoModel", "VideoModelConfig", "FaceConfig", "FaceCropper", "faces_to_tensor"]
+__all__ = ["FaceConfig", "FaceCropper", "VideoModel", "VideoModelConfig", "faces_to_tensor"]

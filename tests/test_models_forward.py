@@ -1,0 +1,85 @@
+"""Forward shapes of every model and the fusion's handling of missing modalities."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from models.audio import AudioModel, AudioModelConfig
+from models.fusion import FusionModel, FusionModelConfig
+from models.labels import NUM_CLASSES
+from models.text import TextModel, TextModelConfig, TextPreprocessor
+from models.video import VideoModel, VideoModelConfig
+
+
+@pytest.fixture(scope="module")
+def fusion() -> FusionModel:
+    torch.manual_seed(0)
+    return FusionModel(FusionModelConfig()).eval()
+
+
+def test_text_model_shapes_and_truncation() -> None:
+    model = TextModel(TextModelConfig(max_length=16)).eval()
+    tok = TextPreprocessor(max_length=16)(["I am thrilled!", "word " * 40])
+    assert tok.truncated == [False, True]
+    assert tok.input_ids.shape[1] == 16
+    emb, logits = model(tok.input_ids, tok.attention_mask)
+    assert emb.shape == (2, 256) and logits.shape == (2, NUM_CLASSES)
+
+
+def test_audio_model_shapes_and_padding_invariance() -> None:
+    torch.manual_seed(0)
+    model = AudioModel(AudioModelConfig()).eval()
+    short = torch.randn(1, 1, 64, 120)
+    padded = torch.cat([short, torch.zeros(1, 1, 64, 200)], dim=3)
+    with torch.no_grad():
+        emb1, logits1 = model(short, torch.tensor([120]))
+        emb2, _ = model(padded, torch.tensor([120]))
+    assert emb1.shape == (1, 256) and logits1.shape == (1, NUM_CLASSES)
+    # Padding beyond the true length must not change the result.
+    torch.testing.assert_close(emb1, emb2, atol=1e-4, rtol=1e-4)
+
+
+def test_video_model_shapes_and_frame_mask() -> None:
+    torch.manual_seed(0)
+    model = VideoModel(VideoModelConfig()).eval()
+    clip = torch.randn(1, 4, 1, 48, 48)
+    padded = torch.cat([clip, torch.randn(1, 12, 1, 48, 48)], dim=1)
+    mask = torch.zeros(1, 16, dtype=torch.bool)
+    mask[0, :4] = True
+    with torch.no_grad():
+        emb1, logits = model(clip, torch.ones(1, 4, dtype=torch.bool))
+        emb2, _ = model(padded, mask)
+    assert emb1.shape == (1, 256) and logits.shape == (1, NUM_CLASSES)
+    torch.testing.assert_close(emb1, emb2, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("subset", [s for r in (1, 2, 3) for s in itertools.combinations(range(3), r)])
+def test_fusion_accepts_every_subset(fusion: FusionModel, subset: tuple[int, ...]) -> None:
+    present = torch.zeros(2, 3, dtype=torch.bool)
+    present[:, list(subset)] = True
+    with torch.no_grad():
+        logits, contributions = fusion(torch.randn(2, 3, 256), present)
+    assert logits.shape == (2, NUM_CLASSES)
+    torch.testing.assert_close(contributions.sum(1), torch.ones(2))
+    assert torch.all(contributions[~present] == 0)
+    assert torch.all(contributions[present] > 0)
+
+
+def test_fusion_ignores_missing_modalities(fusion: FusionModel) -> None:
+    x = torch.randn(1, 3, 256)
+    present = torch.tensor([[True, False, True]])
+    other = x.clone()
+    other[0, 1] = torch.randn(256) * 100  # whatever sits in the missing slot must not matter
+    with torch.no_grad():
+        a, ca = fusion(x, present)
+        b, cb = fusion(other, present)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(ca, cb)
+
+
+def test_fusion_rejects_empty_input(fusion: FusionModel) -> None:
+    with pytest.raises(ValueError, match="at least one modality"):
+        fusion(torch.randn(1, 3, 256), torch.zeros(1, 3, dtype=torch.bool))

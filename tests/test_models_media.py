@@ -1,0 +1,120 @@
+"""Decoding and preprocessing of real short clips/images, and typed errors for bad media."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.audio.preprocessing import LogMelExtractor
+from models.media import (
+    DecodeLimits,
+    EmptyMediaError,
+    MediaDecodeError,
+    MediaTimeoutError,
+    NoAudioStreamError,
+    NoVideoStreamError,
+    decode_audio,
+    decode_frames,
+)
+from models.video.preprocessing import FaceCropper, faces_to_tensor
+from tests.synth import SHARED_DATA, image_png, pattern_mp4, still_video, tone_wav
+
+needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data (real datasets) is not present")
+
+
+def test_decode_audio_resamples_to_16k_mono() -> None:
+    wave = decode_audio(tone_wav(seconds=1.5))
+    assert wave.dtype == np.float32 and wave.ndim == 1
+    assert abs(len(wave) - 24000) < 400
+    assert 0.1 < np.abs(wave).max() <= 1.0  # ffmpeg's sine source has amplitude 1/8
+
+
+def test_decode_audio_reads_the_audio_track_of_a_video() -> None:
+    wave = decode_audio(pattern_mp4(seconds=1.0, with_audio=True))
+    assert abs(len(wave) - 16000) < 2000
+
+
+def test_logmel_features_are_64_bins_and_normalised() -> None:
+    feats = LogMelExtractor()(decode_audio(tone_wav(seconds=2.0)))
+    assert feats.shape[0] == 64 and 150 <= feats.shape[1] <= 201
+    assert abs(float(feats.mean())) < 1e-3 and abs(float(feats.std()) - 1.0) < 1e-2
+
+
+@needs_data
+def test_real_speech_clip_is_trimmed_and_featurised() -> None:
+    clip = next((SHARED_DATA / "ravdess_speech" / "Actor_17").glob("*.flac"))
+    wave = decode_audio(clip.read_bytes())
+    feats = LogMelExtractor()(wave)
+    # RAVDESS clips have about a second of silence around the sentence; trimming removes most of it.
+    assert feats.shape[0] == 64
+    assert 50 < feats.shape[1] < len(wave) / 160
+
+
+def test_decode_frames_samples_uniformly() -> None:
+    frames = decode_frames(pattern_mp4(seconds=2.0, with_audio=False), num_frames=16)
+    assert frames.shape == (16, 240, 320) and frames.dtype == np.uint8
+    assert len({f.tobytes() for f in frames}) > 8  # distinct moments, not one frame repeated
+
+
+def test_still_image_is_a_one_frame_video() -> None:
+    img = (np.arange(64 * 80) % 251).astype(np.uint8).reshape(64, 80)
+    frames = decode_frames(image_png(img), num_frames=16)
+    assert frames.shape == (1, 64, 80)
+    assert np.abs(frames[0].astype(int) - img).max() <= 1
+
+
+def test_centre_crop_fallback_when_no_face() -> None:
+    frames = decode_frames(pattern_mp4(seconds=1.0, with_audio=False), num_frames=4)
+    faces, detected = FaceCropper().crop(frames)
+    assert detected is False
+    assert faces.shape == (4, 48, 48)
+    tensor = faces_to_tensor(faces)
+    assert tensor.shape == (4, 1, 48, 48) and float(tensor.min()) >= -1 and float(tensor.max()) <= 1
+
+
+@needs_data
+def test_real_face_is_detected_in_a_video() -> None:
+    image = SHARED_DATA / "fer2013" / "val" / "happy"
+    # Not every 48x48 FER crop has enough context for a Haar detector: at least one of a few must work.
+    found = []
+    for path in sorted(image.iterdir())[:10]:
+        faces, detected = FaceCropper().crop(decode_frames(still_video(path), num_frames=16))
+        assert faces.shape[1:] == (48, 48)
+        found.append(detected)
+    assert any(found)
+
+
+@pytest.mark.parametrize(
+    "payload,error",
+    [
+        (b"", EmptyMediaError),
+        (b"this is not media at all" * 20, MediaDecodeError),
+        (b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(200), MediaDecodeError),
+    ],
+)
+def test_bad_audio_raises_typed_errors(payload: bytes, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        decode_audio(payload)
+
+
+def test_truncated_video_and_missing_streams() -> None:
+    video = pattern_mp4(seconds=1.0, with_audio=False)
+    with pytest.raises(NoAudioStreamError):
+        decode_audio(video)
+    with pytest.raises(NoVideoStreamError):
+        decode_frames(tone_wav(seconds=0.5))
+    with pytest.raises((MediaDecodeError, NoVideoStreamError)):
+        decode_frames(video[: len(video) // 20])
+    with pytest.raises(MediaDecodeError):
+        decode_frames(b"\x00\x01garbage" * 100)
+
+
+def test_decode_timeout_is_enforced() -> None:
+    with pytest.raises(MediaTimeoutError):
+        decode_frames(pattern_mp4(seconds=8.0, with_audio=False), limits=DecodeLimits(timeout_s=0.01))
+
+
+def test_extractor_accepts_tensors_too() -> None:
+    wave = torch.from_numpy(decode_audio(tone_wav(seconds=0.5)))
+    assert LogMelExtractor()(wave).shape[0] == 64
