@@ -1,0 +1,115 @@
+"""The committed weights, run through the serving pipelines (ffmpeg decode included), on real data.
+
+Clear validation examples must come out right, and small fixed validation samples must score well
+above chance. These use ``../shared/data`` and skip with a reason when it is absent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.inference import AudioPipeline, FusionPipeline, TextPipeline, VideoPipeline
+from models.labels import EMOTION_TO_INDEX, EMOTIONS
+from tests.synth import SHARED_DATA
+
+needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data (real datasets) is not present")
+
+
+@pytest.fixture(scope="module")
+def text() -> TextPipeline:
+    return TextPipeline()
+
+
+@pytest.fixture(scope="module")
+def audio() -> AudioPipeline:
+    return AudioPipeline()
+
+
+@pytest.fixture(scope="module")
+def video() -> VideoPipeline:
+    return VideoPipeline()
+
+
+def test_weights_are_trained_not_bootstrap(text: TextPipeline, audio: AudioPipeline, video: VideoPipeline) -> None:
+    fusion = FusionPipeline()
+    for pipe in (text, audio, video, fusion):
+        assert "untrained" not in pipe.version
+        assert pipe.checkpoint["metadata"].get("train_seconds", 0) > 0
+
+
+@pytest.mark.parametrize(
+    "sentence,emotion",
+    [
+        ("Oh my God, I'm so happy for you! This is wonderful!", "happy"),
+        ("Get out! I am so sick of you, I hate you!", "angry"),
+        ("What?! Are you serious? No way!", "surprise"),
+        ("Okay, I'll see you tomorrow at ten.", "neutral"),
+    ],
+)
+def test_clear_sentences(text: TextPipeline, sentence: str, emotion: str) -> None:
+    result = text.encode([text.prepare(sentence)])[0]
+    assert result.emotion == emotion, dict(zip(EMOTIONS, result.probabilities.round(3), strict=True))
+    assert result.probabilities.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+@needs_data
+def test_meld_dev_sample(text: TextPipeline) -> None:
+    from sklearn.metrics import f1_score
+
+    from training.datasets import read_meld
+
+    samples = read_meld(SHARED_DATA, "val")[:300]
+    preds = [r.emotion for r in text.encode([text.prepare(t) for t, _ in samples])]
+    truth = [EMOTIONS[y] for _, y in samples]
+    assert f1_score(truth, preds, average="weighted") >= 0.45
+
+
+def _ravdess_val(strong_only: bool) -> list[tuple[Path, str]]:
+    from training.datasets import read_ravdess
+
+    out = []
+    for path, y in read_ravdess(SHARED_DATA, "val"):
+        intensity = Path(path).stem.split("-")[3]
+        if not strong_only or intensity == "02":
+            out.append((Path(path), EMOTIONS[y]))
+    return out
+
+
+@needs_data
+def test_ravdess_unseen_actors_strong_intensity(audio: AudioPipeline) -> None:
+    samples = _ravdess_val(strong_only=True)[::2]
+    results = audio.encode([audio.prepare(p.read_bytes()) for p, _ in samples])
+    accuracy = np.mean([r.emotion == y for r, (_, y) in zip(results, samples, strict=True)])
+    assert len(samples) >= 40 and accuracy >= 0.45
+
+
+@needs_data
+def test_fer_val_faces_through_ffmpeg(video: VideoPipeline) -> None:
+    samples = []
+    for emotion in EMOTIONS:
+        if emotion != "disgust":  # 56 validation images only; too few to test on
+            samples += [(p, emotion) for p in sorted((SHARED_DATA / "fer2013" / "val" / emotion).iterdir())[:12]]
+    results = video.encode([video.prepare(p.read_bytes()) for p, _ in samples])
+    accuracy = np.mean([r.emotion == y for r, (_, y) in zip(results, samples, strict=True)])
+    assert accuracy >= 0.5
+    assert all(r.info["frames"] == 1 for r in results)
+
+
+@needs_data
+def test_fused_label_matched_triplet(text: TextPipeline, audio: AudioPipeline, video: VideoPipeline) -> None:
+    fusion = FusionPipeline()
+    clip = next(p for p, y in _ravdess_val(strong_only=True) if y == "happy")
+    face = sorted((SHARED_DATA / "fer2013" / "val" / "happy").iterdir())[0]
+    embeddings = {
+        "text": text.encode([text.prepare("This is amazing, I love it so much!")])[0].embedding,
+        "audio": audio.encode([audio.prepare(clip.read_bytes())])[0].embedding,
+        "video": video.encode([video.prepare(face.read_bytes())])[0].embedding,
+    }
+    fused = fusion.fuse(embeddings)
+    assert fused.emotion == "happy"
+    assert set(fused.contributions) == {"text", "audio", "video"}
+    assert sum(fused.contributions.values()) == pytest.approx(1.0, abs=1e-5)
+    assert fused.probabilities[EMOTION_TO_INDEX["happy"]] == fused.probabilities.max()
