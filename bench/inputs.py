@@ -14,8 +14,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURES_DIR = REPO_ROOT / "tests" / "fixtures"
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a")
-VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov")
+FIXTURE_AUDIO = FIXTURES_DIR / "speech.wav"  # 5 s, 16 kHz mono speech
+FIXTURE_VIDEO = FIXTURES_DIR / "face.mp4"  # 3 s at 8 fps (24 frames, 16 sampled) with that speech as audio track
 
 # Short conversational utterances of varied length, like the MELD dialogue lines the text model was trained on.
 TEXTS: tuple[str, ...] = (
@@ -64,18 +64,6 @@ class MediaInputs:
             "video": {"name": self.video_name, "bytes": len(self.video)},
             "texts": len(TEXTS),
         }
-
-
-def _pick(folder: Path, suffixes: tuple[str, ...], hints: tuple[str, ...]) -> Path | None:
-    """The fixture in ``folder`` with one of ``suffixes`` whose name matches the most ``hints``."""
-    if not folder.is_dir():
-        return None
-    files = [p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in suffixes and p.stat().st_size]
-    bad = ("corrupt", "broken", "bad", "empty", "trunc", "silent", "noaudio", "no_audio", "big", "large", "long")
-    files = [p for p in files if not any(b in p.stem.lower() for b in bad)]
-    if not files:
-        return None
-    return max(files, key=lambda p: sum(h in p.stem.lower() for h in hints))
 
 
 def ffmpeg_exe() -> str:
@@ -129,8 +117,8 @@ def synthesize_media(folder: Path) -> tuple[Path, Path]:
 
 def load_media(audio_file: str | None = None, video_file: str | None = None) -> MediaInputs:
     """Media payloads: explicit files, else ``tests/fixtures/``, else synthesised ones."""
-    audio_path = Path(audio_file) if audio_file else _pick(FIXTURES_DIR, AUDIO_SUFFIXES, ("speech", "5s", "voice"))
-    video_path = Path(video_file) if video_file else _pick(FIXTURES_DIR, VIDEO_SUFFIXES, ("16", "face", "av"))
+    audio_path = Path(audio_file) if audio_file else (FIXTURE_AUDIO if FIXTURE_AUDIO.is_file() else None)
+    video_path = Path(video_file) if video_file else (FIXTURE_VIDEO if FIXTURE_VIDEO.is_file() else None)
     sources = []
     if audio_path is None or video_path is None:
         gen_audio, gen_video = synthesize_media(Path(tempfile.gettempdir()) / "emotion-bench-media")
@@ -140,5 +128,15 @@ def load_media(audio_file: str | None = None, video_file: str | None = None) -> 
         if video_path is None:
             video_path = gen_video
             sources.append("video synthesised")
-    source = ", ".join(sources) if sources else "files"
-    return MediaInputs(audio_path.read_bytes(), audio_path.name, video_path.read_bytes(), video_path.name, source)
+    source = ", ".join(sources) if sources else "files"  # explicit files or tests/fixtures
+    return MediaInputs(
+        audio_path.read_bytes(), _display(audio_path), video_path.read_bytes(), _display(video_path), source
+    )
+
+
+def _display(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it."""
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)

@@ -1,0 +1,142 @@
+"""Closed-loop HTTP load: N concurrent asyncio clients (httpx) against one endpoint, loopback only.
+
+Each client sends its next request as soon as its previous one is answered. A cell stops after
+``max_requests`` requests or ``max_duration_s`` seconds, whichever comes first; ``warmup``
+requests before it are not recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from bench.inputs import TEXTS, MediaInputs
+from bench.stats import LoadResult
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One REST endpoint of the service and the modalities one of its requests needs."""
+
+    key: str
+    path: str
+    modalities: tuple[str, ...]
+    description: str
+
+
+# The video fixture has an audio track; the service (and the naive server) run the audio encoder on it too.
+ENDPOINTS: dict[str, Endpoint] = {
+    "text": Endpoint("text", "/api/predict", ("text",), 'JSON {"text"}'),
+    "audio": Endpoint("audio", "/predict/audio", ("audio",), "5 s speech WAV"),
+    "video": Endpoint("video", "/predict/video", ("video", "audio"), "16-frame face MP4 with audio track"),
+    "fused": Endpoint("fused", "/predict", ("text", "audio", "video"), "text + WAV + MP4 in one multipart"),
+}
+
+
+def request_factory(endpoint: Endpoint, media: MediaInputs) -> Callable[[int], dict[str, Any]]:
+    """A function ``i -> keyword arguments of httpx.AsyncClient.post`` for the ``i``-th request."""
+    audio = ("file", (PurePath(media.audio_name).name, media.audio, "audio/wav"))
+    video = ("file", (PurePath(media.video_name).name, media.video, "video/mp4"))
+    if endpoint.key == "text":
+        return lambda i: {"json": {"text": TEXTS[i % len(TEXTS)]}}
+    if endpoint.key == "audio":
+        return lambda i: {"files": [audio]}
+    if endpoint.key == "video":
+        return lambda i: {"files": [video]}
+    if endpoint.key == "fused":
+        return lambda i: {
+            "data": {"text": TEXTS[i % len(TEXTS)]},
+            "files": [("audio", audio[1]), ("video", video[1])],
+        }
+    raise KeyError(endpoint.key)
+
+
+def check_loopback(base_url: str) -> None:
+    """Refuse to send load anywhere but this machine."""
+    host = urlsplit(base_url).hostname
+    if host not in LOOPBACK_HOSTS:
+        raise ValueError(f"load is only sent to loopback, not to {host!r}")
+
+
+async def run_load(
+    base_url: str,
+    endpoint: Endpoint,
+    media: MediaInputs,
+    concurrency: int,
+    max_requests: int,
+    max_duration_s: float,
+    warmup: int = 0,
+    timeout_s: float = 120.0,
+    target: str = "",
+) -> LoadResult:
+    """Drive ``endpoint`` with ``concurrency`` closed-loop clients and return what was measured."""
+    check_loopback(base_url)
+    make = request_factory(endpoint, media)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    latencies: list[float] = []
+    statuses: Counter[str] = Counter()
+    error_samples: list[str] = []
+    errors = 0
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout_s, trust_env=False) as client:
+
+        async def one(i: int, record: bool) -> float:
+            nonlocal errors
+            t0 = time.perf_counter()
+            try:
+                response = await client.post(endpoint.path, **make(i))
+                status = str(response.status_code)
+                failed = response.status_code != 200
+                detail = response.text[:200] if failed else ""
+            except httpx.HTTPError as exc:
+                status, failed, detail = type(exc).__name__, True, str(exc)[:200]
+            end = time.perf_counter()
+            if record:
+                statuses[status] += 1
+                if failed:
+                    errors += 1
+                    if len(error_samples) < 5:
+                        error_samples.append(f"{status}: {detail}")
+                else:
+                    latencies.append((end - t0) * 1000.0)
+            return end
+
+        async def clients(total: int, deadline: float | None, record: bool) -> tuple[float, float]:
+            issued = 0
+            last_end = time.perf_counter()
+
+            async def worker() -> None:
+                nonlocal issued, last_end
+                while issued < total and (deadline is None or time.perf_counter() < deadline):
+                    i = issued
+                    issued += 1
+                    last_end = max(last_end, await one(i, record))
+
+            start = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(min(concurrency, max(total, 1)))))
+            return start, last_end
+
+        if warmup > 0:
+            await clients(warmup, None, record=False)
+        start = time.perf_counter()
+        start, end = await clients(max_requests, start + max_duration_s, record=True)
+    return LoadResult(
+        target=target,
+        endpoint=endpoint.key,
+        concurrency=concurrency,
+        latencies_ms=latencies,
+        errors=errors,
+        elapsed_s=max(end - start, 1e-9),
+        status_counts=dict(statuses),
+        error_samples=error_samples,
+        extra={"path": endpoint.path, "max_requests": max_requests, "max_duration_s": max_duration_s},
+    )

@@ -1,0 +1,152 @@
+"""What the numbers were measured on: cores, memory, GPU, commit; and GPU utilisation sampling via nvidia-smi."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any, Self
+
+from bench.inputs import REPO_ROOT
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _mem_total_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 1024 / 1024, 1)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def gpu_names() -> list[str]:
+    """Names of the NVIDIA GPUs nvidia-smi sees (empty without nvidia-smi or GPU)."""
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+
+
+def machine_info() -> dict[str, Any]:
+    """Cores, CPU, memory, GPU(s), load, software versions and the commit measured."""
+    import ray
+    import torch
+
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "hostname": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_model": _cpu_model(),
+        "memory_gib": _mem_total_gib(),
+        "gpu": gpu_names(),
+        "cuda_available": bool(torch.cuda.is_available()),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "commit": _git("rev-parse", "--short=12", "HEAD"),
+        "commit_dirty": bool(dirty) if dirty is not None else None,
+        "platform": platform.platform(),
+    }
+
+
+class GpuMonitor:
+    """Samples GPU utilisation and memory with ``nvidia-smi -lms`` while a block runs; a no-op without it."""
+
+    def __init__(self, interval_ms: int = 200) -> None:
+        self.interval_ms = interval_ms
+        self.available = shutil.which("nvidia-smi") is not None
+        self._proc: subprocess.Popen[str] | None = None
+        self._lines: list[str] = []
+        self._reader: threading.Thread | None = None
+
+    def __enter__(self) -> Self:
+        if self.available:
+            self._proc = subprocess.Popen(
+                [
+                    "nvidia-smi",
+                    "--query-gpu=utilization.gpu,memory.used",
+                    "--format=csv,noheader,nounits",
+                    f"-lms={self.interval_ms}",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+            self._reader = threading.Thread(target=self._read, daemon=True)
+            self._reader.start()
+        return self
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            self._lines.append(line.strip())
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+            if self._reader is not None:
+                self._reader.join(timeout=5)
+
+    def summary(self) -> dict[str, Any] | None:
+        """Mean and max utilisation (%) and max memory used (MiB) over all GPUs and samples, or None."""
+        return summarize_gpu_samples(self._lines) if self.available else None
+
+
+def summarize_gpu_samples(lines: list[str]) -> dict[str, Any] | None:
+    """Parse ``utilization.gpu, memory.used`` CSV lines from nvidia-smi into a summary."""
+    util: list[float] = []
+    mem: list[float] = []
+    for line in lines:
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) < 2:
+            continue
+        try:
+            util.append(float(parts[0]))
+            mem.append(float(parts[1]))
+        except ValueError:
+            continue
+    if not util:
+        return None
+    return {
+        "gpu_util_mean_pct": round(sum(util) / len(util), 1),
+        "gpu_util_max_pct": round(max(util), 1),
+        "gpu_mem_max_mib": round(max(mem), 1),
+        "gpu_samples": len(util),
+    }

@@ -1,0 +1,290 @@
+"""Turn measured results into ``bench.json``, a markdown table and a latency/throughput plot."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from bench.load import ENDPOINTS
+from bench.stats import LoadResult, best_ceiling, composite_ceiling, ratio
+
+TARGET_CEILING_RATIO = 0.8
+TARGET_NAIVE_RATIO = 3.0
+TARGET_CONCURRENCY = 32
+README_TABLE_START = "<!-- bench:table -->"
+README_TABLE_END = "<!-- /bench:table -->"
+
+
+def ceilings_by_endpoint(ceiling_rows: Iterable[Mapping[str, Any]]) -> dict[str, float | None]:
+    """In-process ceiling (requests/s) of each endpoint: its modalities one after another, each at its best batch size.
+
+    Uses decode+forward throughput (what a server has to do), plus the fusion module's time.
+    """
+    rows = list(ceiling_rows)
+    best = {m: best_ceiling(rows, m) for m in ("text", "audio", "video", "fusion")}
+    out: dict[str, float | None] = {}
+    for key, endpoint in ENDPOINTS.items():
+        needed = list(endpoint.modalities) + (["fusion"] if best.get("fusion") else [])
+        value = composite_ceiling({k: v for k, v in best.items() if v}, needed)
+        out[key] = round(value, 3) if value else None
+    return out
+
+
+def build_rows(results: Iterable[LoadResult], ceilings: Mapping[str, float | None]) -> list[dict[str, Any]]:
+    """Summaries of every load cell with ``vs_ceiling`` and ``vs_naive`` ratios (throughput over throughput)."""
+    summaries = [r.summary() for r in results]
+    naive = {(s["endpoint"], s["concurrency"]): s["throughput_rps"] for s in summaries if s["target"] == "naive"}
+    for s in summaries:
+        s["ceiling_rps"] = ceilings.get(s["endpoint"])
+        s["vs_ceiling"] = ratio(s["throughput_rps"], s["ceiling_rps"])
+        s["vs_naive"] = ratio(s["throughput_rps"], naive.get((s["endpoint"], s["concurrency"])))
+    order = {"serve": 0, "naive": 1}
+    keys = list(ENDPOINTS)
+    summaries.sort(
+        key=lambda s: (
+            order.get(s["target"], 9),
+            keys.index(s["endpoint"]) if s["endpoint"] in keys else 99,
+            s["concurrency"],
+        )
+    )
+    return summaries
+
+
+def evaluate_targets(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """The issue's two targets, for text at 32 concurrent clients through the Serve graph."""
+    row = next(
+        (
+            r
+            for r in rows
+            if r["target"] == "serve" and r["endpoint"] == "text" and r["concurrency"] == TARGET_CONCURRENCY
+        ),
+        None,
+    )
+    vs_ceiling = row.get("vs_ceiling") if row else None
+    vs_naive = row.get("vs_naive") if row else None
+    return {
+        "text_32_vs_ceiling": vs_ceiling,
+        "text_32_vs_ceiling_target": TARGET_CEILING_RATIO,
+        "text_32_vs_ceiling_met": None if vs_ceiling is None else vs_ceiling >= TARGET_CEILING_RATIO,
+        "text_32_vs_naive": vs_naive,
+        "text_32_vs_naive_target": TARGET_NAIVE_RATIO,
+        "text_32_vs_naive_met": None if vs_naive is None else vs_naive >= TARGET_NAIVE_RATIO,
+    }
+
+
+def _fmt(value: Any, digits: int = 1, suffix: str = "") -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}{suffix}"
+    return f"{value}{suffix}"
+
+
+def _met(flag: bool | None) -> str:
+    return "not measured" if flag is None else ("met" if flag else "NOT met")
+
+
+def machine_line(meta: Mapping[str, Any]) -> str:
+    """One line: cores, CPU, memory, GPU, commit."""
+    m = meta.get("machine", {})
+    gpu = ", ".join(m.get("gpu") or []) or "no GPU"
+    dirty = " (+ uncommitted changes)" if m.get("commit_dirty") else ""
+    load = m.get("loadavg_at_start")
+    load_txt = f", load average at start {load[0]}" if load else ""
+    return (
+        f"{m.get('cpu_count')} cores ({m.get('cpu_model')}), {m.get('memory_gib')} GiB RAM, {gpu}; "
+        f"commit `{m.get('commit')}`{dirty}; torch {m.get('torch')}, Ray {m.get('ray')}{load_txt}"
+    )
+
+
+def results_table(rows: Iterable[Mapping[str, Any]]) -> str:
+    """Markdown table of every load cell."""
+    lines = [
+        "| target | endpoint | clients | ok/err | req/s | p50 ms | p95 ms | p99 ms | × ceiling | × naive | GPU util |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        gpu = r.get("gpu") or {}
+        lines.append(
+            f"| {r['target']} | `{r.get('path', r['endpoint'])}` | {r['concurrency']} | {r['requests_ok']}/{r['errors']} "
+            f"| {_fmt(r['throughput_rps'])} | {_fmt(r['p50_ms'])} | {_fmt(r['p95_ms'])} | {_fmt(r['p99_ms'])} "
+            f"| {_fmt(r.get('vs_ceiling'), 2)} | {_fmt(r.get('vs_naive'), 2)} "
+            f"| {_fmt(gpu.get('gpu_util_mean_pct'), 0, '%') if gpu else '–'} |"
+        )
+    return "\n".join(lines)
+
+
+def ceiling_table(ceiling: Mapping[str, Any]) -> str:
+    """Markdown table of the in-process ceiling."""
+    lines = [
+        "| encoder | batch | forward items/s | decode+forward items/s | ms/batch (forward) | decode ms/item |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in ceiling.get("rows", []):
+        lines.append(
+            f"| {r['modality']} | {r['batch_size']} | {_fmt(r['forward_items_per_s'])} | {_fmt(r['e2e_items_per_s'])} "
+            f"| {_fmt(r['forward_ms_per_batch'], 2)} | {_fmt(r.get('prepare_ms_per_item'), 1)} |"
+        )
+    return "\n".join(lines)
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """The whole ``bench.md``."""
+    meta = report["meta"]
+    targets = report.get("targets", {})
+    ceil_ep = report.get("ceiling_by_endpoint", {})
+    parts = [
+        "# Benchmark: Serve graph vs in-process ceiling vs naive server",
+        "",
+        f"Measured {meta.get('finished_at', '')} with `{meta.get('command', 'python -m bench.run')}`.",
+        "",
+        f"**Machine:** {machine_line(meta)}.",
+        "",
+        (
+            f"**Serve config:** `{meta.get('serve_config')}`; device `{meta.get('device')}`; "
+            f"inputs: {meta.get('inputs', {}).get('audio', {}).get('name')}, "
+            f"{meta.get('inputs', {}).get('video', {}).get('name')}, {meta.get('inputs', {}).get('texts')} texts."
+        ),
+        "",
+        "## Targets (text, 32 concurrent clients)",
+        "",
+        (
+            f"- Serve / in-process batched ceiling: **{_fmt(targets.get('text_32_vs_ceiling'), 2)}** "
+            f"(target ≥ {TARGET_CEILING_RATIO}) — {_met(targets.get('text_32_vs_ceiling_met'))}"
+        ),
+        (
+            f"- Serve / naive server: **{_fmt(targets.get('text_32_vs_naive'), 2)}** "
+            f"(target ≥ {TARGET_NAIVE_RATIO}) — {_met(targets.get('text_32_vs_naive_met'))}"
+        ),
+        "",
+        "## HTTP results",
+        "",
+        results_table(report.get("results", [])),
+        "",
+        "× ceiling: throughput over the in-process ceiling of that endpoint (its encoders' best decode+forward "
+        "throughput over batch sizes, one after another, plus fusion): "
+        + ", ".join(f"`{ENDPOINTS[k].path}` {_fmt(v)} req/s" for k, v in ceil_ep.items() if k in ENDPOINTS)
+        + ". × naive: throughput over the naive server's at the same endpoint and concurrency.",
+        "",
+        "## In-process ceiling",
+        "",
+        (
+            f"torch threads: {report.get('ceiling', {}).get('torch_threads')}, "
+            f"device: {report.get('ceiling', {}).get('device')}."
+        ),
+        "",
+        ceiling_table(report.get("ceiling", {})),
+        "",
+    ]
+    notes = meta.get("notes") or []
+    if notes:
+        parts += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+    return "\n".join(parts)
+
+
+def readme_block(report: Mapping[str, Any]) -> str:
+    """The compact table quoted in the README (Serve and naive rows, targets line)."""
+    t = report.get("targets", {})
+    return "\n".join(
+        [
+            (
+                f"Latest run ({report['meta'].get('finished_at', '')}, `{report['meta'].get('command')}`): "
+                f"{machine_line(report['meta'])}."
+            ),
+            "",
+            results_table(report.get("results", [])),
+            "",
+            (
+                f"Text at 32 clients: Serve/ceiling {_fmt(t.get('text_32_vs_ceiling'), 2)} (target ≥ {TARGET_CEILING_RATIO}, "
+                f"{_met(t.get('text_32_vs_ceiling_met'))}); Serve/naive {_fmt(t.get('text_32_vs_naive'), 2)} "
+                f"(target ≥ {TARGET_NAIVE_RATIO}, {_met(t.get('text_32_vs_naive_met'))})."
+            ),
+        ]
+    )
+
+
+def update_readme(readme: Path, block: str) -> bool:
+    """Replace the text between the bench table markers in ``readme``; False if the markers are missing."""
+    text = readme.read_text()
+    pattern = re.compile(re.escape(README_TABLE_START) + r".*?" + re.escape(README_TABLE_END), re.DOTALL)
+    if not pattern.search(text):
+        return False
+    readme.write_text(pattern.sub(lambda _: f"{README_TABLE_START}\n{block}\n{README_TABLE_END}", text, count=1))
+    return True
+
+
+def plot(report: Mapping[str, Any], path: Path) -> None:
+    """Throughput (top) and p50/p95/p99 latency (bottom) against concurrency, one column per endpoint."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    rows = report.get("results", [])
+    endpoints = [k for k in ENDPOINTS if any(r["endpoint"] == k for r in rows)] or list(ENDPOINTS)
+    fig, axes = plt.subplots(2, len(endpoints), figsize=(4.2 * len(endpoints), 7.5), squeeze=False)
+    colors = {"serve": "tab:blue", "naive": "tab:orange"}
+    for col, key in enumerate(endpoints):
+        top, bottom = axes[0][col], axes[1][col]
+        for target, color in colors.items():
+            cells = sorted(
+                (r for r in rows if r["endpoint"] == key and r["target"] == target), key=lambda r: r["concurrency"]
+            )
+            if not cells:
+                continue
+            xs = [r["concurrency"] for r in cells]
+            top.plot(xs, [r["throughput_rps"] for r in cells], "o-", color=color, label=target)
+            for q, style in (("p50_ms", "o-"), ("p95_ms", "s--"), ("p99_ms", "^:")):
+                ys = [r[q] if r[q] is not None else float("nan") for r in cells]
+                bottom.plot(xs, ys, style, color=color, label=f"{target} {q[:3]}")
+        ceiling = report.get("ceiling_by_endpoint", {}).get(key)
+        if ceiling:
+            top.axhline(ceiling, color="gray", linestyle=":", label="in-process ceiling")
+        top.set_title(ENDPOINTS[key].path)
+        top.set_ylabel("requests/s")
+        bottom.set_ylabel("latency ms")
+        bottom.set_yscale("log")
+        for ax in (top, bottom):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted({r["concurrency"] for r in rows}) or [1, 8, 32])
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.set_xlabel("concurrent clients")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+    import textwrap
+
+    lines = [
+        "Serve graph vs naive server vs in-process ceiling",
+        *textwrap.wrap(machine_line(report["meta"]), int(14 * 4.2 * len(endpoints))),
+    ]
+    fig.suptitle("\n".join(lines), fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_reports(
+    report: dict[str, Any], out_dir: Path, raw: Iterable[LoadResult] = (), stem: str = "bench"
+) -> dict[str, Path]:
+    """Write ``<stem>.json`` (with raw latencies), ``<stem>.md`` and ``<stem>.png`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    full = dict(report)
+    full["raw_latencies_ms"] = [
+        {
+            "target": r.target,
+            "endpoint": r.endpoint,
+            "concurrency": r.concurrency,
+            "latencies_ms": [round(x, 2) for x in r.latencies_ms],
+        }
+        for r in raw
+    ]
+    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md", "png": out_dir / f"{stem}.png"}
+    paths["json"].write_text(json.dumps(full, indent=2) + "\n")
+    paths["md"].write_text(render_markdown(report))
+    plot(report, paths["png"])
+    return paths

@@ -1,0 +1,475 @@
+"""One command for the whole benchmark: ceiling, naive baseline and Serve graph, side by side, in one run.
+
+    python -m bench.run                      # full run, writes reports/bench.{json,md,png}
+    python -m bench.run --quick              # a small smoke version (few requests, short timings)
+    python -m bench.run --endpoints text --concurrency 1,32 --requests 400
+    python -m bench.run --sweep-batching     # text batching sweep through Serve -> reports/batching_sweep.json
+
+Order of a run: the in-process ceiling (``bench.ceiling``), then the naive server
+(``bench.naive_server``), then the Serve application (``serve run`` of the Serve config on a free
+loopback port). Each server runs alone, so they never compete with each other for the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.inputs import REPO_ROOT, MediaInputs, load_media
+from bench.load import ENDPOINTS, run_load
+from bench.machine import GpuMonitor, machine_info
+from bench.report import (
+    build_rows,
+    ceilings_by_endpoint,
+    evaluate_targets,
+    readme_block,
+    results_table,
+    update_readme,
+    write_reports,
+)
+from bench.servers import CPU_CONFIG, GPU_CONFIG, ManagedServer, naive_server, serve_server
+from bench.stats import LoadResult, best_ceiling, ratio
+
+ALL_TARGETS = ("ceiling", "naive", "serve")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _names(text: str, allowed: tuple[str, ...] | list[str]) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [n for n in names if n not in allowed]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {list(allowed)}")
+    return names
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options; ``--quick`` only changes the defaults of the size options."""
+    p = argparse.ArgumentParser(
+        prog="python -m bench.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="smoke mode: few requests, short timings, batch sizes 1,8")
+    p.add_argument(
+        "--targets",
+        type=lambda s: _names(s, ALL_TARGETS),
+        default=list(ALL_TARGETS),
+        help="comma list of ceiling,naive,serve (default: all)",
+    )
+    p.add_argument(
+        "--endpoints",
+        type=lambda s: _names(s, tuple(ENDPOINTS)),
+        default=list(ENDPOINTS),
+        help=f"comma list of {','.join(ENDPOINTS)} (default: all)",
+    )
+    p.add_argument("--concurrency", type=_ints, default=None, help="concurrent clients (default 1,8,32)")
+    p.add_argument("--requests", type=int, default=None, help="max measured requests per cell (default 300)")
+    p.add_argument("--duration", type=float, default=None, help="max seconds per cell (default 30)")
+    p.add_argument("--warmup", type=int, default=None, help="unrecorded requests before each cell (default: clients)")
+    p.add_argument("--batch-sizes", type=_ints, default=None, help="ceiling batch sizes (default 1,8,32)")
+    p.add_argument("--ceiling-time", type=float, default=None, help="min seconds per ceiling measurement (default 3)")
+    p.add_argument(
+        "--ceiling-threads",
+        type=int,
+        default=None,
+        help="torch threads for the ceiling (default: torch's default, all cores)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: cuda when torch sees a GPU (then the GPU Serve config is used)",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="Serve config (default deploy/serve_config.yaml, or serve_config.gpu.yaml on GPU)",
+    )
+    p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for a server to be up")
+    p.add_argument("--request-timeout", type=float, default=120.0, help="per-request timeout in seconds")
+    p.add_argument("--audio-file", default=None, help="audio payload (default tests/fixtures/speech.wav)")
+    p.add_argument("--video-file", default=None, help="video payload (default tests/fixtures/face.mp4)")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "reports", help="output folder (default reports/)")
+    p.add_argument("--update-readme", action="store_true", help="quote the new table in README.md's bench section")
+    sweep = p.add_argument_group("batching sweep (--sweep-batching)")
+    sweep.add_argument(
+        "--sweep-batching",
+        action="store_true",
+        help="sweep the text encoder's batching settings through Serve instead of the full run",
+    )
+    sweep.add_argument("--sweep-endpoint", choices=tuple(ENDPOINTS), default="text")
+    sweep.add_argument("--sweep-batch-sizes", type=_ints, default=None, help="max_batch_size values (default 8,16,32)")
+    sweep.add_argument(
+        "--sweep-waits", type=_floats, default=None, help="batch_wait_timeout_s values (default 0.002,0.01,0.03)"
+    )
+    sweep.add_argument(
+        "--sweep-replicas",
+        type=_ints,
+        default=None,
+        help="replica counts of the swept encoder (default: as in the config)",
+    )
+    sweep.add_argument(
+        "--sweep-threads",
+        type=_ints,
+        default=None,
+        help="torch_threads per replica of the swept encoder (default: as in the config)",
+    )
+    args = p.parse_args(argv)
+    quick = args.quick
+    defaults = {
+        "concurrency": [1, 8, 32],
+        "requests": 16 if quick else 300,
+        "duration": 5.0 if quick else 30.0,
+        "batch_sizes": [1, 8] if quick else [1, 8, 32],
+        "ceiling_time": 0.2 if quick else 3.0,
+        "sweep_batch_sizes": [8, 32] if quick else [8, 16, 32],
+        "sweep_waits": [0.01] if quick else [0.002, 0.01, 0.03],
+    }
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def resolve_device(choice: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``."""
+    if choice != "auto":
+        return choice
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def log(message: str) -> None:
+    """Progress line on stderr (stdout stays for the final table)."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def load_cells(
+    server: ManagedServer,
+    target: str,
+    media: MediaInputs,
+    endpoints: list[str],
+    concurrency: list[int],
+    args: argparse.Namespace,
+) -> list[LoadResult]:
+    """Every (endpoint, concurrency) cell against one running server."""
+    out = []
+    for key in endpoints:
+        for clients in concurrency:
+            warmup = args.warmup if args.warmup is not None else max(2, clients)
+            load_before = os.getloadavg()[0]
+            with GpuMonitor() as gpu:
+                result = asyncio.run(
+                    run_load(
+                        server.base_url,
+                        ENDPOINTS[key],
+                        media,
+                        clients,
+                        args.requests,
+                        args.duration,
+                        warmup,
+                        args.request_timeout,
+                        target,
+                    )
+                )
+            result.extra["loadavg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+            if gpu.summary():
+                result.extra["gpu"] = gpu.summary()
+            s = result.summary()
+            log(
+                f"{target:<5} {ENDPOINTS[key].path:<15} c={clients:<3} {s['throughput_rps']:8.2f} req/s  "
+                f"p50 {s['p50_ms']} p95 {s['p95_ms']} p99 {s['p99_ms']} ms  ok {s['requests_ok']} err {s['errors']}"
+            )
+            out.append(result)
+    return out
+
+
+def run_server_phase(
+    make: Callable[[], ManagedServer],
+    target: str,
+    media: MediaInputs,
+    args: argparse.Namespace,
+    notes: list[str],
+    servers: dict[str, Any],
+) -> list[LoadResult]:
+    """Start one server, load it, stop it; failures become notes instead of aborting the run."""
+    server = make()
+    log(f"starting {target}: {shlex.join(server.cmd)} (log {server.log_path})")
+    try:
+        server.start()
+        server.wait_ready(args.ready_timeout)
+        log(f"{target} ready in {server.startup_s} s at {server.base_url}")
+        servers[target] = {
+            "startup_s": server.startup_s,
+            "cmd": shlex.join(server.cmd),
+            "log": str(server.log_path),
+            "config": server.config,
+        }
+        return load_cells(server, target, media, args.endpoints, args.concurrency, args)
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        notes.append(f"{target} failed: {str(exc).splitlines()[0]} (see {server.log_path})")
+        log(f"{target} FAILED: {exc}")
+        return []
+    finally:
+        server.stop()
+
+
+def serve_config_path(args: argparse.Namespace, device: str) -> Path:
+    """The Serve config to run: ``--config``, else the GPU or CPU one."""
+    if args.config is not None:
+        return args.config
+    return GPU_CONFIG if device.startswith("cuda") else CPU_CONFIG
+
+
+def measure_ceiling_phase(
+    media: MediaInputs, modalities: list[str], args: argparse.Namespace, device: str
+) -> dict[str, Any]:
+    """The in-process ceiling, with GPU sampling when there is one."""
+    import torch
+
+    from bench.ceiling import measure_ceiling
+
+    if args.ceiling_threads:
+        torch.set_num_threads(args.ceiling_threads)
+    with GpuMonitor() as gpu:
+        ceiling = measure_ceiling(
+            media, modalities, args.batch_sizes, args.ceiling_time, 3 if not args.quick else 1, device, log=log
+        )
+    if gpu.summary():
+        ceiling["gpu"] = gpu.summary()
+    return ceiling
+
+
+def base_meta(
+    args: argparse.Namespace, argv: list[str] | None, device: str, media: MediaInputs, config: Path
+) -> dict[str, Any]:
+    """Run metadata shared by the benchmark and the sweep."""
+    command = "python -m bench.run" + ("" if not (argv or sys.argv[1:]) else " " + shlex.join(argv or sys.argv[1:]))
+    return {
+        "command": command,
+        "started_at": now_iso(),
+        "machine": machine_info(),
+        "device": device,
+        "serve_config": str(config.relative_to(REPO_ROOT)) if config.is_relative_to(REPO_ROOT) else str(config),
+        "inputs": media.describe(),
+        "settings": {
+            "targets": args.targets,
+            "endpoints": args.endpoints,
+            "concurrency": args.concurrency,
+            "max_requests_per_cell": args.requests,
+            "max_duration_s_per_cell": args.duration,
+            "warmup": args.warmup if args.warmup is not None else "max(2, clients)",
+            "ceiling_batch_sizes": args.batch_sizes,
+            "ceiling_min_time_s": args.ceiling_time,
+            "quick": args.quick,
+        },
+    }
+
+
+def run_benchmark(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Any]:
+    """The full side-by-side run; writes the reports and returns the report dict."""
+    device = resolve_device(args.device)
+    config = serve_config_path(args, device)
+    media = load_media(args.audio_file, args.video_file)
+    meta = base_meta(args, argv, device, media, config)
+    notes: list[str] = []
+    meta["notes"] = notes
+    log_dir = args.out / "logs"
+    servers: dict[str, Any] = {}
+    results: list[LoadResult] = []
+    ceiling: dict[str, Any] = {"rows": []}
+    needed = sorted({m for k in args.endpoints for m in ENDPOINTS[k].modalities}, key=["text", "audio", "video"].index)
+    try:
+        if "ceiling" in args.targets:
+            ceiling = measure_ceiling_phase(media, needed, args, device)
+        if "naive" in args.targets:
+            results += run_server_phase(lambda: naive_server(log_dir, device), "naive", media, args, notes, servers)
+        if "serve" in args.targets:
+            if config.is_file():
+                results += run_server_phase(lambda: serve_server(config, log_dir), "serve", media, args, notes, servers)
+            else:
+                notes.append(f"Serve config {config} not found: the Serve graph was not measured")
+    finally:
+        ceil_ep = ceilings_by_endpoint(ceiling.get("rows", []))
+        rows = build_rows(results, ceil_ep)
+        meta["finished_at"] = now_iso()
+        meta["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        meta["servers"] = servers
+        report = {
+            "meta": meta,
+            "ceiling": ceiling,
+            "ceiling_by_endpoint": ceil_ep,
+            "results": rows,
+            "targets": evaluate_targets(rows),
+        }
+        paths = write_reports(report, args.out, results)
+        log("wrote " + ", ".join(str(p) for p in paths.values()))
+        if args.update_readme:
+            ok = update_readme(REPO_ROOT / "README.md", readme_block(report))
+            log("README table updated" if ok else "README has no bench table markers; not updated")
+    print(results_table(rows))
+    print(json.dumps(report["targets"], indent=2))
+    return report
+
+
+def sweep_points(args: argparse.Namespace, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """Grid of encoder settings to try: batch size x wait x (replicas) x (torch threads)."""
+    modality = ENDPOINTS[args.sweep_endpoint].modalities[0]
+    apps = config.get("applications") or [{}]
+    encoder_args = ((apps[0].get("args") or {}).get("encoders") or {}).get(modality) or {}
+    base_ongoing = int(encoder_args.get("max_ongoing_requests", 16))
+    points = []
+    for replicas in args.sweep_replicas or [None]:
+        for threads in args.sweep_threads or [None]:
+            for bs in args.sweep_batch_sizes:
+                for wait in args.sweep_waits:
+                    settings: dict[str, Any] = {
+                        "max_batch_size": bs,
+                        "batch_wait_timeout_s": wait,
+                        "max_ongoing_requests": max(base_ongoing, bs),
+                    }
+                    if threads is not None:
+                        settings["torch_threads"] = threads
+                    point: dict[str, Any] = {
+                        "encoder": modality,
+                        **settings,
+                        "replicas": replicas,
+                        "overrides": {"args": {"encoders": {modality: settings}}},
+                    }
+                    if replicas is not None:
+                        name = f"{modality.capitalize()}Encoder"
+                        point["overrides"]["deployments"] = {
+                            name: {
+                                "autoscaling_config": {
+                                    "min_replicas": replicas,
+                                    "max_replicas": replicas,
+                                    "initial_replicas": replicas,
+                                }
+                            }
+                        }
+                    points.append(point)
+    return points
+
+
+def run_sweep(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Any]:
+    """Restart Serve for each point of the grid and load one endpoint at the highest concurrency."""
+    import yaml
+
+    device = resolve_device(args.device)
+    config_path = serve_config_path(args, device)
+    if not config_path.is_file():
+        raise SystemExit(f"Serve config {config_path} not found")
+    media = load_media(args.audio_file, args.video_file)
+    meta = base_meta(args, argv, device, media, config_path)
+    endpoint = ENDPOINTS[args.sweep_endpoint]
+    clients = max(args.concurrency)
+    ceiling = measure_ceiling_phase(media, list(endpoint.modalities), args, device)
+    ceiling_rps = ceilings_by_endpoint(ceiling["rows"]).get(endpoint.key)
+    base_config = yaml.safe_load(config_path.read_text())
+    points = sweep_points(args, base_config)
+    log(f"sweep: {len(points)} points on {endpoint.path} at {clients} clients")
+    measured = []
+    for n, point in enumerate(points):
+        tag = f"sweep-{n}"
+        server = serve_server(config_path, args.out / "logs", point["overrides"], tag=tag)
+        entry = {k: v for k, v in point.items() if k != "overrides"}
+        try:
+            server.start()
+            server.wait_ready(args.ready_timeout)
+            with GpuMonitor() as gpu:
+                warmup = args.warmup if args.warmup is not None else clients
+                result = asyncio.run(
+                    run_load(
+                        server.base_url,
+                        endpoint,
+                        media,
+                        clients,
+                        args.requests,
+                        args.duration,
+                        warmup,
+                        args.request_timeout,
+                        "serve",
+                    )
+                )
+            summary = result.summary()
+            summary["vs_ceiling"] = ratio(summary["throughput_rps"], ceiling_rps)
+            if gpu.summary():
+                summary["gpu"] = gpu.summary()
+            entry.update(summary)
+            log(
+                f"point {n}: bs={point['max_batch_size']} wait={point['batch_wait_timeout_s']} "
+                f"replicas={point['replicas']} -> {summary['throughput_rps']} req/s p99 {summary['p99_ms']} ms"
+            )
+        except (RuntimeError, TimeoutError, OSError) as exc:
+            entry["error"] = str(exc).splitlines()[0]
+            log(f"point {n} FAILED: {entry['error']}")
+        finally:
+            server.stop()
+        measured.append(entry)
+    ok = [e for e in measured if e.get("throughput_rps")]
+    best = max(ok, key=lambda e: e["throughput_rps"]) if ok else None
+    meta["finished_at"] = now_iso()
+    sweep = {
+        "meta": meta,
+        "endpoint": endpoint.path,
+        "concurrency": clients,
+        "ceiling_rps": ceiling_rps,
+        "best_ceiling_items_per_s": {m: best_ceiling(ceiling["rows"], m) for m in endpoint.modalities},
+        "points": measured,
+        "best": best,
+        "recommendation": None
+        if best is None
+        else {
+            k: best[k]
+            for k in ("max_batch_size", "batch_wait_timeout_s", "max_ongoing_requests", "replicas")
+            if k in best
+        }
+        | ({"torch_threads": best["torch_threads"]} if "torch_threads" in best else {}),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "batching_sweep.json"
+    path.write_text(json.dumps(sweep, indent=2) + "\n")
+    log(f"wrote {path}")
+    for e in measured:
+        print(
+            f"bs={e.get('max_batch_size'):>3} wait={e.get('batch_wait_timeout_s'):<6} replicas={e.get('replicas')} "
+            f"threads={e.get('torch_threads', '-')}: {e.get('throughput_rps', 'failed')} req/s "
+            f"p50 {e.get('p50_ms')} p99 {e.get('p99_ms')} ms x ceiling {e.get('vs_ceiling')}"
+        )
+    return sweep
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m bench.run``."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = parse_args(argv)
+    if args.sweep_batching:
+        run_sweep(args, argv)
+    else:
+        run_benchmark(args, argv)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

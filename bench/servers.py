@@ -1,0 +1,175 @@
+"""Start and stop the servers under test as child processes, each in its own session, on free loopback ports.
+
+* the naive baseline: ``python -m bench.naive_server``;
+* the Serve graph: ``serve run --address local <config>`` with a copy of the Serve config whose
+  ``http_options`` point at 127.0.0.1 and a free port (a fresh local Ray instance, torn down with it).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Self
+
+import httpx
+import yaml
+
+from bench.inputs import REPO_ROOT
+
+CPU_CONFIG = REPO_ROOT / "deploy" / "serve_config.yaml"
+GPU_CONFIG = REPO_ROOT / "deploy" / "serve_config.gpu.yaml"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment of a server under test: offline Hugging Face, the repo importable, no proxies for loopback."""
+    env = dict(os.environ)
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TRANSFORMERS_OFFLINE"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["NO_PROXY"] = env["no_proxy"] = ",".join(x for x in ("127.0.0.1,localhost", env.get("NO_PROXY", "")) if x)
+    env.update(extra)
+    return env
+
+
+class ManagedServer:
+    """A server child process in its own session (so its whole process group can be stopped) with a log file."""
+
+    def __init__(self, name: str, cmd: list[str], base_url: str, log_path: Path, env: dict[str, str]) -> None:
+        self.name = name
+        self.cmd = cmd
+        self.base_url = base_url
+        self.log_path = log_path
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.startup_s: float | None = None
+        self.config: dict[str, Any] | None = None  # the Serve config actually run, if any
+        self.temp_files: list[str] = []
+
+    def start(self) -> None:
+        """Launch the process; output goes to ``log_path``."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("wb")
+        self._t0 = time.perf_counter()
+        self.proc = subprocess.Popen(
+            self.cmd, cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+
+    def wait_ready(self, timeout_s: float, path: str = "/api/health") -> None:
+        """Poll ``GET path`` until it answers 200; raise with the log tail if the process dies or time runs out."""
+        deadline = time.monotonic() + timeout_s
+        with httpx.Client(base_url=self.base_url, timeout=5.0, trust_env=False) as client:
+            while time.monotonic() < deadline:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+                try:
+                    if client.get(path).status_code == 200:
+                        self.startup_s = round(time.perf_counter() - self._t0, 2)
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(1.0)
+        raise TimeoutError(f"{self.name} not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, grace_s: float = 45.0) -> None:
+        """SIGINT the process group (``serve run`` then shuts Serve and its Ray down), escalate if it lingers."""
+        if self.proc is None:
+            return
+        pgid = self.proc.pid  # start_new_session: the child leads its own group
+        if self.proc.poll() is None:
+            for sig, wait_s in ((signal.SIGINT, grace_s), (signal.SIGTERM, 15.0), (signal.SIGKILL, 10.0)):
+                try:
+                    os.killpg(pgid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.proc.wait(timeout=wait_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        # Ray daemons started by the driver share its process group; clear any that outlived it.
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for path in self.temp_files:
+            Path(path).unlink(missing_ok=True)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def naive_server(log_dir: Path, device: str = "cpu") -> ManagedServer:
+    """The naive single-process FastAPI baseline on a free port."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "bench.naive_server", "--host", "127.0.0.1", "--port", str(port), "--device", device]
+    return ManagedServer("naive", cmd, f"http://127.0.0.1:{port}", log_dir / "naive_server.log", child_env())
+
+
+def serve_config_for_bench(
+    config: dict[str, Any], port: int, overrides: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Copy of a Serve config listening on 127.0.0.1:``port``.
+
+    ``overrides`` maps a deployment name to options merged into that deployment's entry in every
+    application (``user_config`` dicts are merged key by key), e.g. for a batching sweep.
+    """
+    out = copy.deepcopy(config)
+    http = dict(out.get("http_options") or {})
+    http.update({"host": "127.0.0.1", "port": port})
+    out["http_options"] = http
+    for app in out.get("applications", []):
+        deployments = app.setdefault("deployments", [])
+        for name, options in (overrides or {}).items():
+            entry = next((d for d in deployments if d.get("name") == name), None)
+            if entry is None:
+                entry = {"name": name}
+                deployments.append(entry)
+            for key, value in options.items():
+                if key == "user_config" and isinstance(value, dict):
+                    entry["user_config"] = {**(entry.get("user_config") or {}), **value}
+                else:
+                    entry[key] = value
+    return out
+
+
+def serve_server(
+    config_path: Path, log_dir: Path, overrides: dict[str, dict[str, Any]] | None = None, tag: str = "serve"
+) -> ManagedServer:
+    """``serve run`` of ``config_path`` (rewritten to a free loopback port) in a fresh local Ray instance."""
+    port = free_port()
+    config = serve_config_for_bench(yaml.safe_load(config_path.read_text()), port, overrides)
+    fd, tmp = tempfile.mkstemp(prefix=f"bench-{tag}-", suffix=".yaml")
+    with os.fdopen(fd, "w") as fh:
+        yaml.safe_dump(config, fh, sort_keys=False)
+    serve_exe = Path(sys.executable).with_name("serve")
+    cmd = [str(serve_exe) if serve_exe.exists() else "serve", "run", "--address", "local", tmp]
+    env = child_env(RAY_USAGE_STATS_ENABLED="0")
+    server = ManagedServer(tag, cmd, f"http://127.0.0.1:{port}", log_dir / f"{tag}.log", env)
+    server.config = config
+    server.temp_files.append(tmp)
+    return server
