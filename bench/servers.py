@@ -130,35 +130,43 @@ def naive_server(log_dir: Path, device: str = "cpu") -> ManagedServer:
     return ManagedServer("naive", cmd, f"http://127.0.0.1:{port}", log_dir / "naive_server.log", child_env())
 
 
-def serve_config_for_bench(
-    config: dict[str, Any], port: int, overrides: dict[str, dict[str, Any]] | None = None
-) -> dict[str, Any]:
-    """Copy of a Serve config listening on 127.0.0.1:``port``.
+def deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``base`` with ``changes`` merged in, dicts key by key, everything else replaced."""
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
-    ``overrides`` maps a deployment name to options merged into that deployment's entry in every
-    application (``user_config`` dicts are merged key by key), e.g. for a batching sweep.
+
+def serve_config_for_bench(
+    config: dict[str, Any], port: int, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Copy of a Serve config listening on 127.0.0.1:``port``, with optional overrides for a sweep.
+
+    ``overrides`` may hold ``"args"`` (deep-merged into every application's builder args) and
+    ``"deployments"`` (``{deployment name: options}`` deep-merged into that deployment's entry).
     """
     out = copy.deepcopy(config)
-    http = dict(out.get("http_options") or {})
-    http.update({"host": "127.0.0.1", "port": port})
-    out["http_options"] = http
+    out["http_options"] = {**(out.get("http_options") or {}), "host": "127.0.0.1", "port": port}
+    overrides = overrides or {}
     for app in out.get("applications", []):
+        if overrides.get("args"):
+            app["args"] = deep_merge(app.get("args") or {}, overrides["args"])
         deployments = app.setdefault("deployments", [])
-        for name, options in (overrides or {}).items():
-            entry = next((d for d in deployments if d.get("name") == name), None)
-            if entry is None:
-                entry = {"name": name}
-                deployments.append(entry)
-            for key, value in options.items():
-                if key == "user_config" and isinstance(value, dict):
-                    entry["user_config"] = {**(entry.get("user_config") or {}), **value}
-                else:
-                    entry[key] = value
+        for name, options in (overrides.get("deployments") or {}).items():
+            index = next((i for i, d in enumerate(deployments) if d.get("name") == name), None)
+            if index is None:
+                deployments.append(deep_merge({"name": name}, options))
+            else:
+                deployments[index] = deep_merge(deployments[index], options)
     return out
 
 
 def serve_server(
-    config_path: Path, log_dir: Path, overrides: dict[str, dict[str, Any]] | None = None, tag: str = "serve"
+    config_path: Path, log_dir: Path, overrides: dict[str, Any] | None = None, tag: str = "serve"
 ) -> ManagedServer:
     """``serve run`` of ``config_path`` (rewritten to a free loopback port) in a fresh local Ray instance."""
     port = free_port()
