@@ -2,7 +2,8 @@
 
 This is the seed's design, kept small and honest: every request runs ``prepare`` and a batch-of-one
 ``encode`` for each modality it carries, in FastAPI's worker threadpool (plain ``def`` endpoints, as
-FastAPI recommends for blocking code), then ``FusionPipeline.fuse``. Endpoints and the response shape
+FastAPI recommends for blocking code), then ``FusionPipeline.fuse`` when two or more modalities answered
+(one modality answers with its encoder's own prediction, as the service does). Endpoints and the response shape
 match the Serve application's REST API so the load generator treats both the same way.
 
 Run: ``python -m bench.naive_server --port 8100`` (``BENCH_DEVICE=cuda`` to use a GPU).
@@ -89,16 +90,23 @@ class NaiveModels:
                 "confidence": result.confidence,
                 "probabilities": _probs(result.probabilities),
                 "latency_ms": round((time.perf_counter() - t0) * 1000.0, 2),
+                "batch_size": 1,
                 **result.info,
             }
         if not results:
             raise HTTPException(400, {"message": "no modality could be used", "dropped": dropped})
-        fused = self.fusion.fuse({name: res.embedding for name, res in results.items()})
+        if len(results) == 1:  # as the service: one modality answers with that encoder's own prediction
+            ((name, only),) = results.items()
+            probs, contributions = only.probabilities, {name: 1.0}
+        else:
+            fused = self.fusion.fuse({name: res.embedding for name, res in results.items()})
+            probs, contributions = fused.probabilities, fused.contributions
+        best = int(probs.argmax())
         return {
-            "emotion": fused.emotion,
-            "confidence": float(max(fused.probabilities)),
-            "probabilities": _probs(fused.probabilities),
-            "contributions": fused.contributions,
+            "emotion": EMOTIONS[best],
+            "confidence": float(probs[best]),
+            "probabilities": _probs(probs),
+            "contributions": contributions,
             "modalities": modalities,
             "dropped": dropped,
             "model_version": self.version,

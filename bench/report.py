@@ -21,13 +21,15 @@ README_TABLE_END = "<!-- /bench:table -->"
 def ceilings_by_endpoint(ceiling_rows: Iterable[Mapping[str, Any]]) -> dict[str, float | None]:
     """In-process ceiling (requests/s) of each endpoint: its modalities one after another, each at its best batch size.
 
-    Uses decode+forward throughput (what a server has to do), plus the fusion module's time.
+    Uses decode+forward throughput (what a server has to do), plus the fusion module's time when the
+    endpoint combines two or more modalities.
     """
     rows = list(ceiling_rows)
     best = {m: best_ceiling(rows, m) for m in ("text", "audio", "video", "fusion")}
     out: dict[str, float | None] = {}
     for key, endpoint in ENDPOINTS.items():
-        needed = list(endpoint.modalities) + (["fusion"] if best.get("fusion") else [])
+        fuses = len(endpoint.modalities) > 1 and best.get("fusion")  # one modality answers without fusion
+        needed = list(endpoint.modalities) + (["fusion"] if fuses else [])
         value = composite_ceiling({k: v for k, v in best.items() if v}, needed)
         out[key] = round(value, 3) if value else None
     return out

@@ -45,6 +45,15 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _healthy(response: httpx.Response) -> bool:
+    """A health answer whose ``status`` (if it has one) is ``ok``: every model loaded."""
+    try:
+        body = response.json()
+    except ValueError:
+        return True
+    return not isinstance(body, dict) or body.get("status", "ok") == "ok"
+
+
 class ManagedServer:
     """A server child process in its own session (so its whole process group can be stopped) with a log file."""
 
@@ -70,14 +79,15 @@ class ManagedServer:
         log.close()
 
     def wait_ready(self, timeout_s: float, path: str = "/api/health") -> None:
-        """Poll ``GET path`` until it answers 200; raise with the log tail if the process dies or time runs out."""
+        """Poll ``GET path`` until it answers 200 with status ok; raise with the log tail if the process dies or time runs out."""
         deadline = time.monotonic() + timeout_s
         with httpx.Client(base_url=self.base_url, timeout=5.0, trust_env=False) as client:
             while time.monotonic() < deadline:
                 if self.proc is not None and self.proc.poll() is not None:
                     raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
                 try:
-                    if client.get(path).status_code == 200:
+                    response = client.get(path)
+                    if response.status_code == 200 and _healthy(response):
                         self.startup_s = round(time.perf_counter() - self._t0, 2)
                         return
                 except httpx.HTTPError:
