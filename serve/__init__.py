@@ -1,0 +1,1 @@
+"""Ray Serve application: encoder deployments, fusion ingress, REST API and metrics (see README)."""

@@ -1,0 +1,163 @@
+"""The FastAPI application of the fusion ingress: routes, upload guards, request metrics, static page.
+
+:func:`create_app` builds it around a :class:`serve.service.FusionService`, so the same app runs inside
+the ``FusionIngress`` replica and, with fake encoder handles, in fast in-process tests.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve.config import AppConfig
+from serve.errors import EncoderError
+from serve.metrics import Metrics
+from serve.schemas import ERROR_RESPONSES, HealthResponse, PredictionResponse, TextRequest
+from serve.service import FusionService, PredictionFailed
+from serve.uploads import UploadLimitMiddleware, check_media
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+ENDPOINTS = ("/api/health", "/api/predict", "/predict", "/predict/audio", "/predict/video", "/docs", "/openapi.json")
+SNIFF_BYTES = 512
+
+
+class RequestMetricsMiddleware:
+    """Count requests by endpoint and status, and time them (outermost, so 413s are counted too)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        endpoint = path if path in ENDPOINTS else "other"
+        status = 500
+        start = time.perf_counter()
+
+        async def record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            self.metrics.inc("emotion_requests_total", endpoint=endpoint, status=str(status))
+            self.metrics.observe("emotion_request_latency_ms", (time.perf_counter() - start) * 1000.0,
+                                 endpoint=endpoint)
+
+
+def _clean_text(text: str, config: AppConfig) -> str:
+    """422 for blank or over-long text (the model window itself truncates, and says so)."""
+    if not text.strip():
+        raise HTTPException(422, "text is empty")
+    limit = config.limits.max_text_chars
+    if len(text) > limit:
+        raise HTTPException(422, f"text is longer than {limit} characters")
+    return text
+
+
+async def _read_upload(upload: UploadFile | None, field: str) -> bytes | None:
+    """The upload's bytes (``b""`` if empty), ``None`` if no file was chosen; 415 if it is not media."""
+    if upload is None:
+        return None
+    data = await upload.read()
+    if not data and not upload.filename:  # an HTML form's empty file input
+        return None
+    if data:
+        check_media(field, upload.content_type, data[:SNIFF_BYTES])
+    return data
+
+
+def _split(uploads: dict[str, bytes]) -> tuple[dict[str, bytes], dict[str, EncoderError]]:
+    """Separate empty uploads (known failures) from real payloads."""
+    payloads = {m: d for m, d in uploads.items() if d}
+    empty = {m: EncoderError(code="empty_media", message="the uploaded file is empty", status=400)
+             for m, d in uploads.items() if not d}
+    return payloads, empty
+
+
+def create_app(service: FusionService, config: AppConfig, static_dir: Path | None = STATIC_DIR) -> FastAPI:
+    """The ingress's FastAPI app (API routes first, then the static web page at ``/``)."""
+    app = FastAPI(
+        title="Multimodal emotion recognition",
+        description="Text, speech and face video -> one of 7 emotions, calibrated probabilities and "
+                    "per-modality contributions. Served by Ray Serve.",
+        version="1.0",
+    )
+    app.add_middleware(UploadLimitMiddleware, max_bytes=config.limits.max_upload_bytes)
+    app.add_middleware(RequestMetricsMiddleware, metrics=service.metrics)
+
+    @app.exception_handler(PredictionFailed)
+    async def _prediction_failed(_: Request, exc: PredictionFailed) -> JSONResponse:
+        return JSONResponse(status_code=exc.status, content={"detail": exc.detail})
+
+    @app.get("/api/health", response_model=HealthResponse, tags=["health"])
+    async def health() -> HealthResponse:
+        """Service status and the version of each loaded model."""
+        return await service.health()
+
+    @app.post("/api/predict", response_model=PredictionResponse, response_model_exclude_none=True,
+              responses=ERROR_RESPONSES, tags=["predict"])
+    async def predict_text(body: TextRequest) -> PredictionResponse:
+        """Emotion of a text (JSON ``{"text": ...}``). Text beyond the model window is truncated."""
+        return await service.predict({"text": _clean_text(body.text, config)})
+
+    @app.post("/predict/audio", response_model=PredictionResponse, response_model_exclude_none=True,
+              responses=ERROR_RESPONSES, tags=["predict"])
+    async def predict_audio(
+        file: Annotated[UploadFile, File(description="any ffmpeg-readable audio, or a video (its audio track)")],
+    ) -> PredictionResponse:
+        """Emotion of speech."""
+        data = await _read_upload(file, "audio") or b""
+        payloads, empty = _split({"audio": data})
+        return await service.predict(payloads, primary=("audio",), prefailed=empty)
+
+    @app.post("/predict/video", response_model=PredictionResponse, response_model_exclude_none=True,
+              responses=ERROR_RESPONSES, tags=["predict"])
+    async def predict_video(
+        file: Annotated[UploadFile, File(description="a video, or a still image (a 1-frame video)")],
+    ) -> PredictionResponse:
+        """Emotion of a face video; its audio track, if usable, is used too (else listed in ``dropped``)."""
+        data = await _read_upload(file, "video") or b""
+        payloads, empty = _split({"video": data})
+        if payloads:
+            payloads["audio"] = data
+        return await service.predict(payloads, primary=("video",), prefailed=empty)
+
+    @app.post("/predict", response_model=PredictionResponse, response_model_exclude_none=True,
+              responses=ERROR_RESPONSES, tags=["predict"])
+    async def predict(
+        text: Annotated[str | None, Form(description="text (blank counts as absent)")] = None,
+        audio: Annotated[UploadFile | None, File(description="speech audio")] = None,
+        video: Annotated[UploadFile | None, File(description="face video or image; its audio track is used "
+                                                             "when no separate audio is given")] = None,
+    ) -> PredictionResponse:
+        """Fused emotion of any non-empty subset of text, audio and video."""
+        uploads = {m: d for m, d in (("audio", await _read_upload(audio, "audio")),
+                                     ("video", await _read_upload(video, "video"))) if d is not None}
+        has_text = text is not None and text.strip() != ""
+        if not has_text and not uploads:
+            raise HTTPException(422, "give at least one of: form field 'text', file 'audio', file 'video'")
+        payloads: dict[str, str | bytes]
+        payloads, empty = _split(uploads)  # type: ignore[assignment]
+        primary = tuple(m for m in ("text", "audio", "video") if m in uploads or (m == "text" and has_text))
+        if has_text:
+            payloads["text"] = _clean_text(text or "", config)
+        if "video" in payloads and "audio" not in uploads:
+            payloads["audio"] = payloads["video"]  # the video's own audio track
+        return await service.predict(payloads, primary=primary, prefailed=empty)
+
+    if static_dir is not None and static_dir.is_dir():
+        app.mount("/", StaticFiles(directory=static_dir, html=True), name="static")
+    return app

@@ -1,0 +1,150 @@
+"""The one configuration schema of the Serve application (what ``build_app`` takes as ``args``).
+
+``serve run deploy/serve_config.yaml`` passes the file's ``args:`` here; ``serve run serve.app:build_app``
+with no args uses the defaults. Replica resources, replica counts and autoscaling are Ray Serve's own
+deployment options (the ``deployments:`` list of the YAML, defaults in :mod:`serve.app`), not part of this.
+
+Model paths and batching reach the encoders through Serve's ``user_config`` (see
+:meth:`AppConfig.encoder_user_config`), so changing them and re-running ``serve deploy`` hot-swaps the
+weights through ``reconfigure`` without restarting replicas.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from models.labels import MODALITIES
+from models.media import DecodeLimits
+
+Modality = Literal["text", "audio", "video"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a typo in the YAML must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelsConfig(_Strict):
+    """Where the weights are (``None``: the defaults in ``models/weights/<name>``)."""
+
+    text_weights: str | None = None
+    audio_weights: str | None = None
+    video_weights: str | None = None
+    fusion_weights: str | None = None
+    text_backbone: str | None = Field(None, description="override of the text backbone (local folder or HF id)")
+    revision: str | None = Field(None, description="change to force a reload of weights replaced in place")
+
+    def weights(self, name: str) -> str | None:
+        """Weights folder of ``name`` (text, audio, video or fusion)."""
+        return getattr(self, f"{name}_weights")
+
+
+class LimitsConfig(_Strict):
+    """Input limits applied by the ingress and by the decoders."""
+
+    max_upload_mb: float = Field(50.0, gt=0, description="request body limit, enforced while reading")
+    max_text_chars: int = Field(20_000, gt=0, description="longer texts are rejected (422); the model window "
+                                                          "(128 tokens) truncates, and says so")
+    num_frames: int = Field(16, ge=1, le=64, description="frames sampled uniformly from a video")
+    decode_timeout_s: float = Field(20.0, gt=0, description="wall-clock limit of one ffmpeg decode")
+    max_media_seconds: float = Field(30.0, gt=0, description="audio/video beyond this is not decoded")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    def decode_limits(self) -> DecodeLimits:
+        """The matching :class:`models.media.DecodeLimits`."""
+        return DecodeLimits(timeout_s=self.decode_timeout_s, max_audio_seconds=self.max_media_seconds,
+                            max_video_seconds=self.max_media_seconds)
+
+
+class EncoderConfig(_Strict):
+    """Per-encoder serving settings."""
+
+    timeout_s: float = Field(30.0, gt=0, description="the ingress drops the modality after this")
+    max_batch_size: int = Field(8, ge=1, description="@serve.batch size; kept <= max_ongoing_requests")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="how long a batch waits to fill up")
+    max_ongoing_requests: int = Field(16, ge=1, description="Serve's per-replica concurrency cap")
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads per replica")
+    prepare_threads: int = Field(2, ge=1, description="threads decoding/preprocessing in parallel per replica")
+    device: Device = "auto"
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> EncoderConfig:
+        if self.max_batch_size > self.max_ongoing_requests:
+            raise ValueError(f"max_batch_size ({self.max_batch_size}) must be <= max_ongoing_requests "
+                             f"({self.max_ongoing_requests}), or batches can never fill")
+        return self
+
+
+def _default_encoders() -> dict[str, EncoderConfig]:
+    return {
+        "text": EncoderConfig(timeout_s=10.0, max_batch_size=16, max_ongoing_requests=32),
+        "audio": EncoderConfig(timeout_s=30.0),
+        "video": EncoderConfig(timeout_s=40.0),
+    }
+
+
+class EncodersConfig(_Strict):
+    text: EncoderConfig = Field(default_factory=lambda: _default_encoders()["text"])
+    audio: EncoderConfig = Field(default_factory=lambda: _default_encoders()["audio"])
+    video: EncoderConfig = Field(default_factory=lambda: _default_encoders()["video"])
+
+    def __getitem__(self, modality: str) -> EncoderConfig:
+        if modality not in MODALITIES:
+            raise KeyError(modality)
+        return getattr(self, modality)
+
+
+class AppConfig(_Strict):
+    """Everything the application builder reads."""
+
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    encoders: EncodersConfig = Field(default_factory=EncodersConfig)
+    ingress_torch_threads: int = Field(1, ge=1)
+    health_timeout_s: float = Field(5.0, gt=0, description="how long /api/health waits for each encoder")
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any] | AppConfig | None) -> AppConfig:
+        """Validate builder args (a plain dict from YAML, or already an AppConfig)."""
+        if isinstance(args, AppConfig):
+            return args
+        return cls.model_validate(args or {})
+
+    def encoder_user_config(self, modality: str) -> dict[str, Any]:
+        """The ``user_config`` of one encoder deployment (hot-swappable part)."""
+        enc = self.encoders[modality]
+        return {
+            "weights_dir": self.models.weights(modality),
+            "backbone": self.models.text_backbone if modality == "text" else None,
+            "revision": self.models.revision,
+            "max_batch_size": enc.max_batch_size,
+            "batch_wait_timeout_s": enc.batch_wait_timeout_s,
+        }
+
+    def ingress_user_config(self) -> dict[str, Any]:
+        """The ``user_config`` of the fusion ingress (hot-swappable fusion weights)."""
+        return {"fusion_weights": self.models.fusion_weights, "revision": self.models.revision}
+
+
+class EncoderUserConfig(_Strict):
+    """What an encoder's ``reconfigure`` accepts; missing keys take the defaults."""
+
+    weights_dir: str | None = None
+    backbone: str | None = None
+    revision: str | None = None
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+
+
+class IngressUserConfig(_Strict):
+    """What the ingress's ``reconfigure`` accepts."""
+
+    fusion_weights: str | None = None
+    revision: str | None = None

@@ -1,0 +1,93 @@
+"""The service's own Prometheus metrics, defined once here and recorded by the encoders and the ingress.
+
+They are ``ray.serve.metrics`` objects, so Ray's metrics agent exports them (with Ray's ``ray_`` prefix)
+next to Serve's built-in ones, and Serve adds the ``deployment``, ``replica`` and ``application`` tags.
+:data:`METRICS` is the single list that the README, the Grafana dashboard and the tests read.
+
+Recording never raises: a metrics problem must not fail a request.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "emotion_"
+LATENCY_BOUNDARIES_MS: tuple[float, ...] = (
+    1, 2, 5, 10, 20, 30, 50, 80, 100, 150, 200, 300, 500, 800, 1000, 2000, 5000, 10000, 30000,
+)
+BATCH_BOUNDARIES: tuple[float, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric: its name (with :data:`PREFIX`), kind, meaning, tag keys and histogram buckets."""
+
+    name: str
+    kind: Literal["counter", "histogram"]
+    description: str
+    tag_keys: tuple[str, ...]
+    boundaries: tuple[float, ...] = ()
+
+
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec("emotion_encoder_decode_ms", "histogram",
+               "Decode + preprocessing time of one input inside an encoder (ms)", ("modality",), LATENCY_BOUNDARIES_MS),
+    MetricSpec("emotion_encoder_model_ms", "histogram",
+               "Batched model forward time seen by one input (ms)", ("modality",), LATENCY_BOUNDARIES_MS),
+    MetricSpec("emotion_encoder_latency_ms", "histogram",
+               "End-to-end time of one input inside an encoder: decode, batch wait, forward (ms)", ("modality",),
+               LATENCY_BOUNDARIES_MS),
+    MetricSpec("emotion_encoder_batch_size", "histogram",
+               "Size of each batched forward", ("modality",), BATCH_BOUNDARIES),
+    MetricSpec("emotion_requests_total", "counter",
+               "HTTP requests by endpoint and status code", ("endpoint", "status")),
+    MetricSpec("emotion_request_latency_ms", "histogram",
+               "HTTP request latency at the ingress (ms)", ("endpoint",), LATENCY_BOUNDARIES_MS),
+    MetricSpec("emotion_predictions_total", "counter",
+               "Predictions by emotion and modality (modality 'fused' is the top-level answer)",
+               ("emotion", "modality")),
+    MetricSpec("emotion_dropped_modalities_total", "counter",
+               "Modalities dropped from a request, by reason code", ("modality", "reason")),
+)
+METRIC_NAMES: tuple[str, ...] = tuple(m.name for m in METRICS)
+SPECS: dict[str, MetricSpec] = {m.name: m for m in METRICS}
+assert all(name.startswith(PREFIX) for name in METRIC_NAMES)
+
+
+class Metrics:
+    """Lazily created ``ray.serve.metrics`` objects (create inside the replica that records them)."""
+
+    def __init__(self) -> None:
+        self._objects: dict[str, Any] = {}
+
+    def _get(self, name: str) -> Any:
+        metric = self._objects.get(name)
+        if metric is None:
+            from ray.serve import metrics as serve_metrics
+
+            spec = SPECS[name]
+            if spec.kind == "counter":
+                metric = serve_metrics.Counter(spec.name, description=spec.description, tag_keys=spec.tag_keys)
+            else:
+                metric = serve_metrics.Histogram(spec.name, description=spec.description,
+                                                 boundaries=list(spec.boundaries), tag_keys=spec.tag_keys)
+            self._objects[name] = metric
+        return metric
+
+    def observe(self, name: str, value: float, **tags: str) -> None:
+        """Record a histogram value."""
+        try:
+            self._get(name).observe(float(value), tags=dict(tags))
+        except Exception:  # metrics are best effort
+            logger.debug("could not record %s", name, exc_info=True)
+
+    def inc(self, name: str, value: float = 1.0, **tags: str) -> None:
+        """Increment a counter."""
+        try:
+            self._get(name).inc(value, tags=dict(tags))
+        except Exception:  # metrics are best effort
+            logger.debug("could not record %s", name, exc_info=True)

@@ -1,0 +1,83 @@
+"""Request and response models of the REST API (they are what ``/docs`` shows)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.labels import EMOTIONS
+
+Emotion = Literal[EMOTIONS]  # type: ignore[valid-type]
+ModalityName = Literal["text", "audio", "video"]
+Probabilities = dict[Emotion, float]
+
+
+class TextRequest(BaseModel):
+    """Body of ``POST /api/predict``."""
+
+    text: str = Field(..., min_length=1, examples=["I can't believe we finally won the match!"])
+
+
+class ModalityResult(BaseModel):
+    """One encoder's own calibrated prediction and timings (plus what it noticed about the input)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    emotion: Emotion
+    confidence: float
+    probabilities: Probabilities
+    latency_ms: float = Field(description="end-to-end time inside the encoder replica")
+    decode_ms: float = Field(description="decode + preprocessing time (ffmpeg, face crops, log-mel)")
+    model_ms: float = Field(description="batched forward time")
+    batch_size: int = Field(description="size of the batch this input was encoded in")
+    model_version: str
+    truncated: bool | None = Field(None, description="text: cut to the model window (128 tokens)")
+    characters: int | None = Field(None, description="text: characters after whitespace normalisation")
+    duration_s: float | None = Field(None, description="audio: seconds decoded")
+    frames: int | None = Field(None, description="video: frames used (uniformly sampled)")
+    face_detected: bool | None = Field(None, description="video: whether any frame had a detected face")
+
+
+class PredictionResponse(BaseModel):
+    """Answer of every prediction endpoint."""
+
+    emotion: Emotion
+    confidence: float
+    probabilities: Probabilities = Field(description="7 calibrated class probabilities, summing to 1")
+    contributions: dict[ModalityName, float] = Field(
+        description="weight of each modality used, summing to 1 (one modality: its own answer, weight 1)")
+    modalities: dict[ModalityName, ModalityResult]
+    dropped: dict[ModalityName, str] = Field(description="modalities that failed or timed out, with the reason")
+    model_version: str = Field(description="versions of the encoders used (and of fusion when used), joined by '+'")
+    latency_ms: float = Field(description="time spent in the ingress for this request")
+
+
+class ModelStatus(BaseModel):
+    """Whether one model answers, and which version it serves."""
+
+    loaded: bool
+    version: str | None = None
+    device: str | None = None
+    error: str | None = None
+
+
+class HealthResponse(BaseModel):
+    """Answer of ``GET /api/health``."""
+
+    status: Literal["ok", "degraded"]
+    models: dict[str, ModelStatus]
+
+
+class ErrorResponse(BaseModel):
+    """FastAPI-style error body."""
+
+    detail: str
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    400: {"model": ErrorResponse, "description": "undecodable, corrupt or empty media"},
+    413: {"model": ErrorResponse, "description": "request body over the upload limit"},
+    415: {"model": ErrorResponse, "description": "unsupported content type"},
+    504: {"model": ErrorResponse, "description": "no encoder answered in time"},
+}

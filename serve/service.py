@@ -1,0 +1,185 @@
+"""The ingress's work, free of HTTP: fan a request out to the encoders, gather, fuse, explain.
+
+Each modality is one call on its encoder's ``DeploymentHandle`` with its own timeout; all calls run
+concurrently (``asyncio.gather``). A modality that errors or times out is dropped and reported; the
+request fails only when none succeeded. With one modality the answer is that encoder's own calibrated
+prediction (contribution 1.0); with two or more the attention fusion module combines the embeddings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import numpy as np
+
+from models.inference import FusionPipeline
+from models.labels import EMOTIONS, MODALITIES
+from serve.config import AppConfig, IngressUserConfig
+from serve.errors import EncoderError, encoder_error, is_client_error
+from serve.metrics import Metrics
+from serve.schemas import HealthResponse, ModalityResult, ModelStatus, PredictionResponse
+
+logger = logging.getLogger("ray.serve")
+
+
+class Handle(Protocol):
+    """The part of ``DeploymentHandle`` used here (tests pass fakes)."""
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def options(self, **kwargs: Any) -> Handle: ...
+
+
+class PredictionFailed(Exception):
+    """No modality could be used; carries the HTTP status and a readable detail."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+async def _resolve(response: Any) -> Any:
+    return await response
+
+
+def failure_status(failed: Mapping[str, EncoderError], primary: tuple[str, ...]) -> int:
+    """HTTP status when every modality failed: the input's fault (4xx) wins over server trouble."""
+    ordered = [failed[m] for m in primary if m in failed] + [e for m, e in failed.items() if m not in primary]
+    for err in ordered:
+        if is_client_error(err):
+            return err["status"]
+    if all(err["code"] == "timeout" for err in ordered):
+        return 504
+    return 503
+
+
+class FusionService:
+    """Fan-out, fusion and bookkeeping for one ingress replica."""
+
+    def __init__(self, handles: Mapping[str, Handle], config: AppConfig, metrics: Metrics | None = None) -> None:
+        self.handles = dict(handles)
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.fusion: FusionPipeline | None = None
+        self._fusion_key: tuple[Any, ...] | None = None
+
+    async def load_fusion(self, user_config: dict[str, Any] | None = None) -> None:
+        """Load (or hot-swap) the fusion module: built fully, then one reference assignment."""
+        cfg = IngressUserConfig.model_validate({"fusion_weights": self.config.models.fusion_weights,
+                                                **(user_config or {})})
+        key = (cfg.fusion_weights, cfg.revision)
+        if self.fusion is not None and key == self._fusion_key:
+            return
+        fusion = await asyncio.to_thread(FusionPipeline, cfg.fusion_weights)
+        self.fusion, self._fusion_key = fusion, key
+
+    # ---- prediction -----------------------------------------------------------------------------
+
+    async def predict(self, payloads: Mapping[str, str | bytes], primary: tuple[str, ...] | None = None,
+                      prefailed: Mapping[str, EncoderError] | None = None) -> PredictionResponse:
+        """Run ``{modality: payload}`` through the encoders and combine what succeeded.
+
+        ``primary`` names the modalities the client asked for (a video's audio track is secondary);
+        ``prefailed`` are modalities already known to be unusable (e.g. an empty upload).
+        """
+        start = time.perf_counter()
+        primary = primary or tuple(payloads)
+        names = [m for m in MODALITIES if m in payloads]
+        answers = await asyncio.gather(*(self._call(m, payloads[m]) for m in names))
+        ok: dict[str, dict[str, Any]] = {}
+        failed: dict[str, EncoderError] = dict(prefailed or {})
+        for m, answer in zip(names, answers, strict=True):
+            if "error" in answer:
+                failed[m] = answer["error"]
+            else:
+                ok[m] = answer
+        for m, err in failed.items():
+            self.metrics.inc("emotion_dropped_modalities_total", modality=m, reason=err["code"])
+        if not ok:
+            reasons = "; ".join(f"{m}: {e['message']}" for m, e in failed.items())
+            raise PredictionFailed(failure_status(failed, primary), f"no modality could be used ({reasons})")
+        response = self._combine(ok, failed, start)
+        for m, r in ok.items():
+            self.metrics.inc("emotion_predictions_total", emotion=r["emotion"], modality=m)
+        self.metrics.inc("emotion_predictions_total", emotion=response.emotion, modality="fused")
+        return response
+
+    async def _call(self, modality: str, payload: str | bytes) -> dict[str, Any]:
+        """One encoder call with its timeout; never raises."""
+        timeout = self.config.encoders[modality].timeout_s
+        response = self.handles[modality].remote(payload)
+        try:
+            answer = await asyncio.wait_for(_resolve(response), timeout)
+        except TimeoutError:
+            cancel = getattr(response, "cancel", None)
+            if cancel is not None:
+                cancel()
+            return encoder_error("timeout", f"the {modality} encoder did not answer within {timeout:g} s", 504)
+        except Exception as exc:  # replica died, back-pressure, ...: drop the modality
+            logger.warning("%s encoder call failed: %r", modality, exc, exc_info=True)
+            return encoder_error("unavailable", f"the {modality} encoder failed: {type(exc).__name__}", 503)
+        if not isinstance(answer, dict) or ("error" not in answer and "probabilities" not in answer):
+            return encoder_error("internal", f"the {modality} encoder gave an unexpected answer", 500)
+        return answer
+
+    def _combine(self, ok: dict[str, dict[str, Any]], failed: Mapping[str, EncoderError],
+                 start: float) -> PredictionResponse:
+        versions = [ok[m]["model_version"] for m in ok]
+        if len(ok) == 1:
+            (m, only), = ok.items()
+            probs = np.array([only["probabilities"][e] for e in EMOTIONS], dtype=np.float64)
+            contributions = {m: 1.0}
+        else:
+            fusion = self.fusion
+            if fusion is None:
+                raise RuntimeError("fusion module not loaded")
+            fused = fusion.fuse({m: np.asarray(r["embedding"], dtype=np.float32) for m, r in ok.items()})
+            probs = fused.probabilities.astype(np.float64)
+            total = sum(fused.contributions.values()) or 1.0
+            contributions = {m: fused.contributions[m] / total for m in ok}
+            versions.append(fusion.version)
+        probs = probs / probs.sum()
+        best = int(np.argmax(probs))
+        return PredictionResponse(
+            emotion=EMOTIONS[best],
+            confidence=float(probs[best]),
+            probabilities={e: float(p) for e, p in zip(EMOTIONS, probs, strict=True)},
+            contributions=contributions,
+            modalities={m: _modality_result(r) for m, r in ok.items()},
+            dropped={m: f"{e['code']}: {e['message']}" for m, e in failed.items()},
+            model_version="+".join(versions),
+            latency_ms=round((time.perf_counter() - start) * 1000.0, 2),
+        )
+
+    # ---- health ---------------------------------------------------------------------------------
+
+    async def health(self) -> HealthResponse:
+        """Ask every encoder what it serves (bounded wait); the fusion module is local."""
+        timeout = self.config.health_timeout_s
+
+        async def ask(m: str) -> ModelStatus:
+            try:
+                info = await asyncio.wait_for(_resolve(self.handles[m].options(method_name="info").remote()), timeout)
+                return ModelStatus(loaded=bool(info.get("loaded")), version=info.get("version"),
+                                   device=info.get("device"))
+            except Exception as exc:  # noqa: BLE001 - health reports failures, it does not raise
+                return ModelStatus(loaded=False, error=f"{type(exc).__name__}: {str(exc)[:200]}")
+
+        statuses = await asyncio.gather(*(ask(m) for m in MODALITIES))
+        models = dict(zip(MODALITIES, statuses, strict=True))
+        fusion = self.fusion
+        models["fusion"] = ModelStatus(loaded=fusion is not None, version=fusion.version if fusion else None,
+                                       device=str(fusion.device) if fusion else None)
+        status = "ok" if all(s.loaded for s in models.values()) else "degraded"
+        return HealthResponse(status=status, models=models)
+
+
+def _modality_result(answer: dict[str, Any]) -> ModalityResult:
+    fields = {k: answer[k] for k in ("emotion", "confidence", "probabilities", "latency_ms", "decode_ms",
+                                     "model_ms", "batch_size", "model_version")}
+    return ModalityResult(**{**answer.get("info", {}), **fields})
