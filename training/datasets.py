@@ -18,6 +18,7 @@ RAVDESS_TRAIN_ACTORS = tuple(range(1, 17))
 RAVDESS_VAL_ACTORS = tuple(range(17, 21))
 AUDIO_EXTENSIONS = {".wav", ".flac", ".mp3", ".ogg", ".m4a", ".webm", ".mp4"}
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+VIDEO_EXTENSIONS = {".mp4", ".webm", ".mov", ".avi", ".mkv"}
 
 
 def read_meld(root: str | Path, split: str) -> list[Sample]:
@@ -73,7 +74,7 @@ def read_seed_layout(root: str | Path, split: str, modality: str) -> list[Sample
     folder = Path(root) / split
     if modality == "text":
         return [(Path(p).read_text(encoding="utf-8").strip(), y) for p, y in read_image_folders(folder, {".txt"})]
-    return read_image_folders(folder, AUDIO_EXTENSIONS if modality == "audio" else IMAGE_EXTENSIONS | AUDIO_EXTENSIONS)
+    return read_image_folders(folder, AUDIO_EXTENSIONS if modality == "audio" else IMAGE_EXTENSIONS | VIDEO_EXTENSIONS)
 
 
 def read_split(modality: str, root: str | Path, split: str, layout: str = "shared") -> list[Sample]:

@@ -18,8 +18,9 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from models.audio.preprocessing import AudioFeatureConfig, LogMelExtractor
-from models.media import decode_audio
+from models.media import decode_audio, decode_frames
 from models.video.preprocessing import FaceConfig, FaceCropper
+from training.datasets import IMAGE_EXTENSIONS
 
 CACHE_DIR = Path(".cache")
 
@@ -52,10 +53,14 @@ def face_crops(samples: Sequence[tuple[str, int]], config: FaceConfig) -> tuple[
     faces = np.empty((len(samples), config.face_size, config.face_size), dtype=np.uint8)
     detected = np.zeros(len(samples), dtype=bool)
     for i, (p, _) in enumerate(tqdm(samples, desc="faces")):
-        image = cv2.imread(p, cv2.IMREAD_GRAYSCALE)
-        if image is None:
-            raise ValueError(f"unreadable image {p}")
-        crop, found = cropper.crop(image[None])
+        if Path(p).suffix.lower() in IMAGE_EXTENSIONS:
+            image = cv2.imread(p, cv2.IMREAD_GRAYSCALE)
+            if image is None:
+                raise ValueError(f"unreadable image {p}")
+            frames = image[None]
+        else:  # a video file in the seed layout: its first frame, decoded as when serving
+            frames = decode_frames(Path(p).read_bytes(), num_frames=1)
+        crop, found = cropper.crop(frames)
         faces[i], detected[i] = crop[0], found
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, faces=faces, detected=detected)

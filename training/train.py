@@ -64,15 +64,15 @@ def train_epoch(task: Task, optimizer: torch.optim.Optimizer, scheduler: torch.o
     return total / max(count, 1)
 
 
-def steps_per_epoch(task: Task, epochs: int) -> int:
-    return sum(1 for _ in range(0, len(task.train), task.opts.batch_size))
+def steps_per_epoch(task: Task) -> int:
+    return -(-len(task.train) // task.opts.batch_size)
 
 
 def fit(task: Task, args: argparse.Namespace) -> dict:
     """Train with early stopping; write the best model to ``args.out``; return its summary."""
     rng = seed_everything(args.seed)
     optimizer = torch.optim.AdamW(task.param_groups(), weight_decay=args.weight_decay)
-    total_steps = steps_per_epoch(task, args.epochs) * args.epochs
+    total_steps = steps_per_epoch(task) * args.epochs
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps + 10,
         pct_start=args.warmup, anneal_strategy="cos",
@@ -84,8 +84,12 @@ def fit(task: Task, args: argparse.Namespace) -> dict:
         restored = load_state(run_dir, task.model, optimizer)
         if restored:
             info = restored
-            for _ in range(sum(1 for _ in range(0, len(task.train), task.opts.batch_size)) * info["epoch"]):
-                scheduler.step()
+            schedule = info.pop("scheduler", None)
+            if schedule:
+                scheduler.load_state_dict(schedule)
+            else:  # a state saved before schedules were stored: replay the finished epochs' steps
+                for _ in range(steps_per_epoch(task) * info["epoch"]):
+                    scheduler.step()
             rng = random.Random(args.seed + info["epoch"])
             print(f"resumed {task.modality} at epoch {info['epoch']} (best macro-F1 {info['best_f1']:.4f})")
     for epoch in range(info["epoch"], args.epochs):
@@ -101,7 +105,7 @@ def fit(task: Task, args: argparse.Namespace) -> dict:
         if report["macro_f1"] > info["best_f1"]:
             info["best_f1"], info["best_epoch"] = report["macro_f1"], epoch + 1
             _export(task, args, logits, labels, info)
-        save_state(run_dir, task.model, optimizer, info)
+        save_state(run_dir, task.model, optimizer, {**info, "scheduler": scheduler.state_dict()})
         if epoch + 1 - info["best_epoch"] >= args.patience:
             print(f"early stop: no macro-F1 gain for {args.patience} epochs")
             break

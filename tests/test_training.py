@@ -1,0 +1,71 @@
+"""Dataset readers, and an end-to-end CPU training run (with resume) on a tiny seed-layout set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.checkpoint import load_model
+from models.labels import EMOTIONS
+from tests.synth import SHARED_DATA, image_png, tone_wav
+from training import train
+from training.datasets import ravdess_label, read_meld, read_ravdess, read_seed_layout
+from training.state import load_state
+
+
+def test_ravdess_file_names_map_to_classes() -> None:
+    assert EMOTIONS[ravdess_label("03-01-05-02-01-01-17.flac")] == "angry"
+    assert EMOTIONS[ravdess_label("03-01-02-01-01-01-17.flac")] == "neutral"  # calm -> neutral
+    assert ravdess_label("03-01-02-01-01-01-17.flac", calm_as=None) is None
+    assert EMOTIONS[ravdess_label("03-01-08-01-01-01-17.flac")] == "surprise"
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data (real datasets) is not present")
+def test_shared_readers_keep_splits_apart() -> None:
+    train_actors = {Path(p).stem[-2:] for p, _ in read_ravdess(SHARED_DATA, "train")}
+    val_actors = {Path(p).stem[-2:] for p, _ in read_ravdess(SHARED_DATA, "val")}
+    assert train_actors.isdisjoint(val_actors) and val_actors == {"17", "18", "19", "20"}
+    dev = read_meld(SHARED_DATA, "val")
+    assert len(dev) == 1109 and {y for _, y in dev} == set(range(7))
+
+
+def _seed_layout(root: Path) -> None:
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for i, emotion in enumerate(EMOTIONS):
+            folder = root / split / emotion
+            folder.mkdir(parents=True)
+            for k in range(2):
+                (folder / f"{k}.wav").write_bytes(tone_wav(seconds=0.6, freq=150 + 60 * i + 7 * k))
+                (folder / f"{k}.txt").write_text(f"sample {k} feeling {emotion}")
+                (folder / f"{k}.png").write_bytes(image_png(rng.integers(0, 255, (48, 48), dtype=np.uint8)))
+
+
+def test_seed_layout_reader(tmp_path: Path) -> None:
+    _seed_layout(tmp_path)
+    texts = read_seed_layout(tmp_path, "train", "text")
+    assert len(texts) == 14 and texts[0] == ("sample 0 feeling angry", 0)
+    assert len(read_seed_layout(tmp_path, "val", "audio")) == 14
+    assert all(p.endswith(".png") for p, _ in read_seed_layout(tmp_path, "val", "video"))
+
+
+def test_audio_training_runs_on_cpu_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _seed_layout(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)  # feature caches and run state go under the temp dir
+    common = ["--modality", "audio", "--layout", "seed", "--data-root", "data", "--out", "weights",
+              "--batch-size", "7", "--patience", "5", "--threads", "1"]
+    train.main([*common, "--epochs", "1"])
+    model, config = load_model(tmp_path / "weights")
+    assert config["model_type"] == "audio" and config["metadata"]["best_epoch"] == 1
+    assert config["metadata"]["temperature"] > 0
+    train.main([*common, "--epochs", "2", "--resume"])
+    state = json.loads((tmp_path / "runs" / "audio" / "state.json").read_text())
+    assert [h["epoch"] for h in state["info"]["history"]] == [1, 2]
+    import torch
+
+    optimizer = torch.optim.AdamW(model.parameters())
+    assert load_state(tmp_path / "runs" / "audio", model, optimizer)["epoch"] == 2
+    assert optimizer.state  # the optimizer's moments came back too
