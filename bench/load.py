@@ -61,6 +61,19 @@ def request_factory(endpoint: Endpoint, media: MediaInputs) -> Callable[[int], d
     raise KeyError(endpoint.key)
 
 
+def missing_modalities(response: httpx.Response, endpoint: Endpoint) -> list[str]:
+    """Modalities the endpoint should have used but a 200 answer lacks (dropped on timeout or error).
+
+    Such answers are still counted as successes, but reported, so that a server cannot look fast by
+    skipping work.
+    """
+    try:
+        used = response.json().get("modalities") or {}
+    except (ValueError, AttributeError):
+        return ["unparseable"]
+    return [m for m in endpoint.modalities if m not in used]
+
+
 def check_loopback(base_url: str) -> None:
     """Refuse to send load anywhere but this machine."""
     host = urlsplit(base_url).hostname
@@ -86,6 +99,7 @@ async def run_load(
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
     error_samples: list[str] = []
+    degraded: Counter[str] = Counter()
     errors = 0
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout_s, trust_env=False) as client:
 
@@ -97,11 +111,14 @@ async def run_load(
                 status = str(response.status_code)
                 failed = response.status_code != 200
                 detail = response.text[:200] if failed else ""
+                missing = [] if failed else missing_modalities(response, endpoint)
             except httpx.HTTPError as exc:
-                status, failed, detail = type(exc).__name__, True, str(exc)[:200]
+                status, failed, detail, missing = type(exc).__name__, True, str(exc)[:200], []
             end = time.perf_counter()
             if record:
                 statuses[status] += 1
+                if missing:
+                    degraded[",".join(missing)] += 1
                 if failed:
                     errors += 1
                     if len(error_samples) < 5:
@@ -138,5 +155,10 @@ async def run_load(
         elapsed_s=max(end - start, 1e-9),
         status_counts=dict(statuses),
         error_samples=error_samples,
-        extra={"path": endpoint.path, "max_requests": max_requests, "max_duration_s": max_duration_s},
+        extra={
+            "path": endpoint.path,
+            "max_requests": max_requests,
+            "max_duration_s": max_duration_s,
+            "answers_missing_modalities": dict(degraded),
+        },
     )

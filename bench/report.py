@@ -181,6 +181,19 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         ceiling_table(report.get("ceiling", {})),
         "",
     ]
+    partial = [
+        f"{r['target']} `{r.get('path', r['endpoint'])}` at {r['concurrency']} clients: "
+        + ", ".join(f"{n} without {m}" for m, n in r["answers_missing_modalities"].items())
+        for r in report.get("results", [])
+        if r.get("answers_missing_modalities")
+    ]
+    if partial:
+        parts += [
+            "Answers (HTTP 200) that lacked a modality the request carried:",
+            "",
+            *[f"- {p}" for p in partial],
+            "",
+        ]
     notes = meta.get("notes") or []
     if notes:
         parts += ["## Notes", "", *[f"- {n}" for n in notes], ""]

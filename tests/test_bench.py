@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
 from bench.inputs import TEXTS, MediaInputs
-from bench.load import ENDPOINTS, check_loopback, request_factory
+from bench.load import ENDPOINTS, check_loopback, missing_modalities, request_factory
 from bench.machine import summarize_gpu_samples
 from bench.report import (
     README_TABLE_END,
@@ -116,6 +117,7 @@ def test_rows_ratios_and_targets() -> None:
 def test_write_reports_and_readme(tmp_path: Path) -> None:
     results = _fake_results()
     ceilings = ceilings_by_endpoint(_ceiling_rows())
+    results[0].extra["answers_missing_modalities"] = {"audio": 2}
     rows = build_rows(results, ceilings)
     report = {
         "meta": {
@@ -136,7 +138,13 @@ def test_write_reports_and_readme(tmp_path: Path) -> None:
     data = json.loads(paths["json"].read_text())
     assert len(data["results"]) == 6 and len(data["raw_latencies_ms"]) == 6
     md = paths["md"].read_text()
-    assert "| serve | `/api/predict` | 32 |" in md and "abc123" in md and "2 cores" in md and "a note" in md
+    assert (
+        "| serve | `/api/predict` | 32 |" in md
+        and "abc123" in md
+        and "2 cores" in md
+        and "a note" in md
+        and "2 without audio" in md
+    )
     assert paths["png"].stat().st_size > 1000
     readme = tmp_path / "README.md"
     readme.write_text(
@@ -219,3 +227,11 @@ def test_gpu_sample_parsing() -> None:
     assert summarize_gpu_samples([]) is None
     s = summarize_gpu_samples(["50, 1000", "100, 2000", "garbage", "[N/A], 5"])
     assert s == {"gpu_util_mean_pct": 75.0, "gpu_util_max_pct": 100.0, "gpu_mem_max_mib": 2000.0, "gpu_samples": 2}
+
+
+def test_missing_modalities() -> None:
+    full = httpx.Response(200, json={"modalities": {"text": {}, "audio": {}, "video": {}}})
+    partial = httpx.Response(200, json={"modalities": {"video": {}}, "dropped": {"audio": "timeout"}})
+    assert missing_modalities(full, ENDPOINTS["fused"]) == []
+    assert missing_modalities(partial, ENDPOINTS["video"]) == ["audio"]
+    assert missing_modalities(httpx.Response(200, text="not json"), ENDPOINTS["text"]) == ["unparseable"]
