@@ -11,14 +11,15 @@ FROM python:3.11-slim
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
 # HF_HUB_OFFLINE: the text backbone ships inside a pip package, never reach out to the Hugging Face Hub.
-# RAY_SERVE_DEFAULT_HTTP_HOST: Serve's HTTP proxy listens on all interfaces, reachable through the published port.
+# deploy/serve_config.yaml binds Serve's HTTP proxy to 0.0.0.0, so the published port 8000 reaches it.
+# PYTHONPATH: Ray worker processes (Serve replicas) import serve.app:build_app from /app.
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HUB_OFFLINE=1 \
     RAY_USAGE_STATS_ENABLED=0 \
-    RAY_SERVE_DEFAULT_HTTP_HOST=0.0.0.0
+    PYTHONPATH=/app
 
 WORKDIR /app
 

@@ -152,6 +152,7 @@ def test_dockerfile_matches_requirements_and_config() -> None:
     assert "pip install" in text and "-r requirements.txt" in text
     assert "serve run deploy/serve_config.yaml" in text
     assert "--metrics-export-port=8080" in text
+    assert "PYTHONPATH=/app" in text  # Serve replicas import serve.app from the copied repository
     _validate_serve_config(SERVE_CPU)
 
 
@@ -229,6 +230,30 @@ def test_gpu_serve_config_uses_fractional_gpus() -> None:
             for app in config["applications"] for d in app.get("deployments", [])}
     for name in ("TextEncoder", "AudioEncoder", "VideoEncoder"):
         assert 0 < gpus.get(name, 0) <= 1, f"{name}: num_gpus {gpus.get(name)}"
+
+
+def _encoder_resources() -> tuple[float, float]:
+    """CPUs and GPUs that one replica of each encoder asks for in the GPU config."""
+    config = _validate_serve_config(SERVE_GPU)
+    opts = [d.get("ray_actor_options", {}) for app in config["applications"] for d in app.get("deployments", [])
+            if d["name"] in ("TextEncoder", "AudioEncoder", "VideoEncoder")]
+    assert len(opts) == 3
+    return sum(o.get("num_cpus", 1) for o in opts), sum(o.get("num_gpus", 0) for o in opts)
+
+
+def test_one_gpu_worker_hosts_one_replica_of_each_encoder() -> None:
+    """The GPU worker of cluster.yaml and of the RayService can hold Text+Audio+Video replicas together."""
+    cpus, gpus = _encoder_resources()
+    raw = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    worker = next(t for n, t in raw["available_node_types"].items() if n != raw["head_node_type"])
+    assert cpus <= worker["resources"]["CPU"] and gpus <= worker["resources"]["GPU"], (cpus, gpus)
+
+    manifest = yaml.safe_load(RAYSERVICE.read_text())
+    group = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    ray_cpus = float(group["rayStartParams"].get("num-cpus", limits["cpu"]))
+    assert ray_cpus <= float(limits["cpu"])
+    assert cpus <= ray_cpus and gpus <= float(limits["nvidia.com/gpu"]), (cpus, gpus, limits)
 
 
 @pytest.mark.parametrize("script", [render_rayservice, build_dashboard])

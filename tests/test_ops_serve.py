@@ -131,7 +131,7 @@ def service() -> Iterator[Service]:
     if ray.is_initialized():  # another module's Ray instance: this test needs its own cluster
         serve.shutdown()
         ray.shutdown()
-    base = yaml.safe_load(Path(os.environ.get("OPS_SERVE_CONFIG", SERVE_CONFIG)).read_text())
+    base = yaml.safe_load(SERVE_CONFIG.read_text())
     saved_env = {k: os.environ.get(k) for k in ("PYTHONPATH", "HF_HUB_OFFLINE", "RAY_USAGE_STATS_ENABLED")}
     # Raylets pass their environment to workers: the repo becomes importable (serve.app:build_app) everywhere.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), saved_env["PYTHONPATH"]]))
