@@ -102,6 +102,32 @@ def machine_line(meta: Mapping[str, Any]) -> str:
     )
 
 
+def serve_settings_lines(config: Mapping[str, Any] | None) -> list[str]:
+    """One markdown bullet per encoder: batching, threads and replicas as run by the Serve config."""
+    if not config:
+        return []
+    lines = []
+    for app in config.get("applications", []):
+        encoders = (app.get("args") or {}).get("encoders") or {}
+        deployments = {d.get("name"): d for d in app.get("deployments") or []}
+        for modality, enc in encoders.items():
+            dep = deployments.get(f"{modality.capitalize()}Encoder", {})
+            auto = dep.get("autoscaling_config") or {}
+            replicas = (
+                f"{auto.get('min_replicas')}-{auto.get('max_replicas')} (autoscaling)"
+                if auto
+                else str(dep.get("num_replicas", "default"))
+            )
+            cpus = (dep.get("ray_actor_options") or {}).get("num_cpus")
+            gpus = (dep.get("ray_actor_options") or {}).get("num_gpus")
+            lines.append(
+                f"- `{modality}`: max_batch_size {enc.get('max_batch_size')}, batch_wait_timeout_s "
+                f"{enc.get('batch_wait_timeout_s')}, max_ongoing_requests {enc.get('max_ongoing_requests')}, "
+                f"torch_threads {enc.get('torch_threads')}, replicas {replicas}, num_cpus {cpus}, num_gpus {gpus}"
+            )
+    return lines
+
+
 def results_table(rows: Iterable[Mapping[str, Any]]) -> str:
     """Markdown table of every load cell."""
     lines = [
@@ -138,6 +164,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     meta = report["meta"]
     targets = report.get("targets", {})
     ceil_ep = report.get("ceiling_by_endpoint", {})
+    settings = serve_settings_lines(meta.get("servers", {}).get("serve", {}).get("config"))
     parts = [
         "# Benchmark: Serve graph vs in-process ceiling vs naive server",
         "",
@@ -162,12 +189,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"(target ≥ {TARGET_NAIVE_RATIO}) — {_met(targets.get('text_32_vs_naive_met'))}"
         ),
         "",
+        *(["Serve encoder settings in this run:", "", *settings, ""] if settings else []),
         "## HTTP results",
         "",
         results_table(report.get("results", [])),
         "",
         "× ceiling: throughput over the in-process ceiling of that endpoint (its encoders' best decode+forward "
-        "throughput over batch sizes, one after another, plus fusion): "
+        "throughput over batch sizes, one after another, plus fusion when it combines modalities): "
         + ", ".join(f"`{ENDPOINTS[k].path}` {_fmt(v)} req/s" for k, v in ceil_ep.items() if k in ENDPOINTS)
         + ". × naive: throughput over the naive server's at the same endpoint and concurrency.",
         "",
