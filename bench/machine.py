@@ -82,6 +82,47 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def _proc_stat(pid: int) -> tuple[int, float] | None:
+    """``(ppid, cpu seconds incl. reaped children)`` of ``pid`` from ``/proc/<pid>/stat``, or None."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(")") + 2 :].split()  # after "pid (comm) "
+    try:
+        ppid = int(fields[1])
+        utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    except (IndexError, ValueError):
+        return None
+    return ppid, (utime + stime + cutime + cstime) / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree_cpu_s(root: int) -> float | None:
+    """CPU seconds used so far by ``root`` and all its descendants (Linux ``/proc``; None elsewhere).
+
+    Reaped children (e.g. finished ffmpeg decodes) count through their parent's ``cutime``/``cstime``.
+    """
+    if not Path("/proc").is_dir():
+        return None
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            st = _proc_stat(int(entry.name))
+            if st is not None:
+                stats[int(entry.name)] = st
+    if root not in stats:
+        return None
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total, stack = 0.0, [root]
+    while stack:
+        pid = stack.pop()
+        total += stats[pid][1]
+        stack.extend(children.get(pid, []))
+    return total
+
+
 class GpuMonitor:
     """Samples GPU utilisation and memory with ``nvidia-smi -lms`` while a block runs; a no-op without it."""
 

@@ -131,8 +131,11 @@ def serve_settings_lines(config: Mapping[str, Any] | None) -> list[str]:
 def results_table(rows: Iterable[Mapping[str, Any]]) -> str:
     """Markdown table of every load cell."""
     lines = [
-        "| target | endpoint | clients | ok/err | req/s | p50 ms | p95 ms | p99 ms | × ceiling | × naive | GPU util |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        (
+            "| target | endpoint | clients | ok/err | req/s | p50 ms | p95 ms | p99 ms | × ceiling | × naive "
+            "| server CPU ms/req | GPU util |"
+        ),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         gpu = r.get("gpu") or {}
@@ -140,6 +143,7 @@ def results_table(rows: Iterable[Mapping[str, Any]]) -> str:
             f"| {r['target']} | `{r.get('path', r['endpoint'])}` | {r['concurrency']} | {r['requests_ok']}/{r['errors']} "
             f"| {_fmt(r['throughput_rps'])} | {_fmt(r['p50_ms'])} | {_fmt(r['p95_ms'])} | {_fmt(r['p99_ms'])} "
             f"| {_fmt(r.get('vs_ceiling'), 2)} | {_fmt(r.get('vs_naive'), 2)} "
+            f"| {_fmt(r.get('server_cpu_ms_per_request'), 1)} "
             f"| {_fmt(gpu.get('gpu_util_mean_pct'), 0, '%') if gpu else '–'} |"
         )
     return "\n".join(lines)
@@ -197,7 +201,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "× ceiling: throughput over the in-process ceiling of that endpoint (its encoders' best decode+forward "
         "throughput over batch sizes, one after another, plus fusion when it combines modalities): "
         + ", ".join(f"`{ENDPOINTS[k].path}` {_fmt(v)} req/s" for k, v in ceil_ep.items() if k in ENDPOINTS)
-        + ". × naive: throughput over the naive server's at the same endpoint and concurrency.",
+        + ". × naive: throughput over the naive server's at the same endpoint and concurrency. "
+        "Server CPU: CPU time of the server's whole process tree (Ray, proxy, replicas, ffmpeg) per request sent.",
         "",
         "## In-process ceiling",
         "",

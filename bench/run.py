@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.inputs import REPO_ROOT, MediaInputs, load_media
-from bench.load import ENDPOINTS, run_load
-from bench.machine import GpuMonitor, machine_info
+from bench.load import ENDPOINTS, Endpoint, run_load
+from bench.machine import GpuMonitor, machine_info, process_tree_cpu_s
 from bench.report import (
     build_rows,
     ceilings_by_endpoint,
@@ -164,6 +164,52 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def measure_cell(
+    server: ManagedServer,
+    endpoint: Endpoint,
+    media: MediaInputs,
+    clients: int,
+    warmup: int,
+    args: argparse.Namespace,
+    target: str,
+) -> LoadResult:
+    """One load cell, with the server's and this client's CPU use and (if any) GPU utilisation.
+
+    CPU is counted over the whole cell, warm-up included, and divided by all requests sent.
+    """
+    pid = server.proc.pid if server.proc is not None else -1
+
+    async def measured() -> tuple[LoadResult, float | None, float, float]:
+        server_cpu0, client_cpu0, t0 = process_tree_cpu_s(pid), time.process_time(), time.perf_counter()
+        result = await run_load(
+            server.base_url,
+            endpoint,
+            media,
+            clients,
+            args.requests,
+            args.duration,
+            warmup,
+            args.request_timeout,
+            target,
+        )
+        server_cpu1, client_cpu1, t1 = process_tree_cpu_s(pid), time.process_time(), time.perf_counter()
+        server_cpu = None if server_cpu0 is None or server_cpu1 is None else server_cpu1 - server_cpu0
+        return result, server_cpu, client_cpu1 - client_cpu0, t1 - t0
+
+    with GpuMonitor() as gpu:
+        result, server_cpu, client_cpu, wall = asyncio.run(measured())
+    if gpu.summary():
+        result.extra["gpu"] = gpu.summary()
+    sent = result.ok + result.errors + warmup
+    if sent:
+        if server_cpu is not None:
+            result.extra["server_cpu_ms_per_request"] = round(server_cpu * 1000.0 / sent, 2)
+            result.extra["server_cpu_cores"] = round(server_cpu / wall, 2)
+        result.extra["client_cpu_ms_per_request"] = round(client_cpu * 1000.0 / sent, 2)
+        result.extra["client_cpu_cores"] = round(client_cpu / wall, 2)
+    return result
+
+
 def load_cells(
     server: ManagedServer,
     target: str,
@@ -178,27 +224,13 @@ def load_cells(
         for clients in concurrency:
             warmup = args.warmup if args.warmup is not None else max(2, clients)
             load_before = os.getloadavg()[0]
-            with GpuMonitor() as gpu:
-                result = asyncio.run(
-                    run_load(
-                        server.base_url,
-                        ENDPOINTS[key],
-                        media,
-                        clients,
-                        args.requests,
-                        args.duration,
-                        warmup,
-                        args.request_timeout,
-                        target,
-                    )
-                )
+            result = measure_cell(server, ENDPOINTS[key], media, clients, warmup, args, target)
             result.extra["loadavg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-            if gpu.summary():
-                result.extra["gpu"] = gpu.summary()
             s = result.summary()
             log(
                 f"{target:<5} {ENDPOINTS[key].path:<15} c={clients:<3} {s['throughput_rps']:8.2f} req/s  "
-                f"p50 {s['p50_ms']} p95 {s['p95_ms']} p99 {s['p99_ms']} ms  ok {s['requests_ok']} err {s['errors']}"
+                f"p50 {s['p50_ms']} p95 {s['p95_ms']} p99 {s['p99_ms']} ms  ok {s['requests_ok']} err {s['errors']}  "
+                f"server CPU {s.get('server_cpu_ms_per_request')} ms/req"
             )
             out.append(result)
     return out
@@ -396,25 +428,10 @@ def run_sweep(args: argparse.Namespace, argv: list[str] | None = None) -> dict[s
         try:
             server.start()
             server.wait_ready(args.ready_timeout)
-            with GpuMonitor() as gpu:
-                warmup = args.warmup if args.warmup is not None else clients
-                result = asyncio.run(
-                    run_load(
-                        server.base_url,
-                        endpoint,
-                        media,
-                        clients,
-                        args.requests,
-                        args.duration,
-                        warmup,
-                        args.request_timeout,
-                        "serve",
-                    )
-                )
+            warmup = args.warmup if args.warmup is not None else clients
+            result = measure_cell(server, endpoint, media, clients, warmup, args, "serve")
             summary = result.summary()
             summary["vs_ceiling"] = ratio(summary["throughput_rps"], ceiling_rps)
-            if gpu.summary():
-                summary["gpu"] = gpu.summary()
             entry.update(summary)
             log(
                 f"point {n}: bs={point['max_batch_size']} wait={point['batch_wait_timeout_s']} "
