@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma list of {','.join(ENDPOINTS)} (default: all)",
     )
     p.add_argument("--concurrency", type=_ints, default=None, help="concurrent clients (default 1,8,32)")
-    p.add_argument("--requests", type=int, default=None, help="max measured requests per cell (default 300)")
+    p.add_argument("--requests", type=int, default=None, help="max measured requests per cell (default 2000)")
     p.add_argument("--duration", type=float, default=None, help="max seconds per cell (default 30)")
     p.add_argument("--warmup", type=int, default=None, help="unrecorded requests before each cell (default: clients)")
     p.add_argument("--batch-sizes", type=_ints, default=None, help="ceiling batch sizes (default 1,8,32)")
@@ -133,7 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     quick = args.quick
     defaults = {
         "concurrency": [1, 8, 32],
-        "requests": 16 if quick else 300,
+        "requests": 16 if quick else 2000,
         "duration": 5.0 if quick else 30.0,
         "batch_sizes": [1, 8] if quick else [1, 8, 32],
         "ceiling_time": 0.2 if quick else 3.0,
