@@ -183,7 +183,6 @@
   // ---------------------------------------------------------------- microphone
 
   function setMicUi(recording) {
-    el.micButton.setAttribute("aria-pressed", String(recording));
     el.micButton.classList.toggle("recording", recording);
     el.micButton.querySelector(".label").textContent = recording ? "Stop recording" : "Record microphone";
   }
@@ -430,20 +429,27 @@
     }
   }
 
-  /** Short notes from a modality's extra fields (truncation, frames, faces…), when the server reports them. */
+  /** Short notes from what an encoder reports about its input (truncation, duration, frames, face). */
   function modalityNotes(info) {
-    const skip = new Set(["emotion", "confidence", "probabilities", "latency_ms", "embedding"]);
     const notes = [];
-    for (const [k, v] of Object.entries(info || {})) {
-      if (skip.has(k) || v === null || v === undefined || typeof v === "object") continue;
-      if (typeof v === "boolean") {
-        if (v) notes.push(k.replace(/_/g, " "));
-      } else {
-        const num = typeof v === "number" && !Number.isInteger(v) ? v.toFixed(2) : v;
-        notes.push(`${k.replace(/_/g, " ")}: ${num}`);
-      }
-    }
+    if (info.truncated === true) notes.push("cut to the model window");
+    if (typeof info.characters === "number") notes.push(`${info.characters} characters`);
+    if (typeof info.duration_s === "number") notes.push(`${info.duration_s.toFixed(1)} s of audio`);
+    if (typeof info.frames === "number") notes.push(`${info.frames} frame${info.frames === 1 ? "" : "s"}`);
+    if (info.face_detected === true) notes.push("face found");
+    if (info.face_detected === false) notes.push("no face detected");
     return notes.join(" · ");
+  }
+
+  /** "decode 40 ms · model 8 ms (batch of 3)" under the latency, when the encoder reports its timings. */
+  function latencyNotes(info) {
+    const parts = [];
+    // Text has no decode step (0 ms): only show a decode time that is there.
+    if (Number(info.decode_ms) >= 0.05) parts.push(`decode ${ms(info.decode_ms)}`);
+    if (Number(info.model_ms) >= 0) parts.push(`model ${ms(info.model_ms)}`);
+    if (Number(info.batch_size) > 1) parts.push(`batch of ${info.batch_size}`);
+    // Keep each part on one line; only break between parts.
+    return parts.map((p) => p.replace(/ /g, "\u00a0")).join(" · ");
   }
 
   function renderPerModality(modalities) {
@@ -463,7 +469,8 @@
           MODALITY_LABEL[mod] || cap(mod)),
         emotionCell,
         make("td", { "data-label": "Confidence", text: m.confidence === undefined ? "—" : pct(m.confidence) }),
-        make("td", { "data-label": "Latency", text: ms(m.latency_ms) })));
+        make("td", { "data-label": "Latency" }, ms(m.latency_ms),
+          latencyNotes(m) ? make("span", { class: "notes", text: latencyNotes(m) }) : null)));
     }
     if (!mods.length) body.append(make("tr", {}, make("td", { colspan: "4", text: "—" })));
   }
