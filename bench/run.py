@@ -318,6 +318,18 @@ def base_meta(
     }
 
 
+def busy_note(machine: dict[str, Any]) -> str | None:
+    """A warning when other work was already loading the machine: then the ratios, not the absolutes, matter."""
+    load = (machine.get("loadavg_at_start") or [0.0])[0]
+    cores = machine.get("cpu_count") or 1
+    if load <= 0.5 * cores:
+        return None
+    return (
+        f"the machine was busy when the run started (1-min load average {load} on {cores} cores): "
+        "absolute numbers are not representative and even the ratios are noisy"
+    )
+
+
 def run_benchmark(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Any]:
     """The full side-by-side run; writes the reports and returns the report dict."""
     device = resolve_device(args.device)
@@ -326,6 +338,10 @@ def run_benchmark(args: argparse.Namespace, argv: list[str] | None = None) -> di
     meta = base_meta(args, argv, device, media, config)
     notes: list[str] = []
     meta["notes"] = notes
+    busy = busy_note(meta["machine"])
+    if busy:
+        notes.append(busy)
+        log(busy)
     log_dir = args.out / "logs"
     servers: dict[str, Any] = {}
     results: list[LoadResult] = []
@@ -413,6 +429,7 @@ def run_sweep(args: argparse.Namespace, argv: list[str] | None = None) -> dict[s
         raise SystemExit(f"Serve config {config_path} not found")
     media = load_media(args.audio_file, args.video_file)
     meta = base_meta(args, argv, device, media, config_path)
+    meta["notes"] = [n for n in [busy_note(meta["machine"])] if n]
     endpoint = ENDPOINTS[args.sweep_endpoint]
     clients = max(args.concurrency)
     ceiling = measure_ceiling_phase(media, list(endpoint.modalities), args, device)
