@@ -6,7 +6,7 @@ python3 -m pip install -q -r requirements-dev.txt
 if ! command -v chromium >/dev/null 2>&1; then
   # Browser tests drive Debian's Chromium (Playwright cannot download its own browser here).
   if [ "$(id -u)" = 0 ]; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-color-emoji >/dev/null) \
       || echo "warning: could not install chromium; browser tests will be skipped"
   else
     echo "warning: not root, chromium not installed; browser tests will be skipped"

@@ -69,3 +69,19 @@ def test_audio_training_runs_on_cpu_and_resumes(tmp_path: Path, monkeypatch: pyt
     optimizer = torch.optim.AdamW(model.parameters())
     assert load_state(tmp_path / "runs" / "audio", model, optimizer)["epoch"] == 2
     assert optimizer.state  # the optimizer's moments came back too
+
+
+def test_fusion_trains_on_label_matched_triplets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from models.checkpoint import DEFAULT_WEIGHTS_DIR
+    from models.inference import FusionPipeline
+
+    _seed_layout(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    train.main(["--modality", "fusion", "--layout", "seed", "--data-root", "data", "--out", "fusion",
+                "--weights-dir", str(DEFAULT_WEIGHTS_DIR), "--steps", "20", "--batch-size", "16", "--threads", "1"])
+    meta = json.loads((tmp_path / "fusion" / "config.json").read_text())["metadata"]
+    assert meta["history"][-1]["step"] == 20
+    assert 0 <= meta["val_fused_all_accuracy"] <= 1
+    fused = FusionPipeline(tmp_path / "fusion").fuse({"text": np.ones(256), "video": np.zeros(256)})
+    assert set(fused.contributions) == {"text", "video"}
+    assert sum(fused.contributions.values()) == pytest.approx(1.0)

@@ -102,8 +102,8 @@ def train_fusion(args: argparse.Namespace) -> dict[str, Any]:
         if step % 250 == 0 or step == args.steps:
             result = evaluate_triplets(model, val, val_ys, val_idx)
             score = result["fused"]["+".join(MODALITIES)]["macro_f1"]
-            history.append({"step": step, "loss": round(float(loss), 4), "val_fused_all_macro_f1": round(score, 4)})
-            print(f"fusion step {step} loss {float(loss):.4f} val fused macro-F1 {score:.4f}", flush=True)
+            history.append({"step": step, "loss": round(float(loss.detach()), 4), "val_fused_all_macro_f1": round(score, 4)})
+            print(f"fusion step {step} loss {float(loss.detach()):.4f} val fused macro-F1 {score:.4f}", flush=True)
             if score > best:
                 best, best_state = score, {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
