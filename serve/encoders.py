@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from types import MethodType
 from typing import Any, ClassVar
 
 import torch
@@ -71,7 +72,7 @@ def _plain(value: Any) -> Any:
 
 
 def _batch_method() -> Callable[..., Any]:
-    """A ``@serve.batch`` method with its own queue (one per encoder class); sizes are set in ``reconfigure``."""
+    """A fresh ``@serve.batch`` function, hence its own queue; sizes are set in ``reconfigure``."""
 
     async def encode_batch(self: _Encoder, jobs: list[_Job]) -> list[_Encoded]:
         return await self._forward(jobs)
@@ -84,7 +85,6 @@ class _Encoder:
 
     modality: ClassVar[str]
     payload_type: ClassVar[type]
-    encode_batch: ClassVar[Callable[..., Any]]
 
     def __init__(self, settings: dict[str, Any] | None = None) -> None:
         cfg = EncoderSettings.model_validate(settings or {})
@@ -102,6 +102,8 @@ class _Encoder:
         self._pipeline_key: tuple[Any, ...] | None = None
         self._load_lock: asyncio.Lock | None = None
         self.metrics = Metrics()
+        # One batch queue per encoder instance (a replica holds one), bound like a method.
+        self.encode_batch = MethodType(_batch_method(), self)
 
     # ---- loading and hot swap -------------------------------------------------------------------
 
@@ -242,7 +244,6 @@ class TextEncoder(_Encoder):
 
     modality = "text"
     payload_type = str
-    encode_batch = _batch_method()
 
     def _build(self, cfg: EncoderUserConfig) -> TextPipeline:
         return TextPipeline(cfg.weights_dir, backbone=cfg.backbone, device=self._device())
@@ -254,7 +255,6 @@ class AudioEncoder(_Encoder):
 
     modality = "audio"
     payload_type = bytes
-    encode_batch = _batch_method()
 
     def _build(self, cfg: EncoderUserConfig) -> AudioPipeline:
         return AudioPipeline(cfg.weights_dir, device=self._device(), limits=self.limits.decode_limits())
@@ -266,7 +266,6 @@ class VideoEncoder(_Encoder):
 
     modality = "video"
     payload_type = bytes
-    encode_batch = _batch_method()
 
     def _build(self, cfg: EncoderUserConfig) -> VideoPipeline:
         return VideoPipeline(cfg.weights_dir, device=self._device(), num_frames=self.limits.num_frames,

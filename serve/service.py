@@ -101,7 +101,8 @@ class FusionService:
         for m, err in failed.items():
             self.metrics.inc("emotion_dropped_modalities_total", modality=m, reason=err["code"])
         if not ok:
-            reasons = "; ".join(f"{m}: {e['message']}" for m, e in failed.items())
+            order = [m for m in primary if m in failed] + [m for m in failed if m not in primary]
+            reasons = "; ".join(f"{m}: {failed[m]['message']}" for m in order)
             raise PredictionFailed(failure_status(failed, primary), f"no modality could be used ({reasons})")
         response = self._combine(ok, failed, start)
         for m, r in ok.items():

@@ -1,0 +1,37 @@
+"""The response contract every prediction endpoint keeps (shared by the unit and integration tests)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from models.labels import EMOTIONS
+
+TOP_LEVEL = {"emotion", "confidence", "probabilities", "contributions", "modalities", "dropped", "model_version",
+             "latency_ms"}
+PER_MODALITY = {"emotion", "confidence", "probabilities", "latency_ms", "decode_ms", "model_ms", "batch_size",
+                "model_version"}
+
+
+def check_contract(body: dict[str, Any]) -> None:
+    """Shape and arithmetic of a prediction: 7 probabilities summing to 1, contributions summing to 1."""
+    assert set(body) == TOP_LEVEL, body
+    assert list(body["probabilities"]) == list(EMOTIONS)
+    assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert body["emotion"] == max(body["probabilities"], key=body["probabilities"].get)
+    assert body["confidence"] == pytest.approx(max(body["probabilities"].values()))
+    assert body["modalities"], "at least one modality answered"
+    assert set(body["contributions"]) == set(body["modalities"])
+    assert sum(body["contributions"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert not set(body["dropped"]) & set(body["modalities"])
+    for result in body["modalities"].values():
+        assert PER_MODALITY <= set(result)
+        assert result["emotion"] in EMOTIONS
+        assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert result["latency_ms"] >= 0 and result["batch_size"] >= 1
+    if len(body["modalities"]) == 1:  # one modality: the encoder's own calibrated answer
+        (only,) = body["modalities"].values()
+        assert body["emotion"] == only["emotion"]
+        for e in EMOTIONS:
+            assert body["probabilities"][e] == pytest.approx(only["probabilities"][e], abs=1e-6)

@@ -1,0 +1,204 @@
+"""Integration: the real Serve application on a local Ray instance, every endpoint called over HTTP.
+
+One module-scoped application (``build_app`` with a 1 MB upload limit so 413 is cheap to provoke) on
+127.0.0.1 and a free port. Bodies are checked, not only status codes. Emotions are never asserted for
+the synthetic inputs: the weights change as training lands.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import ray
+
+from models.labels import EMOTIONS
+from tests.serve_contract import check_contract
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+SPEECH = (FIXTURES / "speech.wav").read_bytes()
+FACE = (FIXTURES / "face.mp4").read_bytes()
+FACE_SILENT = (FIXTURES / "face_noaudio.mp4").read_bytes()
+STILL = (FIXTURES / "face.png").read_bytes()
+CORRUPT = (FIXTURES / "corrupt.mp4").read_bytes()
+UPLOAD_LIMIT_MB = 1
+TEST_ARGS: dict[str, Any] = {"limits": {"max_upload_mb": UPLOAD_LIMIT_MB}}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def http() -> Iterator[httpx.Client]:
+    """An HTTP client for the running application (started here, shut down after the module)."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    try:
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(TEST_ARGS), name="emotion", route_prefix="/")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            yield client
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def predict_file(http: httpx.Client, url: str, name: str, data: bytes, content_type: str) -> httpx.Response:
+    return http.post(url, files={"file": (name, data, content_type)})
+
+
+def ok(response: httpx.Response) -> dict[str, Any]:
+    assert response.status_code == 200, response.text
+    body = response.json()
+    check_contract(body)
+    return body
+
+
+def test_health(http: httpx.Client) -> None:
+    body = http.get("/api/health").json()
+    assert body["status"] == "ok"
+    assert set(body["models"]) == {"text", "audio", "video", "fusion"}
+    for status in body["models"].values():
+        assert status["loaded"] is True and status["version"] and status["device"] == "cpu"
+
+
+def test_text(http: httpx.Client) -> None:
+    body = ok(http.post("/api/predict", json={"text": "I can't believe we finally won the match!"}))
+    assert body["contributions"] == {"text": 1.0} and body["dropped"] == {}
+    text = body["modalities"]["text"]
+    assert text["truncated"] is False and text["characters"] == 41
+    assert body["model_version"] == text["model_version"]
+
+
+def test_long_text_is_truncated_and_says_so(http: httpx.Client) -> None:
+    body = ok(http.post("/api/predict", json={"text": "this goes on and on and on " * 80}))
+    assert body["modalities"]["text"]["truncated"] is True
+
+
+def test_audio(http: httpx.Client) -> None:
+    body = ok(predict_file(http, "/predict/audio", "speech.wav", SPEECH, "audio/wav"))
+    assert body["contributions"] == {"audio": 1.0}
+    audio = body["modalities"]["audio"]
+    assert audio["duration_s"] == pytest.approx(5.0, abs=0.05)
+    assert audio["decode_ms"] > 0 and audio["model_ms"] > 0 and audio["latency_ms"] >= audio["model_ms"]
+
+
+def test_video_with_audio_track_uses_both(http: httpx.Client) -> None:
+    body = ok(predict_file(http, "/predict/video", "face.mp4", FACE, "video/mp4"))
+    assert set(body["modalities"]) == {"video", "audio"} and body["dropped"] == {}
+    assert all(w > 0 for w in body["contributions"].values())
+    video = body["modalities"]["video"]
+    assert video["frames"] == 16 and isinstance(video["face_detected"], bool)
+    assert "fusion" in body["model_version"]
+
+
+def test_video_without_audio_drops_audio(http: httpx.Client) -> None:
+    body = ok(predict_file(http, "/predict/video", "face_noaudio.mp4", FACE_SILENT, "video/mp4"))
+    assert body["contributions"] == {"video": 1.0}
+    assert body["dropped"] == {"audio": "no_audio_stream: the file has no audio track"}
+
+
+def test_still_image_is_a_one_frame_video(http: httpx.Client) -> None:
+    body = ok(predict_file(http, "/predict/video", "face.png", STILL, "image/png"))
+    assert body["modalities"]["video"]["frames"] == 1
+    assert set(body["dropped"]) == {"audio"}
+
+
+def test_fused_text_audio_video(http: httpx.Client) -> None:
+    body = ok(http.post("/predict", data={"text": "That was the best news I heard all year."},
+                        files={"audio": ("speech.wav", SPEECH, "audio/wav"),
+                               "video": ("face_noaudio.mp4", FACE_SILENT, "video/mp4")}))
+    assert list(body["contributions"]) == ["text", "audio", "video"]
+    assert all(0 < w < 1 for w in body["contributions"].values())
+    assert body["dropped"] == {}
+    assert body["modalities"]["audio"]["duration_s"] == pytest.approx(5.0, abs=0.05)  # the separate audio file
+    assert body["emotion"] in EMOTIONS
+
+
+def test_predict_with_video_only(http: httpx.Client) -> None:
+    body = ok(http.post("/predict", files={"video": ("face.mp4", FACE, "video/mp4")}))
+    assert set(body["contributions"]) == {"video", "audio"}  # the video's own audio track
+
+
+BAD_INPUTS = [
+    ("empty text", "post", "/api/predict", {"json": {"text": " \n "}}, 422, "text is empty"),
+    ("missing field", "post", "/api/predict", {"json": {"txt": "hi"}}, 422, "text"),
+    ("no modality", "post", "/predict", {"data": {"text": ""}}, 422, "at least one of"),
+    ("missing file", "post", "/predict/video", {"data": {"text": "hi"}}, 422, "file"),
+    ("corrupt video", "post", "/predict/video", {"files": {"file": ("corrupt.mp4", CORRUPT, "video/mp4")}}, 400,
+     "could not decode"),
+    ("empty file", "post", "/predict/audio", {"files": {"file": ("empty.wav", b"", "audio/wav")}}, 400, "empty"),
+    ("audio without a track", "post", "/predict/audio", {"files": {"file": ("face.png", STILL, "video/mp4")}}, 400,
+     "no audio track"),
+    ("text file", "post", "/predict/audio", {"files": {"file": ("notes.txt", b"hello there, not audio", "text/plain")}},
+     415, "text/plain"),
+    ("pdf", "post", "/predict/video", {"files": {"file": ("cv.pdf", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n", "application/pdf")}},
+     415, "application/pdf"),
+    ("too large", "post", "/predict/audio",
+     {"files": {"file": ("big.wav", b"RIFF" + b"\x01" * (UPLOAD_LIMIT_MB * 1024 * 1024 + 10), "audio/wav")}}, 413,
+     "upload limit"),
+]
+
+
+@pytest.mark.parametrize(("what", "method", "url", "kwargs", "status", "detail"), BAD_INPUTS,
+                         ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input(http: httpx.Client, what: str, method: str, url: str, kwargs: dict[str, Any], status: int,
+                   detail: str) -> None:
+    response = getattr(http, method)(url, **kwargs)
+    assert response.status_code == status, response.text
+    assert detail in str(response.json()["detail"])
+
+
+def test_streamed_upload_over_limit_is_cut_off(http: httpx.Client) -> None:
+    """No Content-Length (chunked): the limit is enforced while the body streams in."""
+    boundary = "limitboundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.wav\"\r\n"
+            "Content-Type: audio/wav\r\n\r\nRIFF").encode()
+
+    def body() -> Iterator[bytes]:
+        yield head
+        for _ in range(UPLOAD_LIMIT_MB * 16 + 8):  # 64 KiB chunks, past the limit
+            yield b"\x01" * 65536
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    try:
+        response = http.post("/predict/audio", content=body(),
+                             headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    except httpx.TransportError:  # the server may close before the client finished sending
+        pytest.skip("connection closed before the 413 could be read")
+    assert response.status_code == 413 and "upload limit" in response.json()["detail"]
+
+
+def test_service_still_healthy_after_bad_inputs(http: httpx.Client) -> None:
+    for _, method, url, kwargs, _, _ in BAD_INPUTS:
+        getattr(http, method)(url, **kwargs)
+    ok(http.post("/api/predict", json={"text": "Still here and working."}))
+    ok(predict_file(http, "/predict/video", "face.mp4", FACE, "video/mp4"))
+    assert http.get("/api/health").json()["status"] == "ok"
+
+
+def test_docs_and_web_page(http: httpx.Client) -> None:
+    assert http.get("/docs").status_code == 200
+    spec = http.get("/openapi.json").json()
+    assert {"/api/health", "/api/predict", "/predict", "/predict/audio", "/predict/video"} <= set(spec["paths"])
+    schemas = spec["components"]["schemas"]
+    assert {"contributions", "modalities", "dropped", "model_version"} <= set(schemas["PredictionResponse"]["properties"])
+    if (REPO / "serve" / "static" / "index.html").is_file():
+        page = http.get("/")
+        assert page.status_code == 200 and "<html" in page.text.lower()
