@@ -111,6 +111,22 @@ def test_dashboard_shows_the_required_views() -> None:
     assert "ray_serve_num_http_requests_total" in exprs
 
 
+def test_readme_documents_every_metric_as_exported() -> None:
+    """The README's ops section has a row per metric: exported name, type and exactly its labels."""
+    from serve.metrics import METRICS
+
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("<!-- section:ops -->")[1].split("<!-- /section:ops -->")[0]
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `(ray_emotion_[a-z_]+)` \|.*$", section, re.MULTILINE)}
+    for spec in METRICS:
+        name = "ray_" + spec.name
+        assert name in rows, f"README lacks {name}"
+        cells = [c.strip() for c in rows[name].strip("|").split("|")]
+        assert cells[1].startswith(spec.kind), (name, cells[1])
+        assert set(re.findall(r"`([a-z_]+)`", cells[2])) == set(spec.tag_keys), (name, cells[2])
+    assert set(rows) == {"ray_" + spec.name for spec in METRICS}
+
+
 # --- Prometheus / Grafana provisioning / compose / Dockerfile ------------------------------------------------
 
 
