@@ -36,6 +36,7 @@ from serve.metrics import Metrics
 logger = logging.getLogger("ray.serve")
 
 Pipeline = TextPipeline | AudioPipeline | VideoPipeline
+DIGITS = 6  # probabilities in answers are rounded to this many decimals
 
 
 class EncoderSettings(BaseModel):
@@ -187,9 +188,9 @@ class _Encoder:
         return {
             "modality": m,
             "embedding": res.embedding.astype(float).tolist(),
-            "probabilities": {e: float(p) for e, p in zip(EMOTIONS, res.probabilities, strict=True)},
+            "probabilities": {e: round(float(p), DIGITS) for e, p in zip(EMOTIONS, res.probabilities, strict=True)},
             "emotion": res.emotion,
-            "confidence": res.confidence,
+            "confidence": round(res.confidence, DIGITS),
             "latency_ms": _round(latency_ms),
             "decode_ms": _round(decode_ms),
             "model_ms": _round(encoded.model_ms),

@@ -24,6 +24,7 @@ from serve.metrics import Metrics
 from serve.schemas import HealthResponse, ModalityResult, ModelStatus, PredictionResponse
 
 logger = logging.getLogger("ray.serve")
+DIGITS = 6  # probabilities and contributions in answers are rounded to this many decimals
 
 
 class Handle(Protocol):
@@ -131,9 +132,10 @@ class FusionService:
     def _combine(self, ok: dict[str, dict[str, Any]], failed: Mapping[str, EncoderError],
                  start: float) -> PredictionResponse:
         versions = [ok[m]["model_version"] for m in ok]
-        if len(ok) == 1:
+        if len(ok) == 1:  # one modality: its encoder's own calibrated answer, as is
             (m, only), = ok.items()
-            probs = np.array([only["probabilities"][e] for e in EMOTIONS], dtype=np.float64)
+            emotion, confidence = only["emotion"], only["confidence"]
+            probabilities = {e: only["probabilities"][e] for e in EMOTIONS}
             contributions = {m: 1.0}
         else:
             fusion = self.fusion
@@ -141,15 +143,17 @@ class FusionService:
                 raise RuntimeError("fusion module not loaded")
             fused = fusion.fuse({m: np.asarray(r["embedding"], dtype=np.float32) for m, r in ok.items()})
             probs = fused.probabilities.astype(np.float64)
+            probs = probs / probs.sum()
+            best = int(np.argmax(probs))
+            emotion, confidence = EMOTIONS[best], round(float(probs[best]), DIGITS)
+            probabilities = {e: round(float(p), DIGITS) for e, p in zip(EMOTIONS, probs, strict=True)}
             total = sum(fused.contributions.values()) or 1.0
-            contributions = {m: fused.contributions[m] / total for m in ok}
+            contributions = {m: round(fused.contributions[m] / total, DIGITS) for m in ok}
             versions.append(fusion.version)
-        probs = probs / probs.sum()
-        best = int(np.argmax(probs))
         return PredictionResponse(
-            emotion=EMOTIONS[best],
-            confidence=float(probs[best]),
-            probabilities={e: float(p) for e, p in zip(EMOTIONS, probs, strict=True)},
+            emotion=emotion,
+            confidence=confidence,
+            probabilities=probabilities,
             contributions=contributions,
             modalities={m: _modality_result(r) for m, r in ok.items()},
             dropped={m: f"{e['code']}: {e['message']}" for m, e in failed.items()},
