@@ -180,6 +180,7 @@ class _Encoder:
         res = encoded.result
         info = {k: _plain(v) for k, v in res.info.items()}
         decode_ms = float(info.pop("decode_ms", prepared.prepare_ms))
+        preprocess_ms = max(prepared.prepare_ms - decode_ms, 0.0)
         latency_ms = (time.perf_counter() - start) * 1000.0
         m = self.modality
         self.metrics.observe("emotion_encoder_decode_ms", decode_ms, modality=m)
@@ -193,6 +194,7 @@ class _Encoder:
             "confidence": round(res.confidence, DIGITS),
             "latency_ms": _round(latency_ms),
             "decode_ms": _round(decode_ms),
+            "preprocess_ms": _round(preprocess_ms),
             "model_ms": _round(encoded.model_ms),
             "batch_size": encoded.batch_size,
             "model_version": pipeline.version,

@@ -35,7 +35,7 @@ class MetricSpec:
 
 METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("emotion_encoder_decode_ms", "histogram",
-               "Decode + preprocessing time of one input inside an encoder (ms)", ("modality",), LATENCY_BOUNDARIES_MS),
+               "ffmpeg decode time of one input inside an encoder (text: validation) (ms)", ("modality",), LATENCY_BOUNDARIES_MS),
     MetricSpec("emotion_encoder_model_ms", "histogram",
                "Batched model forward time seen by one input (ms)", ("modality",), LATENCY_BOUNDARIES_MS),
     MetricSpec("emotion_encoder_latency_ms", "histogram",

@@ -28,7 +28,8 @@ class ModalityResult(BaseModel):
     confidence: float
     probabilities: Probabilities
     latency_ms: float = Field(description="end-to-end time inside the encoder replica")
-    decode_ms: float = Field(description="decode + preprocessing time (ffmpeg, face crops, log-mel)")
+    decode_ms: float = Field(description="ffmpeg decode time (text: validation)")
+    preprocess_ms: float = Field(description="preprocessing after decode: face detection and crops, log-mel")
     model_ms: float = Field(description="batched forward time")
     batch_size: int = Field(description="size of the batch this input was encoded in")
     model_version: str

@@ -186,5 +186,5 @@ class FusionService:
 
 def _modality_result(answer: dict[str, Any]) -> ModalityResult:
     fields = {k: answer[k] for k in ("emotion", "confidence", "probabilities", "latency_ms", "decode_ms",
-                                     "model_ms", "batch_size", "model_version")}
+                                     "preprocess_ms", "model_ms", "batch_size", "model_version")}
     return ModalityResult(**{**answer.get("info", {}), **fields})

@@ -10,8 +10,8 @@ from models.labels import EMOTIONS
 
 TOP_LEVEL = {"emotion", "confidence", "probabilities", "contributions", "modalities", "dropped", "model_version",
              "latency_ms"}
-PER_MODALITY = {"emotion", "confidence", "probabilities", "latency_ms", "decode_ms", "model_ms", "batch_size",
-                "model_version"}
+PER_MODALITY = {"emotion", "confidence", "probabilities", "latency_ms", "decode_ms", "preprocess_ms", "model_ms",
+                "batch_size", "model_version"}
 
 
 def check_contract(body: dict[str, Any]) -> None:

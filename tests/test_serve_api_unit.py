@@ -33,7 +33,8 @@ def answer(modality: str, emotion: str = "happy", version: str | None = None, **
     probs = {e: (0.94 if e == emotion else 0.01) for e in EMOTIONS}
     rng = np.random.default_rng(len(modality))
     return {"modality": modality, "embedding": rng.normal(size=256).tolist(), "probabilities": probs,
-            "emotion": emotion, "confidence": 0.94, "latency_ms": 5.0, "decode_ms": 1.0, "model_ms": 3.0,
+            "emotion": emotion, "confidence": 0.94, "latency_ms": 5.0, "decode_ms": 1.0, "preprocess_ms": 0.5,
+            "model_ms": 3.0,
             "batch_size": 1, "model_version": version or f"{modality}-test", "info": info}
 
 
