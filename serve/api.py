@@ -38,7 +38,9 @@ class RequestMetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope.get("path", "")
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):  # an application deployed under a route prefix
+            path = path[len(root):] or "/"
         endpoint = path if path in ENDPOINTS else "other"
         status = 500
         start = time.perf_counter()

@@ -114,8 +114,9 @@ class FusionService:
     async def _call(self, modality: str, payload: str | bytes) -> dict[str, Any]:
         """One encoder call with its timeout; never raises."""
         timeout = self.config.encoders[modality].timeout_s
-        response = self.handles[modality].remote(payload)
+        response = None
         try:
+            response = self.handles[modality].remote(payload)
             answer = await asyncio.wait_for(_resolve(response), timeout)
         except TimeoutError:
             cancel = getattr(response, "cancel", None)

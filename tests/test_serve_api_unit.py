@@ -174,6 +174,19 @@ def test_crashed_encoder_is_dropped_not_fatal() -> None:
     assert body["dropped"]["video"].startswith("unavailable:")
 
 
+def test_handle_refusing_the_call_is_dropped_too() -> None:
+    class Refusing(FakeHandle):
+        def remote(self, *args: Any) -> Any:
+            raise RuntimeError("router shut down")
+
+    h = make()
+    h.service.handles["text"] = Refusing("text")
+    body = h.request("POST", "/predict", data={"text": "hi"}, files={"audio": ("s.wav", SPEECH, "audio/wav")}).json()
+    assert body["contributions"] == {"audio": 1.0} and body["dropped"]["text"].startswith("unavailable:")
+    r = h.request("POST", "/api/predict", json={"text": "hi"})
+    assert r.status_code == 503 and "text encoder failed" in r.json()["detail"]
+
+
 def test_all_failed_is_400_with_the_reasons() -> None:
     bad = lambda p: encoder_error("decode_error", "could not decode media: junk", 400)
     h = make(audio=bad, video=bad)
