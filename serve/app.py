@@ -56,7 +56,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
             user_config=config.encoder_user_config(modality),
         ).bind(settings)
     ingress = FusionIngress.options(**INGRESS_OPTIONS, user_config=config.ingress_user_config())
-    return ingress.bind(encoders["text"], encoders["audio"], encoders["video"], config.model_dump())
+    # Model paths reach the replicas only through user_config, so changing them is a reconfigure, not a restart.
+    return ingress.bind(encoders["text"], encoders["audio"], encoders["video"], config.model_dump(exclude={"models"}))
 
 
 # The default application as an object, for tools that need one rather than a builder:

@@ -98,3 +98,22 @@ def test_metric_list() -> None:
     assert kinds["emotion_requests_total"] == "counter"
     assert kinds["emotion_encoder_latency_ms"] == "histogram"
     assert all(m.boundaries for m in METRICS if m.kind == "histogram")
+
+
+def test_changing_models_is_a_reconfigure_not_a_restart() -> None:
+    """Serve restarts replicas when constructor args change; model paths must only touch user_config."""
+    from ray.serve._private.build_app import build_app as build_graph
+
+    from serve.app import build_app
+
+    def deployments(args: dict) -> dict:
+        return {d.name: d for d in build_graph(build_app(args), name="emotion").deployments}
+
+    before = deployments({})
+    after = deployments({"models": {"text_weights": "/new/text", "fusion_weights": "/new/fusion", "revision": "2"}})
+    for name, old in before.items():
+        new = after[name]
+        assert new.init_args[-1] == old.init_args[-1], name  # the settings/config argument is unchanged
+        assert new._deployment_config.user_config != old._deployment_config.user_config, name
+    assert after["TextEncoder"]._deployment_config.user_config["weights_dir"] == "/new/text"
+    assert after["FusionIngress"]._deployment_config.user_config["fusion_weights"] == "/new/fusion"
