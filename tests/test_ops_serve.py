@@ -64,6 +64,7 @@ FAST_AUTOSCALING = {
 # Ray Serve built-ins on the dashboard that only appear after an exception inside a replica.
 EVENT_ONLY_BUILTINS = {"ray_serve_deployment_error_counter_total"}
 METRICS_TIMEOUT_S = 75  # Ray's metrics agent exports with a delay of several seconds
+TEST_TEXT_TIMEOUT_S = 90
 
 
 @dataclass
@@ -83,12 +84,16 @@ class Service:
         self.client.deploy_apps(ServeDeploySchema.model_validate(config))
         self.config = config
 
-    def replicas(self) -> dict[str, int]:
-        """RUNNING replicas per deployment of the application."""
+    def replica_states(self) -> dict[str, dict[str, int]]:
+        """Replica count by state (RUNNING, STARTING, UPDATING, STOPPING...) per deployment."""
         from ray import serve
 
         app = serve.status().applications[self.app_name]
-        return {name: d.replica_states.get("RUNNING", 0) for name, d in app.deployments.items()}
+        return {name: {str(k): v for k, v in d.replica_states.items() if v} for name, d in app.deployments.items()}
+
+    def replicas(self) -> dict[str, int]:
+        """RUNNING replicas per deployment of the application."""
+        return {name: states.get("RUNNING", 0) for name, states in self.replica_states().items()}
 
     def replica_actors(self, deployment: str) -> set[str]:
         """Names of the live replica actors of one deployment (they change only if replicas restart)."""
@@ -116,6 +121,10 @@ def _app_config(base: dict[str, Any], http_port: int, text_user_config: dict[str
         deployments.append(text)
     text.pop("num_replicas", None)
     text["autoscaling_config"] = {**text.get("autoscaling_config", {}), **FAST_AUTOSCALING}
+    # The 2-core test machine is shared with training jobs: loading a model can take a minute there and starve
+    # requests for longer than the production 10 s text budget. The tests are about lost requests, not latency.
+    encoders = app.setdefault("args", {}).setdefault("encoders", {})
+    encoders["text"] = {**encoders.get("text", {}), "timeout_s": TEST_TEXT_TIMEOUT_S}
     if text_user_config is not None:
         text["user_config"] = text_user_config
     return config
@@ -152,7 +161,7 @@ def service() -> Iterator[Service]:
         assert len(svc.metrics_urls) == 2
         svc.deploy(config)
         wait_for(lambda: serve.status().applications.get(svc.app_name) is not None
-                 and serve.status().applications[svc.app_name].status == "RUNNING", 240, 2, "application RUNNING")
+                 and serve.status().applications[svc.app_name].status == "RUNNING", 300, 2, "application RUNNING")
         wait_for(lambda: _health_ok(svc.base_url), 60, 1, "/api/health ok")
         yield svc
     finally:
@@ -311,7 +320,7 @@ def test_hot_reload_without_failures(service: Service, tmp_path: Path) -> None:
             infos = [handle.info.remote().result() for _ in range(3)]
             return all(i["weights_dir"] == weights_dir for i in infos)
 
-        await asyncio.to_thread(wait_for, swapped, 90, 0.5, "new text weights loaded")
+        await asyncio.to_thread(wait_for, swapped, 150, 0.5, "new text weights loaded")
         await asyncio.sleep(2)  # keep sending after the swap
         stop.set()
         await load
@@ -327,43 +336,48 @@ def test_hot_reload_without_failures(service: Service, tmp_path: Path) -> None:
     assert before <= service.replica_actors(ENCODERS["text"])
 
 
-def test_text_encoder_scales_out_and_back(service: Service) -> None:
-    others = ("AudioEncoder", "VideoEncoder")
-    wait_for(lambda: service.replicas()[ENCODERS["text"]] == 1, 60, 1, "TextEncoder at 1 replica")
-    start = service.replicas()
-    assert all(start[name] == 1 for name in others), start
-    history: list[dict[str, int]] = []
+def _alive(states: dict[str, int]) -> int:
+    """Replicas that exist or are being started (not stopping)."""
+    return sum(n for state, n in states.items() if state != "STOPPING")
 
-    async def scenario() -> int:
+
+def test_text_encoder_scales_out_and_back(service: Service) -> None:
+    text, others = ENCODERS["text"], ("AudioEncoder", "VideoEncoder")
+    wait_for(lambda: service.replica_states()[text] == {"RUNNING": 1}, 90, 1, "TextEncoder at 1 replica")
+    start = service.replica_states()
+    assert all(start[name] == {"RUNNING": 1} for name in others), start
+    history: list[dict[str, dict[str, int]]] = []
+
+    async def scenario() -> tuple[int, int]:
         results: list[tuple[int, str]] = []
         stop = asyncio.Event()
         load = asyncio.create_task(_load(service.base_url, stop, 8, results))
-        peak = 1
-        deadline = time.monotonic() + 90
+        decided = running = 1
+        deadline = time.monotonic() + 180
         try:
-            while time.monotonic() < deadline:  # bounded load: stop as soon as the scale-out is seen
-                counts = await asyncio.to_thread(service.replicas)
-                history.append(counts)
-                peak = max(peak, counts[ENCODERS["text"]])
-                if peak >= 2:
-                    break
+            # Bounded load: stop as soon as a second replica RUNs (a new replica may need a minute to load
+            # its model on this shared machine).
+            while time.monotonic() < deadline and running < 2:
+                states = await asyncio.to_thread(service.replica_states)
+                history.append(states)
+                decided = max(decided, _alive(states[text]))
+                running = max(running, states[text].get("RUNNING", 0))
                 await asyncio.sleep(1)
         finally:
             stop.set()
             await load
         assert all(status == 200 for status, _ in results), Counter(s for s, _ in results)
-        return peak
+        return decided, running
 
-    peak = asyncio.run(scenario())
-    assert peak >= 2, f"TextEncoder did not scale out: {history[-3:]}"
+    decided, running = asyncio.run(scenario())
+    assert decided >= 2 and running >= 2, f"TextEncoder did not scale out: {history[-3:]}"
 
     def back_to_one() -> bool:
-        counts = service.replicas()
-        history.append(counts)
-        return counts[ENCODERS["text"]] == 1
+        states = service.replica_states()
+        history.append(states)
+        return states[text] == {"RUNNING": 1}
 
-    wait_for(back_to_one, 60, 1, "TextEncoder back to 1 replica")
-    for counts in history:
-        assert all(counts[name] == start[name] for name in others), f"other encoders changed: {counts}"
-    nodes = [n for n in ray.nodes() if n["Alive"]]
-    assert len(nodes) == 2
+    wait_for(back_to_one, 90, 1, "TextEncoder back to 1 replica")
+    changed = [h for h in history if any(h[name] != {"RUNNING": 1} for name in others)]
+    assert not changed, f"other encoders changed: {changed[:3]}"
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
