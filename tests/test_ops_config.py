@@ -248,6 +248,33 @@ def test_gpu_serve_config_uses_fractional_gpus() -> None:
         assert 0 < gpus.get(name, 0) <= 1, f"{name}: num_gpus {gpus.get(name)}"
 
 
+def test_hot_update_goes_through_deployment_user_config_not_args() -> None:
+    """What the README's hot-update how-to relies on, in Ray Serve's own terms.
+
+    Serve restarts every replica when an application's code version changes, and that version hashes the
+    import path, runtime env and ``args``; a deployment's ``user_config`` is not in it (a change there is a
+    ``reconfigure`` of the live replicas, exercised under load by test_ops_serve.py).
+    """
+    import copy
+
+    from ray.serve._private.deploy_utils import get_app_code_version
+    from ray.serve.schema import ServeApplicationSchema
+
+    app = _validate_serve_config(SERVE_GPU)["applications"][0]
+
+    def version(config: dict) -> str:
+        return get_app_code_version(ServeApplicationSchema.model_validate(config))
+
+    new_weights = copy.deepcopy(app)
+    text = next(d for d in new_weights["deployments"] if d["name"] == "TextEncoder")
+    text["user_config"] = {"weights_dir": "/models/text-v2", "revision": "2"}
+    assert version(new_weights) == version(app)
+
+    new_args = copy.deepcopy(app)
+    new_args["args"]["models"]["revision"] = "2"
+    assert version(new_args) != version(app)
+
+
 def _encoder_resources() -> tuple[float, float]:
     """CPUs and GPUs that one replica of each encoder asks for in the GPU config."""
     config = _validate_serve_config(SERVE_GPU)
