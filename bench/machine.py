@@ -97,13 +97,32 @@ def _proc_stat(pid: int) -> tuple[int, float] | None:
     return ppid, (utime + stime + cutime + cstime) / os.sysconf("SC_CLK_TCK")
 
 
-def process_tree_cpu_s(root: int) -> float | None:
-    """CPU seconds used so far by ``root`` and all its descendants (Linux ``/proc``; None elsewhere).
+def _label(pid: int) -> str:
+    """A short name for a process: Ray's process title (``ray::ServeReplica:app:Deployment``) or the program."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    first = argv[0].decode("utf-8", "replace").strip() if argv and argv[0] else "?"
+    if first.startswith("ray::"):
+        return first.split()[0].split(".")[0][:60]  # drop the method ("...FusionIngress.handle_request")
+    if " (" in first:  # a process title such as "ray-dashboard-NodeHead-0 (/usr/bin/python ...)"
+        return first.split(" (")[0].rstrip("-0123456789")[:60]
+    words = [a.decode("utf-8", "replace") for a in argv if a]
+    for i, word in enumerate(words):  # python -m pkg / python script.py
+        if word == "-m" and i + 1 < len(words):
+            return words[i + 1][:60]
+        if word.endswith(".py"):
+            return Path(word).name[:60]
+        if word == "-c":
+            return "python -c"
+    return Path(first).name[:60]
 
-    Reaped children (e.g. finished ffmpeg decodes) count through their parent's ``cutime``/``cstime``.
-    """
+
+def process_tree_cpu_by_name(root: int) -> dict[str, float]:
+    """CPU seconds so far of ``root``'s process tree, summed per process label (see :func:`_label`)."""
     if not Path("/proc").is_dir():
-        return None
+        return {}
     stats: dict[int, tuple[int, float]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -111,16 +130,27 @@ def process_tree_cpu_s(root: int) -> float | None:
             if st is not None:
                 stats[int(entry.name)] = st
     if root not in stats:
-        return None
+        return {}
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in stats.items():
         children.setdefault(ppid, []).append(pid)
-    total, stack = 0.0, [root]
+    out: dict[str, float] = {}
+    stack = [root]
     while stack:
         pid = stack.pop()
-        total += stats[pid][1]
+        label = _label(pid)
+        out[label] = out.get(label, 0.0) + stats[pid][1]
         stack.extend(children.get(pid, []))
-    return total
+    return out
+
+
+def process_tree_cpu_s(root: int) -> float | None:
+    """CPU seconds used so far by ``root`` and all its descendants (Linux ``/proc``; None elsewhere).
+
+    Reaped children (e.g. finished ffmpeg decodes) count through their parent's ``cutime``/``cstime``.
+    """
+    by_name = process_tree_cpu_by_name(root)
+    return sum(by_name.values()) if by_name else None
 
 
 class GpuMonitor:

@@ -149,6 +149,25 @@ def results_table(rows: Iterable[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def cpu_breakdown_lines(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Where the server's CPU went, per process, at each endpoint's highest concurrency (ms per request)."""
+    rows = [r for r in rows if r.get("server_cpu_breakdown_ms_per_request")]
+    top: dict[tuple[str, str], Mapping[str, Any]] = {}
+    for r in rows:
+        key = (r["target"], r["endpoint"])
+        if key not in top or r["concurrency"] > top[key]["concurrency"]:
+            top[key] = r
+    lines = []
+    for (target, _), r in top.items():
+        parts = ", ".join(f"{name} {ms:.1f}" for name, ms in list(r["server_cpu_breakdown_ms_per_request"].items())[:8])
+        client = r.get("client_cpu_ms_per_request")
+        lines.append(
+            f"- {target} `{r.get('path', r['endpoint'])}` at {r['concurrency']} clients: {parts}"
+            + (f" (load generator: {client:.1f})" if client is not None else "")
+        )
+    return lines
+
+
 def ceiling_table(ceiling: Mapping[str, Any]) -> str:
     """Markdown table of the in-process ceiling."""
     lines = [
@@ -169,6 +188,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     targets = report.get("targets", {})
     ceil_ep = report.get("ceiling_by_endpoint", {})
     settings = serve_settings_lines(meta.get("servers", {}).get("serve", {}).get("config"))
+    breakdown = cpu_breakdown_lines(report.get("results", []))
     parts = [
         "# Benchmark: Serve graph vs in-process ceiling vs naive server",
         "",
@@ -204,6 +224,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         + ". × naive: throughput over the naive server's at the same endpoint and concurrency. "
         "Server CPU: CPU time of the server's whole process tree (Ray, proxy, replicas, ffmpeg) per request sent.",
         "",
+        *(["## Where the CPU went (ms of CPU per request, by process)", "", *breakdown, ""] if breakdown else []),
         "## In-process ceiling",
         "",
         (

@@ -26,7 +26,7 @@ from typing import Any
 
 from bench.inputs import REPO_ROOT, MediaInputs, load_media
 from bench.load import ENDPOINTS, Endpoint, run_load
-from bench.machine import GpuMonitor, machine_info, process_tree_cpu_s
+from bench.machine import GpuMonitor, machine_info, process_tree_cpu_by_name
 from bench.report import (
     build_rows,
     ceilings_by_endpoint,
@@ -179,8 +179,8 @@ def measure_cell(
     """
     pid = server.proc.pid if server.proc is not None else -1
 
-    async def measured() -> tuple[LoadResult, float | None, float, float]:
-        server_cpu0, client_cpu0, t0 = process_tree_cpu_s(pid), time.process_time(), time.perf_counter()
+    async def measured() -> tuple[LoadResult, dict[str, float], float, float]:
+        server0, client0, t0 = process_tree_cpu_by_name(pid), time.process_time(), time.perf_counter()
         result = await run_load(
             server.base_url,
             endpoint,
@@ -192,9 +192,9 @@ def measure_cell(
             args.request_timeout,
             target,
         )
-        server_cpu1, client_cpu1, t1 = process_tree_cpu_s(pid), time.process_time(), time.perf_counter()
-        server_cpu = None if server_cpu0 is None or server_cpu1 is None else server_cpu1 - server_cpu0
-        return result, server_cpu, client_cpu1 - client_cpu0, t1 - t0
+        server1, client1, t1 = process_tree_cpu_by_name(pid), time.process_time(), time.perf_counter()
+        delta = {k: v - server0.get(k, 0.0) for k, v in server1.items()}
+        return result, delta, client1 - client0, t1 - t0
 
     with GpuMonitor() as gpu:
         result, server_cpu, client_cpu, wall = asyncio.run(measured())
@@ -202,9 +202,15 @@ def measure_cell(
         result.extra["gpu"] = gpu.summary()
     sent = result.ok + result.errors + warmup
     if sent:
-        if server_cpu is not None:
-            result.extra["server_cpu_ms_per_request"] = round(server_cpu * 1000.0 / sent, 2)
-            result.extra["server_cpu_cores"] = round(server_cpu / wall, 2)
+        if server_cpu:
+            total = sum(server_cpu.values())
+            result.extra["server_cpu_ms_per_request"] = round(total * 1000.0 / sent, 2)
+            result.extra["server_cpu_cores"] = round(total / wall, 2)
+            result.extra["server_cpu_breakdown_ms_per_request"] = {
+                k: round(v * 1000.0 / sent, 2)
+                for k, v in sorted(server_cpu.items(), key=lambda kv: -kv[1])
+                if v * 1000.0 / sent >= 0.05
+            }
         result.extra["client_cpu_ms_per_request"] = round(client_cpu * 1000.0 / sent, 2)
         result.extra["client_cpu_cores"] = round(client_cpu / wall, 2)
     return result

@@ -118,6 +118,7 @@ def test_write_reports_and_readme(tmp_path: Path) -> None:
     results = _fake_results()
     ceilings = ceilings_by_endpoint(_ceiling_rows())
     results[0].extra["answers_missing_modalities"] = {"audio": 2}
+    results[2].extra["server_cpu_breakdown_ms_per_request"] = {"ray::ProxyActor": 3.5, "ray::ServeController": 0.4}
     rows = build_rows(results, ceilings)
     report = {
         "meta": {
@@ -145,6 +146,7 @@ def test_write_reports_and_readme(tmp_path: Path) -> None:
         and "a note" in md
         and "2 without audio" in md
     )
+    assert "ray::ProxyActor 3.5" in md
     assert paths["png"].stat().st_size > 1000
     readme = tmp_path / "README.md"
     readme.write_text(
