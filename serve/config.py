@@ -5,8 +5,9 @@ with no args uses the defaults. Replica resources, replica counts and autoscalin
 deployment options (the ``deployments:`` list of the YAML, defaults in :mod:`serve.app`), not part of this.
 
 Model paths and batching reach the encoders through Serve's ``user_config`` (see
-:meth:`AppConfig.encoder_user_config`), so changing them and re-running ``serve deploy`` hot-swaps the
-weights through ``reconfigure`` without restarting replicas.
+:meth:`AppConfig.encoder_user_config`). Setting them under a deployment's ``user_config`` and re-running
+``serve deploy`` hot-swaps the weights through ``reconfigure`` without restarting replicas; changing
+``args`` instead changes the application's code version, so Serve replaces the replicas.
 """
 
 from __future__ import annotations
