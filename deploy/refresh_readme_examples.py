@@ -17,7 +17,7 @@ from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- section:api -->", "<!-- /section:api -->"
-EXAMPLE = re.compile(r"(```bash\n(curl [^\n]+)\n```\n\n```json\n)(.*?)(\n```)", re.S)
+EXAMPLE = re.compile(r"(```bash\n(curl [^\n]+)\n```\n\n```json\n)(.*?)(\n```)", re.DOTALL)
 
 
 def refresh(text: str, url: str) -> tuple[str, int]:

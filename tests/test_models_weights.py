@@ -102,7 +102,7 @@ def test_fer_val_faces_through_ffmpeg(video: VideoPipeline) -> None:
 def test_fused_label_matched_triplet(text: TextPipeline, audio: AudioPipeline, video: VideoPipeline) -> None:
     fusion = FusionPipeline()
     clip = next(p for p, y in _ravdess_val(strong_only=True) if y == "happy")
-    face = sorted((SHARED_DATA / "fer2013" / "val" / "happy").iterdir())[0]
+    face = min((SHARED_DATA / "fer2013" / "val" / "happy").iterdir())
     embeddings = {
         "text": text.encode([text.prepare("This is amazing, I love it so much!")])[0].embedding,
         "audio": audio.encode([audio.prepare(clip.read_bytes())])[0].embedding,
