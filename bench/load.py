@@ -61,17 +61,25 @@ def request_factory(endpoint: Endpoint, media: MediaInputs) -> Callable[[int], d
     raise KeyError(endpoint.key)
 
 
-def missing_modalities(response: httpx.Response, endpoint: Endpoint) -> list[str]:
-    """Modalities the endpoint should have used but a 200 answer lacks (dropped on timeout or error).
+def inspect_answer(response: httpx.Response, endpoint: Endpoint) -> tuple[list[str], dict[str, int]]:
+    """What a 200 answer says about the work done: modalities it lacks, and each encoder's batch size.
 
-    Such answers are still counted as successes, but reported, so that a server cannot look fast by
-    skipping work.
+    Answers lacking a modality the request carried (dropped on timeout or error) are still counted as
+    successes, but reported, so that a server cannot look fast by skipping work. ``batch_size`` is the
+    size of the ``@serve.batch`` forward that served the request, when the answer says so.
     """
     try:
         used = response.json().get("modalities") or {}
     except (ValueError, AttributeError):
-        return ["unparseable"]
-    return [m for m in endpoint.modalities if m not in used]
+        return ["unparseable"], {}
+    missing = [m for m in endpoint.modalities if m not in used]
+    batches = {m: int(v["batch_size"]) for m, v in used.items() if isinstance(v, dict) and v.get("batch_size")}
+    return missing, batches
+
+
+def missing_modalities(response: httpx.Response, endpoint: Endpoint) -> list[str]:
+    """Modalities the endpoint should have used but a 200 answer lacks (see :func:`inspect_answer`)."""
+    return inspect_answer(response, endpoint)[0]
 
 
 def check_loopback(base_url: str) -> None:
@@ -100,6 +108,7 @@ async def run_load(
     statuses: Counter[str] = Counter()
     error_samples: list[str] = []
     degraded: Counter[str] = Counter()
+    batch_sizes: dict[str, list[int]] = {}
     errors = 0
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout_s, trust_env=False) as client:
 
@@ -111,14 +120,16 @@ async def run_load(
                 status = str(response.status_code)
                 failed = response.status_code != 200
                 detail = response.text[:200] if failed else ""
-                missing = [] if failed else missing_modalities(response, endpoint)
+                missing, batch = ([], {}) if failed else inspect_answer(response, endpoint)
             except httpx.HTTPError as exc:
-                status, failed, detail, missing = type(exc).__name__, True, str(exc)[:200], []
+                status, failed, detail, missing, batch = type(exc).__name__, True, str(exc)[:200], [], {}
             end = time.perf_counter()
             if record:
                 statuses[status] += 1
                 if missing:
                     degraded[",".join(missing)] += 1
+                for m, size in batch.items():
+                    batch_sizes.setdefault(m, []).append(size)
                 if failed:
                     errors += 1
                     if len(error_samples) < 5:
@@ -160,5 +171,6 @@ async def run_load(
             "max_requests": max_requests,
             "max_duration_s": max_duration_s,
             "answers_missing_modalities": dict(degraded),
+            "mean_batch_size": {m: round(sum(v) / len(v), 2) for m, v in batch_sizes.items()},
         },
     )

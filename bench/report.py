@@ -133,9 +133,9 @@ def results_table(rows: Iterable[Mapping[str, Any]]) -> str:
     lines = [
         (
             "| target | endpoint | clients | ok/err | req/s | p50 ms | p95 ms | p99 ms | × ceiling | × naive "
-            "| server CPU ms/req | GPU util |"
+            "| server CPU ms/req | batch seen | GPU util |"
         ),
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in rows:
         gpu = r.get("gpu") or {}
@@ -144,6 +144,7 @@ def results_table(rows: Iterable[Mapping[str, Any]]) -> str:
             f"| {_fmt(r['throughput_rps'])} | {_fmt(r['p50_ms'])} | {_fmt(r['p95_ms'])} | {_fmt(r['p99_ms'])} "
             f"| {_fmt(r.get('vs_ceiling'), 2)} | {_fmt(r.get('vs_naive'), 2)} "
             f"| {_fmt(r.get('server_cpu_ms_per_request'), 1)} "
+            f"| {' '.join(f'{m} {v:.1f}' for m, v in (r.get('mean_batch_size') or {}).items()) or '–'} "
             f"| {_fmt(gpu.get('gpu_util_mean_pct'), 0, '%') if gpu else '–'} |"
         )
     return "\n".join(lines)
@@ -222,7 +223,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "throughput over batch sizes, one after another, plus fusion when it combines modalities): "
         + ", ".join(f"`{ENDPOINTS[k].path}` {_fmt(v)} req/s" for k, v in ceil_ep.items() if k in ENDPOINTS)
         + ". × naive: throughput over the naive server's at the same endpoint and concurrency. "
-        "Server CPU: CPU time of the server's whole process tree (Ray, proxy, replicas, ffmpeg) per request sent.",
+        "Server CPU: CPU time of the server's whole process tree (Ray, proxy, replicas, ffmpeg) per request sent. "
+        "Batch seen: mean size of the encoder forward that served each request, as the answers report it.",
         "",
         *(["## Where the CPU went (ms of CPU per request, by process)", "", *breakdown, ""] if breakdown else []),
         "## In-process ceiling",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bench.inputs import TEXTS, MediaInputs
-from bench.load import ENDPOINTS, check_loopback, missing_modalities, request_factory
+from bench.load import ENDPOINTS, check_loopback, inspect_answer, missing_modalities, request_factory
 from bench.machine import summarize_gpu_samples
 from bench.report import (
     README_TABLE_END,
@@ -237,3 +237,8 @@ def test_missing_modalities() -> None:
     assert missing_modalities(full, ENDPOINTS["fused"]) == []
     assert missing_modalities(partial, ENDPOINTS["video"]) == ["audio"]
     assert missing_modalities(httpx.Response(200, text="not json"), ENDPOINTS["text"]) == ["unparseable"]
+
+
+def test_inspect_answer_batch_sizes() -> None:
+    answer = httpx.Response(200, json={"modalities": {"video": {"batch_size": 4}, "audio": {"batch_size": 1}}})
+    assert inspect_answer(answer, ENDPOINTS["video"]) == ([], {"video": 4, "audio": 1})
