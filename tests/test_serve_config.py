@@ -100,8 +100,12 @@ def test_metric_list() -> None:
     assert all(m.boundaries for m in METRICS if m.kind == "histogram")
 
 
-def test_changing_models_is_a_reconfigure_not_a_restart() -> None:
-    """Serve restarts replicas when constructor args change; model paths must only touch user_config."""
+def test_model_paths_only_reach_user_config() -> None:
+    """Model paths must never be constructor args (a change there restarts replicas); they are user_config.
+
+    (A Serve config file's ``args`` are part of the application's code version, so hot updates there go
+    through a deployment's ``user_config``; this checks the builder's side of that contract.)
+    """
     from ray.serve._private.build_app import build_app as build_graph
 
     from serve.app import build_app
