@@ -36,7 +36,7 @@ from bench.report import (
     update_readme,
     write_reports,
 )
-from bench.servers import CPU_CONFIG, GPU_CONFIG, ManagedServer, naive_server, serve_server
+from bench.servers import CPU_CONFIG, GPU_CONFIG, ManagedServer, deep_merge, naive_server, serve_server
 from bench.stats import LoadResult, best_ceiling, ratio
 
 ALL_TARGETS = ("ceiling", "naive", "serve")
@@ -100,6 +100,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Serve config (default deploy/serve_config.yaml, or serve_config.gpu.yaml on GPU)",
     )
+    p.add_argument(
+        "--serve-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment variable for the Serve run (repeatable), e.g. RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0",
+    )
+    p.add_argument(
+        "--no-access-log",
+        action="store_true",
+        help="run Serve with logging_config.enable_access_log: false (a config change to try)",
+    )
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for a server to be up")
     p.add_argument("--request-timeout", type=float, default=120.0, help="per-request timeout in seconds")
     p.add_argument("--audio-file", default=None, help="audio payload (default tests/fixtures/speech.wav)")
@@ -144,6 +156,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
+
+
+def serve_env(args: argparse.Namespace) -> dict[str, str]:
+    """``--serve-env KEY=VALUE`` options as a dict."""
+    out = {}
+    for item in args.serve_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--serve-env wants KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
+def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Config overrides asked for on the command line (applied on top of the Serve config)."""
+    return {"app": {"logging_config": {"enable_access_log": False}}} if args.no_access_log else {}
 
 
 def resolve_device(choice: str) -> str:
@@ -360,7 +388,12 @@ def run_benchmark(args: argparse.Namespace, argv: list[str] | None = None) -> di
             results += run_server_phase(lambda: naive_server(log_dir, device), "naive", media, args, notes, servers)
         if "serve" in args.targets:
             if config.is_file():
-                results += run_server_phase(lambda: serve_server(config, log_dir), "serve", media, args, notes, servers)
+                env, overrides = serve_env(args), serve_overrides(args)
+                if env or overrides:
+                    notes.append(f"Serve ran with extra environment {env} and config overrides {overrides}")
+                results += run_server_phase(
+                    lambda: serve_server(config, log_dir, overrides, env=env), "serve", media, args, notes, servers
+                )
             else:
                 notes.append(f"Serve config {config} not found: the Serve graph was not measured")
     finally:
@@ -436,6 +469,7 @@ def run_sweep(args: argparse.Namespace, argv: list[str] | None = None) -> dict[s
     media = load_media(args.audio_file, args.video_file)
     meta = base_meta(args, argv, device, media, config_path)
     meta["notes"] = [n for n in [busy_note(meta["machine"])] if n]
+    meta["serve_env"], meta["serve_overrides"] = serve_env(args), serve_overrides(args)
     endpoint = ENDPOINTS[args.sweep_endpoint]
     clients = max(args.concurrency)
     ceiling = measure_ceiling_phase(media, list(endpoint.modalities), args, device)
@@ -446,7 +480,8 @@ def run_sweep(args: argparse.Namespace, argv: list[str] | None = None) -> dict[s
     measured = []
     for n, point in enumerate(points):
         tag = f"sweep-{n}"
-        server = serve_server(config_path, args.out / "logs", point["overrides"], tag=tag)
+        overrides = deep_merge(serve_overrides(args), point["overrides"])
+        server = serve_server(config_path, args.out / "logs", overrides, tag=tag, env=serve_env(args))
         entry = {k: v for k, v in point.items() if k != "overrides"}
         try:
             server.start()

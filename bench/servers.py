@@ -156,13 +156,16 @@ def serve_config_for_bench(
 ) -> dict[str, Any]:
     """Copy of a Serve config listening on 127.0.0.1:``port``, with optional overrides for a sweep.
 
-    ``overrides`` may hold ``"args"`` (deep-merged into every application's builder args) and
-    ``"deployments"`` (``{deployment name: options}`` deep-merged into that deployment's entry).
+    ``overrides`` may hold ``"app"`` (deep-merged into every application, e.g. ``logging_config``),
+    ``"args"`` (deep-merged into every application's builder args) and ``"deployments"``
+    (``{deployment name: options}`` deep-merged into that deployment's entry).
     """
     out = copy.deepcopy(config)
     out["http_options"] = {**(out.get("http_options") or {}), "host": "127.0.0.1", "port": port}
     overrides = overrides or {}
-    for app in out.get("applications", []):
+    for index, app in enumerate(out.get("applications", [])):
+        if overrides.get("app"):
+            app = out["applications"][index] = deep_merge(app, overrides["app"])
         if overrides.get("args"):
             app["args"] = deep_merge(app.get("args") or {}, overrides["args"])
         deployments = app.setdefault("deployments", [])
@@ -176,9 +179,17 @@ def serve_config_for_bench(
 
 
 def serve_server(
-    config_path: Path, log_dir: Path, overrides: dict[str, Any] | None = None, tag: str = "serve"
+    config_path: Path,
+    log_dir: Path,
+    overrides: dict[str, Any] | None = None,
+    tag: str = "serve",
+    env: dict[str, str] | None = None,
 ) -> ManagedServer:
-    """``serve run`` of ``config_path`` (rewritten to a free loopback port) in a fresh local Ray instance."""
+    """``serve run`` of ``config_path`` (rewritten to a free loopback port) in a fresh local Ray instance.
+
+    ``env`` is added to the environment of ``serve run``, which the local Ray instance and all its
+    actors (proxy, replicas) inherit, e.g. Ray Serve's performance flags.
+    """
     port = free_port()
     config = serve_config_for_bench(yaml.safe_load(config_path.read_text()), port, overrides)
     fd, tmp = tempfile.mkstemp(prefix=f"bench-{tag}-", suffix=".yaml")
@@ -186,8 +197,8 @@ def serve_server(
         yaml.safe_dump(config, fh, sort_keys=False)
     serve_exe = Path(sys.executable).with_name("serve")
     cmd = [str(serve_exe) if serve_exe.exists() else "serve", "run", "--address", "local", tmp]
-    env = child_env(RAY_USAGE_STATS_ENABLED="0")
-    server = ManagedServer(tag, cmd, f"http://127.0.0.1:{port}", log_dir / f"{tag}.log", env)
+    server_env = child_env(RAY_USAGE_STATS_ENABLED="0", **(env or {}))
+    server = ManagedServer(tag, cmd, f"http://127.0.0.1:{port}", log_dir / f"{tag}.log", server_env)
     server.config = config
     server.temp_files.append(tmp)
     return server
