@@ -119,8 +119,12 @@ def _label(pid: int) -> str:
     return Path(first).name[:60]
 
 
-def process_tree_cpu_by_name(root: int) -> dict[str, float]:
-    """CPU seconds so far of ``root``'s process tree, summed per process label (see :func:`_label`)."""
+def process_tree_cpu(root: int) -> dict[int, tuple[str, float]]:
+    """``{pid: (label, CPU seconds so far)}`` for ``root`` and all its descendants (Linux ``/proc``).
+
+    Reaped children (e.g. finished ffmpeg decodes) count through their parent's ``cutime``/``cstime``.
+    Empty when ``/proc`` or ``root`` is missing.
+    """
     if not Path("/proc").is_dir():
         return {}
     stats: dict[int, tuple[int, float]] = {}
@@ -134,23 +138,33 @@ def process_tree_cpu_by_name(root: int) -> dict[str, float]:
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in stats.items():
         children.setdefault(ppid, []).append(pid)
-    out: dict[str, float] = {}
+    out: dict[int, tuple[str, float]] = {}
     stack = [root]
     while stack:
         pid = stack.pop()
-        label = _label(pid)
-        out[label] = out.get(label, 0.0) + stats[pid][1]
+        out[pid] = (_label(pid), stats[pid][1])
         stack.extend(children.get(pid, []))
     return out
 
 
-def process_tree_cpu_s(root: int) -> float | None:
-    """CPU seconds used so far by ``root`` and all its descendants (Linux ``/proc``; None elsewhere).
+def cpu_delta_by_label(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds spent between two :func:`process_tree_cpu` snapshots, summed per label.
 
-    Reaped children (e.g. finished ffmpeg decodes) count through their parent's ``cutime``/``cstime``.
+    A process that started in between counts in full; one that ended in between is lost (its last
+    CPU is unknown), so a replica replaced mid-cell never makes a total go negative.
     """
-    by_name = process_tree_cpu_by_name(root)
-    return sum(by_name.values()) if by_name else None
+    out: dict[str, float] = {}
+    for pid, (label, cpu) in after.items():
+        prior = before.get(pid)
+        spent = cpu - prior[1] if prior is not None and prior[0] == label else cpu
+        out[label] = out.get(label, 0.0) + max(spent, 0.0)
+    return out
+
+
+def process_tree_cpu_s(root: int) -> float | None:
+    """CPU seconds used so far by ``root`` and all its descendants (None without ``/proc`` or ``root``)."""
+    snapshot = process_tree_cpu(root)
+    return sum(cpu for _, cpu in snapshot.values()) if snapshot else None
 
 
 class GpuMonitor:

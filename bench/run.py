@@ -26,7 +26,7 @@ from typing import Any
 
 from bench.inputs import REPO_ROOT, MediaInputs, load_media
 from bench.load import ENDPOINTS, Endpoint, run_load
-from bench.machine import GpuMonitor, machine_info, process_tree_cpu_by_name
+from bench.machine import GpuMonitor, cpu_delta_by_label, machine_info, process_tree_cpu
 from bench.report import (
     build_rows,
     ceilings_by_endpoint,
@@ -208,7 +208,7 @@ def measure_cell(
     pid = server.proc.pid if server.proc is not None else -1
 
     async def measured() -> tuple[LoadResult, dict[str, float], float, float]:
-        server0, client0, t0 = process_tree_cpu_by_name(pid), time.process_time(), time.perf_counter()
+        server0, client0, t0 = process_tree_cpu(pid), time.process_time(), time.perf_counter()
         result = await run_load(
             server.base_url,
             endpoint,
@@ -220,8 +220,8 @@ def measure_cell(
             args.request_timeout,
             target,
         )
-        server1, client1, t1 = process_tree_cpu_by_name(pid), time.process_time(), time.perf_counter()
-        delta = {k: v - server0.get(k, 0.0) for k, v in server1.items()}
+        server1, client1, t1 = process_tree_cpu(pid), time.process_time(), time.perf_counter()
+        delta = cpu_delta_by_label(server0, server1) if server0 else {}
         return result, delta, client1 - client0, t1 - t0
 
     with GpuMonitor() as gpu:

@@ -11,7 +11,7 @@ import pytest
 
 from bench.inputs import TEXTS, MediaInputs
 from bench.load import ENDPOINTS, check_loopback, inspect_answer, missing_modalities, request_factory
-from bench.machine import summarize_gpu_samples
+from bench.machine import cpu_delta_by_label, summarize_gpu_samples
 from bench.report import (
     README_TABLE_END,
     README_TABLE_START,
@@ -242,3 +242,16 @@ def test_missing_modalities() -> None:
 def test_inspect_answer_batch_sizes() -> None:
     answer = httpx.Response(200, json={"modalities": {"video": {"batch_size": 4}, "audio": {"batch_size": 1}}})
     assert inspect_answer(answer, ENDPOINTS["video"]) == ([], {"video": 4, "audio": 1})
+
+
+def test_cpu_delta_survives_replaced_processes() -> None:
+    before = {1: ("serve", 10.0), 2: ("ray::ServeReplica:app:TextEncoder", 50.0), 3: ("ray::ProxyActor", 5.0)}
+    after = {
+        1: ("serve", 10.5),
+        4: ("ray::ServeReplica:app:TextEncoder", 2.0),
+        3: ("ray::ProxyActor", 6.0),
+        5: ("ray::ServeReplica:app:TextEncoder", 1.0),
+    }
+    assert cpu_delta_by_label(before, after) == pytest.approx(
+        {"serve": 0.5, "ray::ServeReplica:app:TextEncoder": 3.0, "ray::ProxyActor": 1.0}
+    )
