@@ -117,8 +117,7 @@ class FusionService:
         response = None
         try:
             response = self.handles[modality].remote(payload)
-            async with asyncio.timeout(timeout):
-                answer = await response
+            answer = await asyncio.wait_for(_resolve(response), timeout)
         except TimeoutError:
             cancel = getattr(response, "cancel", None)
             if cancel is not None:
