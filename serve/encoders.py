@@ -86,6 +86,7 @@ class _Encoder:
 
     modality: ClassVar[str]
     payload_type: ClassVar[type]
+    prepare_inline: ClassVar[bool] = False  # True where prepare is trivial (no decode): skip the thread hop
 
     def __init__(self, settings: dict[str, Any] | None = None) -> None:
         cfg = EncoderSettings.model_validate(settings or {})
@@ -162,8 +163,11 @@ class _Encoder:
                                                 f"got {type(payload).__name__}", 422)
         try:
             pipeline = await self._current()
-            loop = asyncio.get_running_loop()
-            prepared = await loop.run_in_executor(self._prepare_pool, pipeline.prepare, payload)
+            if self.prepare_inline:
+                prepared = pipeline.prepare(payload)
+            else:
+                loop = asyncio.get_running_loop()
+                prepared = await loop.run_in_executor(self._prepare_pool, pipeline.prepare, payload)
         except (MediaError, EmptyTextError) as exc:
             return error_from_exception(exc)
         except Exception as exc:  # a replica answers, it does not crash
@@ -247,6 +251,7 @@ class TextEncoder(_Encoder):
 
     modality = "text"
     payload_type = str
+    prepare_inline = True  # whitespace normalisation only; tokenisation is batched in encode
 
     def _build(self, cfg: EncoderUserConfig) -> TextPipeline:
         return TextPipeline(cfg.weights_dir, backbone=cfg.backbone, device=self._device())

@@ -117,7 +117,8 @@ class FusionService:
         response = None
         try:
             response = self.handles[modality].remote(payload)
-            answer = await asyncio.wait_for(_resolve(response), timeout)
+            async with asyncio.timeout(timeout):
+                answer = await response
         except TimeoutError:
             cancel = getattr(response, "cancel", None)
             if cancel is not None:

@@ -30,6 +30,43 @@ def test_decode_audio_resamples_to_16k_mono() -> None:
     assert 0.1 < np.abs(wave).max() <= 1.0  # ffmpeg's sine source has amplitude 1/8
 
 
+@pytest.mark.parametrize("width", [1, 2, 4])
+def test_plain_wav_is_read_in_process_with_ffmpeg_s_samples(width: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import wave as wavelib
+
+    from models import media
+
+    samples = np.random.default_rng(width).integers(0, 256 ** width, 8000, dtype=np.int64)
+    raw = (samples - (0 if width == 1 else 256 ** width // 2)).astype({1: np.uint8, 2: "<i2", 4: "<i4"}[width])
+    buf = io.BytesIO()
+    with wavelib.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(width)
+        w.setframerate(16000)
+        w.writeframes(raw.tobytes())
+    data = buf.getvalue()
+    fast = decode_audio(data)
+    assert media._read_plain_wav(data, 16000, 30.0) is not None  # the in-process path was taken
+    monkeypatch.setattr(media, "_read_plain_wav", lambda *args: None)
+    np.testing.assert_array_equal(fast, decode_audio(data))  # the same samples as the ffmpeg path
+    assert len(decode_audio(data, limits=DecodeLimits(max_audio_seconds=0.25))) == 4000
+
+
+def test_other_wavs_go_to_ffmpeg() -> None:
+    from models import media
+
+    stereo_44k = _ffmpeg_wav(["-ac", "2", "-ar", "44100"])
+    assert media._read_plain_wav(stereo_44k, 16000, 30.0) is None
+    assert abs(len(decode_audio(stereo_44k)) - 16000) < 400  # resampled and downmixed by ffmpeg
+
+
+def _ffmpeg_wav(args: list[str]) -> bytes:
+    from tests.synth import _ffmpeg
+
+    return _ffmpeg(["-f", "lavfi", "-i", "sine=frequency=300:duration=1", *args, "-f", "wav"])
+
+
 def test_decode_audio_reads_the_audio_track_of_a_video() -> None:
     wave = decode_audio(pattern_mp4(seconds=1.0, with_audio=True))
     assert abs(len(wave) - 16000) < 2000
