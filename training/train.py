@@ -45,14 +45,19 @@ def predict(task: Task) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_epoch(task: Task, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                loss_fn: torch.nn.Module, epoch: int, rng: random.Random) -> float:
-    """One pass over the training batches; returns the mean loss."""
+                loss_fn: torch.nn.Module, epoch: int, rng: random.Random, bf16: bool = False) -> float:
+    """One pass over the training batches; returns the mean loss.
+
+    ``bf16`` runs forward and loss under bfloat16 autocast (weights and optimizer stay float32):
+    about twice as fast on CPUs with AVX512-BF16/AMX and on GPUs.
+    """
     task.model.train()
     total, count = 0.0, 0
     bar = tqdm(task.train_batches(epoch, rng), desc=f"{task.modality} epoch {epoch + 1}", leave=False, mininterval=5)
     for inputs, y in bar:
-        _, logits = task.model(*inputs)
-        loss = loss_fn(logits, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            _, logits = task.model(*inputs)
+            loss = loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 5.0)
@@ -94,7 +99,7 @@ def fit(task: Task, args: argparse.Namespace) -> dict:
             print(f"resumed {task.modality} at epoch {info['epoch']} (best macro-F1 {info['best_f1']:.4f})")
     for epoch in range(info["epoch"], args.epochs):
         start = time.time()
-        loss = train_epoch(task, optimizer, scheduler, loss_fn, epoch, rng)
+        loss = train_epoch(task, optimizer, scheduler, loss_fn, epoch, rng, bf16=args.bf16)
         logits, labels = predict(task)
         report = classification_report(labels.numpy(), logits.argmax(1).numpy())
         info["train_seconds"] += time.time() - start
@@ -154,6 +159,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=4)
     p.add_argument("--ravdess-calm", default="neutral", help="map RAVDESS calm to this class, or 'drop'")
     p.add_argument("--half", action="store_true", help="store float16 weights")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for training forwards (validation stays float32)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     p.add_argument("--seed", type=int, default=13)
     p.add_argument("--steps", type=int, default=4000, help="fusion: training steps")
@@ -179,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         calm_as=None if args.ravdess_calm == "drop" else args.ravdess_calm,
     )
     task = TASKS[args.modality](opts)
+    if args.bf16:  # convolutions run fastest in bfloat16 with channels-last weights
+        task.model.to(memory_format=torch.channels_last)
     if hasattr(task, "total_epochs"):
         task.total_epochs = args.epochs
     print(f"{args.modality}: {len(task.train)} train / {len(task.val)} val samples", flush=True)
