@@ -92,13 +92,16 @@ def measure(client: httpx.Client, send: Callable[[httpx.Client], httpx.Response]
     }
 
 
-def run(url: str, n: int, warmup: int, client: httpx.Client | None = None) -> dict[str, Any]:
-    """Measure every case against the service at ``url`` (or through ``client``, e.g. a test client)."""
+def run(url: str, n: int, warmup: int, client: httpx.Client | None = None,
+        cases: list[str] | None = None) -> dict[str, Any]:
+    """Measure every case (or those named in ``cases``) against the service at ``url`` (or ``client``)."""
     with client or httpx.Client(base_url=url, timeout=60) as http:
         health = http.get("/api/health").json()
         load_before = os.getloadavg()
         results = {}
         for name, send in _cases().items():
+            if cases and name not in cases:
+                continue
             results[name] = {"endpoint": ENDPOINTS[name], **measure(http, send, n, warmup)}
             if name in TARGETS_MS:
                 target = TARGETS_MS[name]
@@ -129,8 +132,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=50, help="measured requests per case")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "serve_latency.json")
+    parser.add_argument("--cases", help=f"comma-separated subset of: {', '.join(ENDPOINTS)}")
     args = parser.parse_args(argv)
-    report = run(args.url, args.requests, args.warmup)
+    cases = [c.strip() for c in args.cases.split(",")] if args.cases else None
+    if cases and not set(cases) <= set(ENDPOINTS):
+        parser.error(f"unknown case(s): {sorted(set(cases) - set(ENDPOINTS))}")
+    report = run(args.url, args.requests, args.warmup, cases=cases)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
