@@ -1,9 +1,40 @@
-"""Pieces shared by every emotion model: the classifier head with a calibration temperature."""
+"""Pieces shared by every emotion model: the classifier head with a calibration temperature,
+masked softmax, and the inference precision (float32, or bfloat16 autocast where the hardware has it)."""
 
 from __future__ import annotations
 
+import contextlib
+from functools import lru_cache
+from typing import Literal
+
 import torch
 from torch import nn
+
+Precision = Literal["auto", "float32", "bfloat16"]
+
+
+@lru_cache(maxsize=4)
+def native_bf16(device_type: str) -> bool:
+    """Whether ``device_type`` runs bfloat16 matmuls/convolutions natively (AVX512-BF16/AMX CPUs, recent GPUs)."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> str:
+    """``auto`` -> ``bfloat16`` where native, else ``float32``."""
+    if precision == "auto":
+        return "bfloat16" if native_bf16(device.type) else "float32"
+    return precision
+
+
+def inference_autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast for a forward when ``precision`` is ``bfloat16`` (weights stay float32)."""
+    if precision != "bfloat16":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 from models.labels import NUM_CLASSES
 

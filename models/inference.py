@@ -17,6 +17,7 @@ import torch
 
 from models.audio.preprocessing import AudioFeatureConfig, LogMelExtractor, pad_features
 from models.checkpoint import DEFAULT_WEIGHTS_DIR, load_model
+from models.common import Precision, inference_autocast, resolve_precision
 from models.labels import EMOTIONS, MODALITIES
 from models.media import DEFAULT_LIMITS, DecodeLimits, decode_audio, decode_frames
 from models.text.preprocessing import TextPreprocessor
@@ -63,11 +64,18 @@ class _Pipeline:
     modality: str
 
     def __init__(self, weights_dir: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", precision: Precision = "auto") -> None:
         directory = Path(weights_dir) if weights_dir else DEFAULT_WEIGHTS_DIR / self.modality
         self.model, self.checkpoint = load_model(directory, overrides)
         self.device = torch.device(device)
         self.model.to(self.device)
+        self.precision = resolve_precision(precision, self.device)
+
+    def _forward(self, *inputs: torch.Tensor) -> Any:
+        """The model's forward on ``self.device``, under bfloat16 autocast when that is the precision."""
+        with inference_autocast(self.precision, self.device):
+            outputs = self.model(*(x.to(self.device) for x in inputs))
+        return tuple(o.float() for o in outputs)  # probabilities and embeddings leave in float32
         self.version = str(self.checkpoint.get("metadata", {}).get("version", "unversioned"))
 
     def _results(self, embedding: torch.Tensor, logits: torch.Tensor, items: list[Prepared]) -> list[EncoderResult]:
@@ -81,8 +89,9 @@ class TextPipeline(_Pipeline):
 
     modality = "text"
 
-    def __init__(self, weights_dir: str | Path | None = None, backbone: str | None = None, device: str = "cpu") -> None:
-        super().__init__(weights_dir, {"backbone": backbone} if backbone else None, device)
+    def __init__(self, weights_dir: str | Path | None = None, backbone: str | None = None, device: str = "cpu",
+                 precision: Precision = "auto") -> None:
+        super().__init__(weights_dir, {"backbone": backbone} if backbone else None, device, precision)
         cfg = self.model.config
         self.preprocessor = TextPreprocessor(cfg.backbone, cfg.max_length)
 
@@ -97,7 +106,7 @@ class TextPipeline(_Pipeline):
     def encode(self, items: list[Prepared]) -> list[EncoderResult]:
         """Batched forward over prepared texts."""
         tok = self.preprocessor([it.data for it in items])
-        embedding, logits = self.model(tok.input_ids.to(self.device), tok.attention_mask.to(self.device))
+        embedding, logits = self._forward(tok.input_ids, tok.attention_mask)
         results = self._results(embedding, logits, items)
         for res, truncated in zip(results, tok.truncated, strict=True):
             res.info["truncated"] = truncated
@@ -110,8 +119,8 @@ class AudioPipeline(_Pipeline):
     modality = "audio"
 
     def __init__(self, weights_dir: str | Path | None = None, device: str = "cpu",
-                 limits: DecodeLimits = DEFAULT_LIMITS) -> None:
-        super().__init__(weights_dir, None, device)
+                 limits: DecodeLimits = DEFAULT_LIMITS, precision: Precision = "auto") -> None:
+        super().__init__(weights_dir, None, device, precision)
         features = self.checkpoint.get("metadata", {}).get("features", {})
         self.extractor = LogMelExtractor(AudioFeatureConfig(**features))
         self.limits = limits
@@ -128,7 +137,7 @@ class AudioPipeline(_Pipeline):
     @torch.inference_mode()
     def encode(self, items: list[Prepared]) -> list[EncoderResult]:
         batch, lengths = pad_features([it.data for it in items])
-        embedding, logits = self.model(batch.to(self.device), lengths.to(self.device))
+        embedding, logits = self._forward(batch, lengths)
         return self._results(embedding, logits, items)
 
 
@@ -138,8 +147,8 @@ class VideoPipeline(_Pipeline):
     modality = "video"
 
     def __init__(self, weights_dir: str | Path | None = None, device: str = "cpu", num_frames: int = 16,
-                 limits: DecodeLimits = DEFAULT_LIMITS) -> None:
-        super().__init__(weights_dir, None, device)
+                 limits: DecodeLimits = DEFAULT_LIMITS, precision: Precision = "auto") -> None:
+        super().__init__(weights_dir, None, device, precision)
         self.cropper = FaceCropper(FaceConfig(face_size=self.model.config.face_size))
         self.num_frames = num_frames
         self.limits = limits
@@ -156,7 +165,7 @@ class VideoPipeline(_Pipeline):
     @torch.inference_mode()
     def encode(self, items: list[Prepared]) -> list[EncoderResult]:
         batch, mask = pad_clips([it.data for it in items])
-        embedding, logits = self.model(batch.to(self.device), mask.to(self.device))
+        embedding, logits = self._forward(batch, mask)
         return self._results(embedding, logits, items)
 
 
@@ -178,7 +187,7 @@ class FusionPipeline(_Pipeline):
     modality = "fusion"
 
     def __init__(self, weights_dir: str | Path | None = None, device: str = "cpu") -> None:
-        super().__init__(weights_dir, None, device)
+        super().__init__(weights_dir, None, device, precision="float32")  # a few small matmuls
         self.modalities: tuple[str, ...] = tuple(self.model.config.modalities)
 
     @torch.inference_mode()

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from models.common import Precision
 from models.labels import MODALITIES
 from models.media import DecodeLimits
 
@@ -75,6 +76,8 @@ class EncoderConfig(_Strict):
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per replica")
     prepare_threads: int = Field(2, ge=1, description="threads decoding/preprocessing in parallel per replica")
     device: Device = "auto"
+    precision: Precision = Field("auto", description="auto = bfloat16 autocast where the CPU/GPU has native bf16 "
+                                                      "(as in evaluation), else float32")
 
     @model_validator(mode="after")
     def _batch_fits(self) -> EncoderConfig:

@@ -240,6 +240,7 @@ class _Encoder:
             "weights_dir": cfg.weights_dir,
             "backbone": cfg.backbone,
             "device": str(pipeline.device) if pipeline else None,
+            "precision": pipeline.precision if pipeline else None,
             "max_batch_size": cfg.max_batch_size,
             "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
         }
@@ -254,7 +255,8 @@ class TextEncoder(_Encoder):
     prepare_inline = True  # whitespace normalisation only; tokenisation is batched in encode
 
     def _build(self, cfg: EncoderUserConfig) -> TextPipeline:
-        return TextPipeline(cfg.weights_dir, backbone=cfg.backbone, device=self._device())
+        return TextPipeline(cfg.weights_dir, backbone=cfg.backbone, device=self._device(),
+                            precision=self.encoder_config.precision)
 
 
 @serve.deployment(name="AudioEncoder")
@@ -265,7 +267,8 @@ class AudioEncoder(_Encoder):
     payload_type = bytes
 
     def _build(self, cfg: EncoderUserConfig) -> AudioPipeline:
-        return AudioPipeline(cfg.weights_dir, device=self._device(), limits=self.limits.decode_limits())
+        return AudioPipeline(cfg.weights_dir, device=self._device(), limits=self.limits.decode_limits(),
+                             precision=self.encoder_config.precision)
 
 
 @serve.deployment(name="VideoEncoder")
@@ -277,7 +280,7 @@ class VideoEncoder(_Encoder):
 
     def _build(self, cfg: EncoderUserConfig) -> VideoPipeline:
         return VideoPipeline(cfg.weights_dir, device=self._device(), num_frames=self.limits.num_frames,
-                             limits=self.limits.decode_limits())
+                             limits=self.limits.decode_limits(), precision=self.encoder_config.precision)
 
 
 ENCODERS: dict[str, Any] = {"text": TextEncoder, "audio": AudioEncoder, "video": VideoEncoder}

@@ -113,3 +113,19 @@ def test_fused_label_matched_triplet(text: TextPipeline, audio: AudioPipeline, v
     assert set(fused.contributions) == {"text", "audio", "video"}
     assert sum(fused.contributions.values()) == pytest.approx(1.0, abs=1e-5)
     assert fused.probabilities[EMOTION_TO_INDEX["happy"]] == fused.probabilities.max()
+
+
+def test_float32_and_bfloat16_inference_agree() -> None:
+    """bfloat16 autocast (the default where the CPU has it) gives the float32 answer, nearly the same probabilities."""
+    from models.common import native_bf16
+
+    if not native_bf16("cpu"):
+        pytest.skip("this CPU has no native bfloat16; the pipelines run float32")
+    fp32 = TextPipeline(precision="float32")
+    bf16 = TextPipeline(precision="bfloat16")
+    assert (fp32.precision, bf16.precision) == ("float32", "bfloat16")
+    items = [fp32.prepare(s) for s in ("I am so happy today!", "This is disgusting.", "Why did you leave me?")]
+    a, b = fp32.encode(items), bf16.encode(items)
+    for x, y in zip(a, b, strict=True):
+        assert x.emotion == y.emotion
+        assert abs(x.probabilities - y.probabilities).max() < 0.05

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from models.audio.preprocessing import AudioFeatureConfig, pad_features
 from models.checkpoint import WEIGHTS_FILE, load_model
+from models.common import inference_autocast, resolve_precision
 from models.text.preprocessing import TextPreprocessor
 from models.video.preprocessing import FaceConfig, faces_to_tensor, pad_clips
 from training.datasets import read_ravdess, read_split
@@ -30,7 +31,8 @@ def encode_split(modality: str, split: str, weights_dir: str | Path, data_root: 
                  layout: str = "shared", batch_size: int = 64) -> dict[str, np.ndarray]:
     """``{"embedding": (N, 256), "logits": (N, 7), "probs": (N, 7), "labels": (N,)}`` for one split."""
     weights_dir = Path(weights_dir)
-    cache = CACHE_DIR / f"emb-{modality}-{split}-{layout}-{_weights_digest(weights_dir)}.npz"
+    precision = resolve_precision("auto", torch.device("cpu"))
+    cache = CACHE_DIR / f"emb-{modality}-{split}-{layout}-{precision}-{_weights_digest(weights_dir)}.npz"
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as data:
             return dict(data)
@@ -63,7 +65,9 @@ def encode_split(modality: str, split: str, weights_dir: str | Path, data_root: 
     logits = np.zeros((len(samples), 7), dtype=np.float32)
     for start in tqdm(range(0, len(order), batch_size), desc=f"embed {modality}/{split}", leave=False):
         idx = order[start : start + batch_size]
-        e, lg = model(*make(idx))
+        with inference_autocast(precision, torch.device("cpu")):  # as the serving pipelines run
+            e, lg = model(*make(idx))
+        e, lg = e.float(), lg.float()
         emb[idx], logits[idx] = e.numpy(), lg.numpy()
     probs = model.head.probabilities(torch.from_numpy(logits)).numpy()
     out = {"embedding": emb, "logits": logits, "probs": probs, "labels": labels}
