@@ -56,6 +56,25 @@ def test_video_model_shapes_and_frame_mask() -> None:
     torch.testing.assert_close(emb1, emb2, atol=1e-4, rtol=1e-4)
 
 
+def test_video_mirror_average_is_mirror_invariant_at_inference_only() -> None:
+    torch.manual_seed(0)
+    model = VideoModel(VideoModelConfig(mirror_average=True)).eval()
+    clip, mask = torch.randn(2, 3, 1, 48, 48), torch.ones(2, 3, dtype=torch.bool)
+    with torch.no_grad():
+        emb, _ = model(clip, mask)
+        emb_mirrored, _ = model(clip.flip(-1), mask)
+    torch.testing.assert_close(emb, emb_mirrored, atol=1e-5, rtol=1e-5)  # a face and its mirror image agree
+    other = VideoModel(VideoModelConfig(mirror_average=False)).eval()
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert (other(clip, mask)[0] - other(clip.flip(-1), mask)[0]).abs().max() > 1e-4
+    model.train()  # training sees one view (its augmentation flips faces anyway): no longer mirror-invariant
+    model.embed[0].p = 0.0
+    model.frame_cnn[4].p = 0.0
+    model.head.dropout.p = 0.0
+    assert (model(clip, mask)[0] - model(clip.flip(-1), mask)[0]).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("subset", [s for r in (1, 2, 3) for s in itertools.combinations(range(3), r)])
 def test_fusion_accepts_every_subset(fusion: FusionModel, subset: tuple[int, ...]) -> None:
     present = torch.zeros(2, 3, dtype=torch.bool)

@@ -23,7 +23,12 @@ from training.features import CACHE_DIR, audio_features, face_crops
 
 
 def _weights_digest(weights_dir: Path) -> str:
-    return hashlib.sha1((weights_dir / WEIGHTS_FILE).read_bytes()).hexdigest()[:12]
+    """Digest of the weights and their config (an inference option in config.json changes the outputs too)."""
+    digest = hashlib.sha1((weights_dir / WEIGHTS_FILE).read_bytes())
+    config = weights_dir / "config.json"
+    if config.is_file():
+        digest.update(config.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 @torch.inference_mode()

@@ -20,6 +20,7 @@ class VideoModelConfig:
     gru_hidden: int = 128
     embed_dim: int = 256
     dropout: float = 0.4
+    mirror_average: bool = False  # at inference, average each frame's features with its mirror image's
 
 
 def _conv_block(cin: int, cout: int) -> nn.Sequential:
@@ -59,7 +60,11 @@ class VideoModel(nn.Module):
     def forward(self, frames: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``frames`` (B, T, 1, S, S), ``mask`` (B, T) bool -> ``(embedding [B, 256], logits [B, 7])``."""
         b, t = frames.shape[:2]
-        feats = self.frame_cnn(frames.reshape(b * t, *frames.shape[2:])).reshape(b, t, -1)
+        flat = frames.reshape(b * t, *frames.shape[2:])
+        feats = self.frame_cnn(flat)
+        if self.config.mirror_average and not self.training:  # faces are left-right symmetric: a free 2-view ensemble
+            feats = 0.5 * (feats + self.frame_cnn(flat.flip(-1)))
+        feats = feats.reshape(b, t, -1)
         lengths = mask.sum(1).clamp_min(1).cpu()
         packed = nn.utils.rnn.pack_padded_sequence(feats, lengths, batch_first=True, enforce_sorted=False)
         out, _ = self.gru(packed)
