@@ -70,13 +70,13 @@ class _Pipeline:
         self.device = torch.device(device)
         self.model.to(self.device)
         self.precision = resolve_precision(precision, self.device)
+        self.version = str(self.checkpoint.get("metadata", {}).get("version", "unversioned"))
 
     def _forward(self, *inputs: torch.Tensor) -> Any:
         """The model's forward on ``self.device``, under bfloat16 autocast when that is the precision."""
         with inference_autocast(self.precision, self.device):
             outputs = self.model(*(x.to(self.device) for x in inputs))
         return tuple(o.float() for o in outputs)  # probabilities and embeddings leave in float32
-        self.version = str(self.checkpoint.get("metadata", {}).get("version", "unversioned"))
 
     def _results(self, embedding: torch.Tensor, logits: torch.Tensor, items: list[Prepared]) -> list[EncoderResult]:
         probs = self.model.head.probabilities(logits).float().cpu().numpy()
