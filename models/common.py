@@ -10,6 +10,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from models.labels import NUM_CLASSES
+
 Precision = Literal["auto", "float32", "bfloat16"]
 
 
@@ -36,7 +38,13 @@ def inference_autocast(precision: str, device: torch.device) -> contextlib.Abstr
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
-from models.labels import NUM_CLASSES
+
+def forward_in_precision(model: nn.Module, inputs: tuple[torch.Tensor, ...], precision: str,
+                         device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``model(*inputs)`` on ``device`` under :func:`inference_autocast`; the outputs come back in float32."""
+    with inference_autocast(precision, device):
+        outputs = model(*(x.to(device) for x in inputs))
+    return tuple(o.float() for o in outputs)
 
 
 class CalibratedHead(nn.Module):

@@ -17,7 +17,7 @@ import torch
 
 from models.audio.preprocessing import AudioFeatureConfig, LogMelExtractor, pad_features
 from models.checkpoint import DEFAULT_WEIGHTS_DIR, load_model
-from models.common import Precision, inference_autocast, resolve_precision
+from models.common import Precision, forward_in_precision, resolve_precision
 from models.labels import EMOTIONS, MODALITIES
 from models.media import DEFAULT_LIMITS, DecodeLimits, decode_audio, decode_frames
 from models.text.preprocessing import TextPreprocessor
@@ -73,10 +73,8 @@ class _Pipeline:
         self.version = str(self.checkpoint.get("metadata", {}).get("version", "unversioned"))
 
     def _forward(self, *inputs: torch.Tensor) -> Any:
-        """The model's forward on ``self.device``, under bfloat16 autocast when that is the precision."""
-        with inference_autocast(self.precision, self.device):
-            outputs = self.model(*(x.to(self.device) for x in inputs))
-        return tuple(o.float() for o in outputs)  # probabilities and embeddings leave in float32
+        """The model's forward on ``self.device`` in this pipeline's precision; float32 outputs."""
+        return forward_in_precision(self.model, inputs, self.precision, self.device)
 
     def _results(self, embedding: torch.Tensor, logits: torch.Tensor, items: list[Prepared]) -> list[EncoderResult]:
         probs = self.model.head.probabilities(logits).float().cpu().numpy()

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from models.audio.preprocessing import AudioFeatureConfig, pad_features
 from models.checkpoint import WEIGHTS_FILE, load_model
-from models.common import inference_autocast, resolve_precision
+from models.common import forward_in_precision, resolve_precision
 from models.text.preprocessing import TextPreprocessor
 from models.video.preprocessing import FaceConfig, faces_to_tensor, pad_clips
 from training.datasets import read_ravdess, read_split
@@ -70,9 +70,7 @@ def encode_split(modality: str, split: str, weights_dir: str | Path, data_root: 
     logits = np.zeros((len(samples), 7), dtype=np.float32)
     for start in tqdm(range(0, len(order), batch_size), desc=f"embed {modality}/{split}", leave=False):
         idx = order[start : start + batch_size]
-        with inference_autocast(precision, torch.device("cpu")):  # as the serving pipelines run
-            e, lg = model(*make(idx))
-        e, lg = e.float(), lg.float()
+        e, lg = forward_in_precision(model, make(idx), precision, torch.device("cpu"))  # as the pipelines run
         emb[idx], logits[idx] = e.numpy(), lg.numpy()
     probs = model.head.probabilities(torch.from_numpy(logits)).numpy()
     out = {"embedding": emb, "logits": logits, "probs": probs, "labels": labels}
