@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from models.audio import AudioModel, AudioModelConfig
+from models.common import cast_for_autocast, forward_in_precision
 from models.fusion import FusionModel, FusionModelConfig
 from models.labels import NUM_CLASSES
 from models.text import TextModel, TextModelConfig, TextPreprocessor
@@ -73,6 +74,28 @@ def test_video_mirror_average_is_mirror_invariant_at_inference_only() -> None:
     model.frame_cnn[4].p = 0.0
     model.head.dropout.p = 0.0
     assert (model(clip, mask)[0] - model(clip.flip(-1), mask)[0]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("modality", ["audio", "video"])
+def test_cast_for_autocast_is_bit_identical_to_autocast(modality: str) -> None:
+    torch.manual_seed(0)
+    if modality == "audio":
+        model = AudioModel(AudioModelConfig()).eval()
+        inputs: tuple[torch.Tensor, ...] = (torch.randn(2, 1, 64, 120), torch.tensor([120, 80]))
+    else:
+        model = VideoModel(VideoModelConfig()).eval()
+        inputs = (torch.randn(2, 3, 1, 48, 48), torch.ones(2, 3, dtype=torch.bool))
+    cpu = torch.device("cpu")
+    before = forward_in_precision(model, inputs, "bfloat16", cpu)
+    float32 = forward_in_precision(model, inputs, "float32", cpu)
+    cast_for_autocast(model, "bfloat16")
+    linear_dtypes = {w.dtype for m in model.modules() if isinstance(m, torch.nn.Linear) for w in m.parameters()}
+    assert linear_dtypes == {torch.bfloat16}
+    after = forward_in_precision(model, inputs, "bfloat16", cpu)
+    for b, a, f in zip(before, after, float32, strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, atol=0.0, rtol=0.0)
+        assert (a - f).abs().max() > 0  # it really ran in bfloat16
 
 
 @pytest.mark.parametrize("subset", [s for r in (1, 2, 3) for s in itertools.combinations(range(3), r)])
