@@ -70,8 +70,8 @@ class EncoderConfig(_Strict):
 
     timeout_s: float = Field(30.0, gt=0, description="the ingress drops the modality after this")
     max_batch_size: int = Field(8, ge=1, description="@serve.batch size; kept <= max_ongoing_requests")
-    batch_wait_timeout_s: float = Field(0.002, ge=0, description="how long a batch waits to fill up (adds up to this "
-                                         "to a lone request; under load batches form anyway while a forward runs)")
+    batch_wait_timeout_s: float = Field(0.0, ge=0, description="how long a batch waits to fill up (adds this to a "
+                                        "lone request); with 0 a batch takes what queued while the last forward ran")
     max_ongoing_requests: int = Field(16, ge=1, description="Serve's per-replica concurrency cap")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per replica")
     prepare_threads: int = Field(2, ge=1, description="threads decoding/preprocessing in parallel per replica")
@@ -145,7 +145,7 @@ class EncoderUserConfig(_Strict):
     backbone: str | None = None
     revision: str | None = None
     max_batch_size: int = Field(8, ge=1)
-    batch_wait_timeout_s: float = Field(0.002, ge=0)
+    batch_wait_timeout_s: float = Field(0.0, ge=0)
 
 
 class IngressUserConfig(_Strict):

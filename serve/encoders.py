@@ -78,7 +78,7 @@ def _batch_method() -> Callable[..., Any]:
     async def encode_batch(self: _Encoder, jobs: list[_Job]) -> list[_Encoded]:
         return await self._forward(jobs)
 
-    return serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)(encode_batch)
+    return serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)(encode_batch)
 
 
 class _Encoder:
