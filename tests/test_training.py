@@ -85,3 +85,13 @@ def test_fusion_trains_on_label_matched_triplets(tmp_path: Path, monkeypatch: py
     fused = FusionPipeline(tmp_path / "fusion").fuse({"text": np.ones(256), "video": np.zeros(256)})
     assert set(fused.contributions) == {"text", "video"}
     assert sum(fused.contributions.values()) == pytest.approx(1.0)
+
+
+def test_video_training_with_wider_frame_cnn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _seed_layout(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    train.main(["--modality", "video", "--layout", "seed", "--data-root", "data", "--out", "weights",
+                "--epochs", "1", "--batch-size", "7", "--threads", "1", "--bf16", "--video-channels", "8,16,24"])
+    model, config = load_model(tmp_path / "weights")
+    assert tuple(config["config"]["channels"]) == (8, 16, 24)
+    assert model.frame_cnn[2][0].out_channels == 24  # the third conv block was built as asked

@@ -157,6 +157,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--crop-seconds", type=float, default=3.0)
     p.add_argument("--temporal-epochs", type=int, default=0)
     p.add_argument("--seq-len", type=int, default=4)
+    p.add_argument("--video-channels", default="32,64,128", help="video: channels of the 3 conv blocks")
     p.add_argument("--ravdess-calm", default="neutral", help="map RAVDESS calm to this class, or 'drop'")
     p.add_argument("--half", action="store_true", help="store float16 weights")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for training forwards (validation stays float32)")
@@ -182,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         data_root=args.data_root, layout=args.layout, batch_size=args.batch_size, lr=args.lr,
         backbone_lr=args.backbone_lr, backbone=args.backbone, trainable_layers=args.trainable_layers,
         crop_seconds=args.crop_seconds, temporal_epochs=args.temporal_epochs, seq_len=args.seq_len,
+        video_channels=tuple(int(c) for c in args.video_channels.split(",")),
         calm_as=None if args.ravdess_calm == "drop" else args.ravdess_calm,
     )
     task = TASKS[args.modality](opts)
