@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import JSONResponse
@@ -109,14 +109,17 @@ def create_app(service: FusionService, config: AppConfig, static_dir: Path | Non
         """Service status and the version of each loaded model."""
         return await service.health()
 
-    @app.post("/api/predict", response_model=PredictionResponse, response_model_exclude_none=True,
-              responses=ERROR_RESPONSES, tags=["predict"])
+    def predict_route(path: str) -> Any:
+        """``@app.post`` for a prediction endpoint: the response model and the documented error answers."""
+        return app.post(path, response_model=PredictionResponse, response_model_exclude_none=True,
+                        responses=ERROR_RESPONSES, tags=["predict"])
+
+    @predict_route("/api/predict")
     async def predict_text(body: TextRequest) -> PredictionResponse:
         """Emotion of a text (JSON ``{"text": ...}``). Text beyond the model window is truncated."""
         return await service.predict({"text": _clean_text(body.text, config)})
 
-    @app.post("/predict/audio", response_model=PredictionResponse, response_model_exclude_none=True,
-              responses=ERROR_RESPONSES, tags=["predict"])
+    @predict_route("/predict/audio")
     async def predict_audio(
         file: Annotated[UploadFile, File(description="any ffmpeg-readable audio, or a video (its audio track)")],
     ) -> PredictionResponse:
@@ -125,8 +128,7 @@ def create_app(service: FusionService, config: AppConfig, static_dir: Path | Non
         payloads, empty = _split({"audio": data})
         return await service.predict(payloads, primary=("audio",), prefailed=empty)
 
-    @app.post("/predict/video", response_model=PredictionResponse, response_model_exclude_none=True,
-              responses=ERROR_RESPONSES, tags=["predict"])
+    @predict_route("/predict/video")
     async def predict_video(
         file: Annotated[UploadFile, File(description="a video, or a still image (a 1-frame video)")],
     ) -> PredictionResponse:
@@ -137,8 +139,7 @@ def create_app(service: FusionService, config: AppConfig, static_dir: Path | Non
             payloads["audio"] = data
         return await service.predict(payloads, primary=("video",), prefailed=empty)
 
-    @app.post("/predict", response_model=PredictionResponse, response_model_exclude_none=True,
-              responses=ERROR_RESPONSES, tags=["predict"])
+    @predict_route("/predict")
     async def predict(
         text: Annotated[str | None, Form(description="text (blank counts as absent)")] = None,
         audio: Annotated[UploadFile | None, File(description="speech audio")] = None,

@@ -241,6 +241,12 @@ def test_health_and_static_page(tmp_path: Path) -> None:
     assert h.request("GET", "/docs").status_code == 200
     spec = h.request("GET", "/openapi.json").json()
     assert {"/api/health", "/api/predict", "/predict", "/predict/audio", "/predict/video"} <= set(spec["paths"])
+    for path in ("/api/predict", "/predict", "/predict/audio", "/predict/video"):
+        post = spec["paths"][path]["post"]
+        assert post["tags"] == ["predict"]
+        assert {"200", "400", "413", "415", "422"} <= set(post["responses"]), path
+        ok_schema = post["responses"]["200"]["content"]["application/json"]["schema"]
+        assert ok_schema["$ref"].endswith("/PredictionResponse"), path
     assert h.request("POST", "/api/predict", json={"text": "hi"}).status_code == 200  # API before the mount
 
 
