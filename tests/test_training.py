@@ -95,3 +95,10 @@ def test_video_training_with_wider_frame_cnn(tmp_path: Path, monkeypatch: pytest
     model, config = load_model(tmp_path / "weights")
     assert tuple(config["config"]["channels"]) == (8, 16, 24)
     assert model.frame_cnn[2][0].out_channels == 24  # the third conv block was built as asked
+
+
+@pytest.mark.parametrize("bad", ["8,16", "8,16,x", "8,0,24"])
+def test_video_channels_must_be_three_positive_widths(bad: str) -> None:
+    with pytest.raises(SystemExit):
+        train.parse_args(["--modality", "video", "--video-channels", bad])
+    assert train.parse_args(["--modality", "video"]).video_channels is None  # the model's own default

@@ -38,7 +38,7 @@ class TaskOptions:
     trainable_layers: int = 6
     crop_seconds: float = 3.0
     temporal_epochs: int = 0
-    video_channels: tuple[int, int, int] = (32, 64, 128)
+    video_channels: tuple[int, int, int] | None = None  # None: VideoModelConfig's default
     seq_len: int = 4
     calm_as: str | None = "neutral"
 
@@ -166,7 +166,8 @@ class VideoTask(Task):
         self.train_faces, train_found = face_crops(self.train, face_config)
         self.val_faces, val_found = face_crops(self.val, face_config)
         self.detect_rate = {"train": float(train_found.mean()), "val": float(val_found.mean())}
-        self.model = VideoModel(VideoModelConfig(face_size=face_config.face_size, channels=opts.video_channels))
+        widths = {"channels": opts.video_channels} if opts.video_channels else {}
+        self.model = VideoModel(VideoModelConfig(face_size=face_config.face_size, **widths))
         self.rng = np.random.default_rng(0)
         self.total_epochs = 0
         self.setup_labels()

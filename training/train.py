@@ -136,6 +136,17 @@ def _export(task: Task, args: argparse.Namespace, logits: torch.Tensor, labels: 
     task.model.head.temperature.fill_(1.0)
 
 
+def _three_widths(text: str) -> tuple[int, int, int]:
+    """``"48,96,192"`` -> ``(48, 96, 192)``: exactly three positive channel counts."""
+    try:
+        widths = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        widths = ()
+    if len(widths) != 3 or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive integers like 48,96,192, got {text!r}")
+    return widths  # type: ignore[return-value]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modality", required=True, choices=[*TASKS, "fusion"])
@@ -157,7 +168,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--crop-seconds", type=float, default=3.0)
     p.add_argument("--temporal-epochs", type=int, default=0)
     p.add_argument("--seq-len", type=int, default=4)
-    p.add_argument("--video-channels", default="32,64,128", help="video: channels of the 3 conv blocks")
+    p.add_argument("--video-channels", type=_three_widths, default=None,
+                   help="video: channels of the 3 conv blocks, e.g. 48,96,192 (default: the model's, 32,64,128)")
     p.add_argument("--ravdess-calm", default="neutral", help="map RAVDESS calm to this class, or 'drop'")
     p.add_argument("--half", action="store_true", help="store float16 weights")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for training forwards (validation stays float32)")
@@ -183,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         data_root=args.data_root, layout=args.layout, batch_size=args.batch_size, lr=args.lr,
         backbone_lr=args.backbone_lr, backbone=args.backbone, trainable_layers=args.trainable_layers,
         crop_seconds=args.crop_seconds, temporal_epochs=args.temporal_epochs, seq_len=args.seq_len,
-        video_channels=tuple(int(c) for c in args.video_channels.split(",")),
+        video_channels=args.video_channels,
         calm_as=None if args.ravdess_calm == "drop" else args.ravdess_calm,
     )
     task = TASKS[args.modality](opts)
