@@ -78,7 +78,9 @@ def _batch_method() -> Callable[..., Any]:
     async def encode_batch(self: _Encoder, jobs: list[_Job]) -> list[_Encoded]:
         return await self._forward(jobs)
 
-    return serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)(encode_batch)
+    defaults = EncoderUserConfig()  # replaced by the deployment's own settings in ``reconfigure``
+    return serve.batch(max_batch_size=defaults.max_batch_size,
+                       batch_wait_timeout_s=defaults.batch_wait_timeout_s)(encode_batch)
 
 
 class _Encoder:
