@@ -17,7 +17,7 @@ import torch
 
 from models.audio.preprocessing import AudioFeatureConfig, LogMelExtractor, pad_features
 from models.checkpoint import DEFAULT_WEIGHTS_DIR, load_model
-from models.common import Precision, cast_for_autocast, forward_in_precision, resolve_precision
+from models.common import Precision, forward_in_precision, prepare_for_inference, resolve_precision
 from models.labels import EMOTIONS, MODALITIES
 from models.media import DEFAULT_LIMITS, DecodeLimits, decode_audio, decode_frames
 from models.text.preprocessing import TextPreprocessor
@@ -70,7 +70,7 @@ class _Pipeline:
         self.device = torch.device(device)
         self.model.to(self.device)
         self.precision = resolve_precision(precision, self.device)
-        cast_for_autocast(self.model, self.precision)
+        prepare_for_inference(self.model, self.precision)
         self.version = str(self.checkpoint.get("metadata", {}).get("version", "unversioned"))
 
     def _forward(self, *inputs: torch.Tensor) -> Any:

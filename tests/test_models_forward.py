@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models.audio import AudioModel, AudioModelConfig
-from models.common import cast_for_autocast, forward_in_precision
+from models.common import cast_for_autocast, forward_in_precision, prepare_for_inference
 from models.fusion import FusionModel, FusionModelConfig
 from models.labels import NUM_CLASSES
 from models.text import TextModel, TextModelConfig, TextPreprocessor
@@ -96,6 +96,31 @@ def test_cast_for_autocast_is_bit_identical_to_autocast(modality: str) -> None:
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, atol=0.0, rtol=0.0)
         assert (a - f).abs().max() > 0  # it really ran in bfloat16
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize("modality", ["audio", "video"])
+def test_prepare_for_inference_is_channels_last_and_keeps_outputs(modality: str, precision: str) -> None:
+    torch.manual_seed(0)
+    if modality == "audio":
+        model: torch.nn.Module = AudioModel(AudioModelConfig()).eval()
+        inputs: tuple[torch.Tensor, ...] = (torch.randn(2, 1, 64, 120), torch.tensor([120, 80]))
+    else:
+        model = VideoModel(VideoModelConfig()).eval()
+        inputs = (torch.randn(2, 3, 1, 48, 48), torch.ones(2, 3, dtype=torch.bool))
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        for m in model.modules():  # non-trivial batch-norm statistics, so the layouts really differ in work
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    plain = forward_in_precision(model, inputs, precision, cpu)
+    prepare_for_inference(model, precision)
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    tol = 1e-5 if precision == "float32" else 3e-2
+    for a, b in zip(forward_in_precision(model, inputs, precision, cpu), plain, strict=True):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("subset", [s for r in (1, 2, 3) for s in itertools.combinations(range(3), r)])

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from models.audio.preprocessing import AudioFeatureConfig, pad_features
 from models.checkpoint import WEIGHTS_FILE, load_model
-from models.common import cast_for_autocast, forward_in_precision, resolve_precision
+from models.common import forward_in_precision, prepare_for_inference, resolve_precision
 from models.text.preprocessing import TextPreprocessor
 from models.video.preprocessing import FaceConfig, faces_to_tensor, pad_clips
 from training.datasets import read_ravdess, read_split
@@ -37,12 +37,12 @@ def encode_split(modality: str, split: str, weights_dir: str | Path, data_root: 
     """``{"embedding": (N, 256), "logits": (N, 7), "probs": (N, 7), "labels": (N,)}`` for one split."""
     weights_dir = Path(weights_dir)
     precision = resolve_precision("auto", torch.device("cpu"))
-    cache = CACHE_DIR / f"emb-{modality}-{split}-{layout}-{precision}-{_weights_digest(weights_dir)}.npz"
+    cache = CACHE_DIR / f"emb-{modality}-{split}-{layout}-{precision}-nhwc-{_weights_digest(weights_dir)}.npz"
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as data:
             return dict(data)
     model, config = load_model(weights_dir)
-    cast_for_autocast(model, precision)  # as the pipelines do
+    prepare_for_inference(model, precision)  # as the pipelines do
     if modality == "audio" and layout == "shared":
         calm = config["metadata"].get("ravdess_calm_as", "neutral")
         samples = read_ravdess(data_root, split, calm)
