@@ -71,21 +71,6 @@ def test_audio_training_runs_on_cpu_and_resumes(tmp_path: Path, monkeypatch: pyt
     assert optimizer.state  # the optimizer's moments came back too
 
 
-def test_audio_band_normalisation_is_stored_and_served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from models.inference import AudioPipeline
-
-    _seed_layout(tmp_path / "data")
-    monkeypatch.chdir(tmp_path)
-    train.main(["--modality", "audio", "--layout", "seed", "--data-root", "data", "--out", "weights",
-                "--epochs", "1", "--batch-size", "7", "--threads", "1", "--audio-norm", "band"])
-    _, config = load_model(tmp_path / "weights")
-    assert config["metadata"]["features"]["normalise"] == "band"
-    pipeline = AudioPipeline(tmp_path / "weights")
-    assert pipeline.extractor.config.normalise == "band"  # serving uses what training used
-    feats = pipeline.prepare(tone_wav(seconds=1.0)).data
-    assert float(feats.mean(1).abs().max()) < 1e-4
-
-
 def test_fusion_trains_on_label_matched_triplets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from models.checkpoint import DEFAULT_WEIGHTS_DIR
     from models.inference import FusionPipeline

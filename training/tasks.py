@@ -41,7 +41,6 @@ class TaskOptions:
     video_channels: tuple[int, int, int] | None = None  # None: VideoModelConfig's default
     seq_len: int = 4
     calm_as: str | None = "neutral"
-    audio_norm: str = "utterance"  # AudioFeatureConfig.normalise
 
 
 def _chunks(indices: list[int], size: int) -> Iterator[list[int]]:
@@ -128,7 +127,7 @@ class AudioTask(Task):
         else:
             super().__init__(opts)
         self.opts = opts
-        self.features_config = AudioFeatureConfig(normalise=opts.audio_norm)
+        self.features_config = AudioFeatureConfig()
         self.train_x = audio_features(self.train, self.features_config)
         self.val_x = audio_features(self.val, self.features_config)
         self.model = AudioModel(AudioModelConfig(n_mels=self.features_config.n_mels))

@@ -170,8 +170,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=4)
     p.add_argument("--video-channels", type=_three_widths, default=None,
                    help="video: channels of the 3 conv blocks, e.g. 48,96,192 (default: the model's, 32,64,128)")
-    p.add_argument("--audio-norm", choices=["utterance", "band"], default="utterance",
-                   help="audio: log-mel normalisation, one mean/std per utterance or per mel band (stored in config.json)")
     p.add_argument("--ravdess-calm", default="neutral", help="map RAVDESS calm to this class, or 'drop'")
     p.add_argument("--half", action="store_true", help="store float16 weights")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for training forwards (validation stays float32)")
@@ -197,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         data_root=args.data_root, layout=args.layout, batch_size=args.batch_size, lr=args.lr,
         backbone_lr=args.backbone_lr, backbone=args.backbone, trainable_layers=args.trainable_layers,
         crop_seconds=args.crop_seconds, temporal_epochs=args.temporal_epochs, seq_len=args.seq_len,
-        video_channels=args.video_channels, audio_norm=args.audio_norm,
+        video_channels=args.video_channels,
         calm_as=None if args.ravdess_calm == "drop" else args.ravdess_calm,
     )
     task = TASKS[args.modality](opts)

@@ -20,14 +20,6 @@ class AudioFeatureConfig:
     max_seconds: float = 8.0
     trim_db: float = 40.0  # frames quieter than (loudest - trim_db) at either end are cut
     min_frames: int = 32
-    # "utterance": one mean/std over the whole log-mel; "band": each mel band to zero mean and unit
-    # variance over time (cepstral mean/variance normalisation), which removes a speaker's and a
-    # microphone's fixed spectral tilt.
-    normalise: str = "utterance"
-
-    def __post_init__(self) -> None:
-        if self.normalise not in ("utterance", "band"):
-            raise ValueError(f"normalise must be 'utterance' or 'band', got {self.normalise!r}")
 
 
 class LogMelExtractor:
@@ -54,10 +46,7 @@ class LogMelExtractor:
         if mel.shape[1] > self.max_frames:  # keep the centre of long inputs
             start = (mel.shape[1] - self.max_frames) // 2
             mel = mel[:, start : start + self.max_frames]
-        if self.config.normalise == "band" and mel.shape[1] > 1:
-            mel = (mel - mel.mean(1, keepdim=True)) / mel.std(1, keepdim=True).clamp_min(1e-3)
-        else:
-            mel = (mel - mel.mean()) / mel.std().clamp_min(1e-3)
+        mel = (mel - mel.mean()) / mel.std().clamp_min(1e-3)
         if mel.shape[1] < self.config.min_frames:
             mel = torch.nn.functional.pad(mel, (0, self.config.min_frames - mel.shape[1]))
         return mel.contiguous()
