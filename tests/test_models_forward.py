@@ -76,15 +76,17 @@ def test_video_mirror_average_is_mirror_invariant_at_inference_only() -> None:
     assert (model(clip, mask)[0] - model(clip.flip(-1), mask)[0]).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("modality", ["audio", "video"])
-def test_cast_for_autocast_is_bit_identical_to_autocast(modality: str) -> None:
+def _conv_model_and_inputs(modality: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    """A seeded, eval-mode audio or video model (the ones with conv layers) and a batch of inputs for it."""
     torch.manual_seed(0)
     if modality == "audio":
-        model = AudioModel(AudioModelConfig()).eval()
-        inputs: tuple[torch.Tensor, ...] = (torch.randn(2, 1, 64, 120), torch.tensor([120, 80]))
-    else:
-        model = VideoModel(VideoModelConfig()).eval()
-        inputs = (torch.randn(2, 3, 1, 48, 48), torch.ones(2, 3, dtype=torch.bool))
+        return AudioModel(AudioModelConfig()).eval(), (torch.randn(2, 1, 64, 120), torch.tensor([120, 80]))
+    return VideoModel(VideoModelConfig()).eval(), (torch.randn(2, 3, 1, 48, 48), torch.ones(2, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("modality", ["audio", "video"])
+def test_cast_for_autocast_is_bit_identical_to_autocast(modality: str) -> None:
+    model, inputs = _conv_model_and_inputs(modality)
     cpu = torch.device("cpu")
     before = forward_in_precision(model, inputs, "bfloat16", cpu)
     float32 = forward_in_precision(model, inputs, "float32", cpu)
@@ -101,13 +103,7 @@ def test_cast_for_autocast_is_bit_identical_to_autocast(modality: str) -> None:
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 @pytest.mark.parametrize("modality", ["audio", "video"])
 def test_prepare_for_inference_is_channels_last_and_keeps_outputs(modality: str, precision: str) -> None:
-    torch.manual_seed(0)
-    if modality == "audio":
-        model: torch.nn.Module = AudioModel(AudioModelConfig()).eval()
-        inputs: tuple[torch.Tensor, ...] = (torch.randn(2, 1, 64, 120), torch.tensor([120, 80]))
-    else:
-        model = VideoModel(VideoModelConfig()).eval()
-        inputs = (torch.randn(2, 3, 1, 48, 48), torch.ones(2, 3, dtype=torch.bool))
+    model, inputs = _conv_model_and_inputs(modality)
     cpu = torch.device("cpu")
     with torch.no_grad():
         for m in model.modules():  # non-trivial batch-norm statistics, so the layouts really differ in work
