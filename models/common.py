@@ -61,9 +61,8 @@ def prepare_for_inference(model: nn.Module, precision: str) -> nn.Module:
     """Lay out a model for fast inference: :func:`cast_for_autocast`, then channels-last conv weights.
 
     oneDNN runs convolutions, batch norm and max pooling in channels-last (NHWC) without the
-    reorders it needs for NCHW, most of all in bfloat16: on a 2-core CPU at 1 thread a 5 s audio
-    forward went from about 40 to 28 ms and a 16-frame video forward from 26 to 18 ms. Results
-    match the plain layout to float rounding. Models without 4-d weights (text) are unchanged.
+    reorders it needs for NCHW, most of all in bfloat16 (measurements: README, "Precision").
+    Results match the plain layout to float rounding. Models without 4-d weights (text) are unchanged.
     """
     cast_for_autocast(model, precision)
     return model.to(memory_format=torch.channels_last)
