@@ -102,3 +102,49 @@ def test_video_channels_must_be_three_positive_widths(bad: str) -> None:
     with pytest.raises(SystemExit):
         train.parse_args(["--modality", "video", "--video-channels", bad])
     assert train.parse_args(["--modality", "video"]).video_channels is None  # the model's own default
+
+
+def test_ema_training_exports_the_average_and_resumes_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    _seed_layout(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    common = ["--modality", "audio", "--layout", "seed", "--data-root", "data", "--out", "weights",
+              "--batch-size", "7", "--patience", "5", "--threads", "1", "--ema", "0.9"]
+    train.main([*common, "--epochs", "1"])
+    run = tmp_path / "runs" / "audio"
+    average = load_file(str(run / "ema.safetensors"))
+    assert int(average["n_averaged"]) == 2  # 14 samples in batches of 7: one update per step
+    raw = {k[6:]: v for k, v in load_file(str(run / "state.safetensors")).items() if k.startswith("model.")}
+    exported = load_file(str(tmp_path / "weights" / "model.safetensors"))
+    name = "embed.0.weight" if "embed.0.weight" in exported else next(k for k in exported if k.endswith("weight"))
+    assert torch.allclose(exported[name], average[f"module.{name}"])  # the average is what ships...
+    assert not torch.allclose(exported[name], raw[name])  # ...not the last raw weights
+    config = json.loads((tmp_path / "weights" / "config.json").read_text())
+    assert config["metadata"]["ema_decay"] == 0.9
+    train.main([*common, "--epochs", "2", "--resume"])
+    assert int(load_file(str(run / "ema.safetensors"))["n_averaged"]) == 4  # the average carried on
+
+
+def test_init_from_starts_at_saved_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from models.checkpoint import stored_state
+
+    _seed_layout(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    common = ["--modality", "audio", "--layout", "seed", "--data-root", "data", "--batch-size", "7",
+              "--threads", "1", "--epochs", "1"]
+    train.main([*common, "--out", "first"])
+    first, _ = load_model(tmp_path / "first")
+    # lr 0: the second run cannot move, so it must export exactly the weights it started from
+    train.main([*common, "--out", "second", "--run-dir", "runs2", "--init-from", "first", "--lr", "0"])
+    second, config = load_model(tmp_path / "second")
+    assert config["metadata"]["initialised_from"] == "first"
+    a, b = dict(first.named_parameters()), stored_state(second)  # parameters only: BN statistics move with lr 0
+    assert all(np.allclose(a[k].detach().numpy(), b[k].numpy()) for k in a)
+
+
+@pytest.mark.parametrize("bad", ["1", "-0.1", "x"])
+def test_ema_decay_must_be_below_one(bad: str) -> None:
+    with pytest.raises(SystemExit):
+        train.parse_args(["--modality", "audio", "--ema", bad])

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.optim.swa_utils import AveragedModel
 
 
 def save_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, info: dict[str, Any]) -> None:
@@ -46,3 +47,20 @@ def load_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.O
         state.setdefault(int(pid), {})[key] = v
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     return meta["info"]
+
+
+def save_ema(directory: Path, ema: AveragedModel) -> None:
+    """Write the weight average of ``ema`` (module tensors and the count of averaged steps)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().clone() for k, v in ema.state_dict().items()}
+    save_file(tensors, str(directory / "ema.tmp"))
+    (directory / "ema.tmp").replace(directory / "ema.safetensors")
+
+
+def load_ema(directory: Path, ema: AveragedModel) -> bool:
+    """Restore an average written by :func:`save_ema`; False if there is none."""
+    path = directory / "ema.safetensors"
+    if not path.is_file():
+        return False
+    ema.load_state_dict(load_file(str(path)))
+    return True

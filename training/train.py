@@ -16,12 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from models.checkpoint import DEFAULT_WEIGHTS_DIR, save_model
+from models.checkpoint import DEFAULT_WEIGHTS_DIR, load_model, save_model
 from training.calibration import fit_temperature
 from training.metrics import classification_report
-from training.state import load_state, save_state
+from training.state import load_ema, load_state, save_ema, save_state
 from training.tasks import TASKS, Task, TaskOptions
 
 
@@ -34,22 +35,25 @@ def seed_everything(seed: int) -> random.Random:
 
 
 @torch.no_grad()
-def predict(task: Task) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validation logits and labels."""
-    task.model.eval()
+def predict(task: Task, model: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validation logits and labels of ``model`` (default: the task's own)."""
+    model = model or task.model
+    model.eval()
     logits, labels = [], []
     for inputs, y in task.val_batches():
-        logits.append(task.model(*inputs)[1])
+        logits.append(model(*inputs)[1])
         labels.append(y)
     return torch.cat(logits), torch.cat(labels)
 
 
 def train_epoch(task: Task, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                loss_fn: torch.nn.Module, epoch: int, rng: random.Random, bf16: bool = False) -> float:
+                loss_fn: torch.nn.Module, epoch: int, rng: random.Random, bf16: bool = False,
+                ema: AveragedModel | None = None) -> float:
     """One pass over the training batches; returns the mean loss.
 
     ``bf16`` runs forward and loss under bfloat16 autocast (weights and optimizer stay float32):
-    about twice as fast on CPUs with AVX512-BF16/AMX and on GPUs.
+    about twice as fast on CPUs with AVX512-BF16/AMX and on GPUs. ``ema``, when given, is
+    updated after every optimizer step.
     """
     task.model.train()
     total, count = 0.0, 0
@@ -63,7 +67,9 @@ def train_epoch(task: Task, optimizer: torch.optim.Optimizer, scheduler: torch.o
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 5.0)
         optimizer.step()
         scheduler.step()
-        total += float(loss) * len(y)
+        if ema is not None:
+            ema.update_parameters(task.model)
+        total += loss.item() * len(y)
         count += len(y)
         bar.set_postfix(loss=f"{total / count:.3f}")
     return total / max(count, 1)
@@ -74,8 +80,17 @@ def steps_per_epoch(task: Task) -> int:
 
 
 def fit(task: Task, args: argparse.Namespace) -> dict:
-    """Train with early stopping; write the best model to ``args.out``; return its summary."""
+    """Train with early stopping; write the best model to ``args.out``; return its summary.
+
+    With ``--ema`` the model that is validated, early-stopped on and exported is an exponential
+    moving average of the weights (buffers included), updated after every step.
+    """
     rng = seed_everything(args.seed)
+    if args.init_from:
+        initial, _ = load_model(args.init_from)
+        task.model.load_state_dict(initial.state_dict())
+        print(f"initialised {task.modality} from {args.init_from}")
+    ema = AveragedModel(task.model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
     optimizer = torch.optim.AdamW(task.param_groups(), weight_decay=args.weight_decay)
     total_steps = steps_per_epoch(task) * args.epochs
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -96,11 +111,14 @@ def fit(task: Task, args: argparse.Namespace) -> dict:
                 for _ in range(steps_per_epoch(task) * info["epoch"]):
                     scheduler.step()
             rng = random.Random(args.seed + info["epoch"])
+            if ema is not None and not load_ema(run_dir, ema):
+                ema.update_parameters(task.model)  # a state saved without an average: start it here
             print(f"resumed {task.modality} at epoch {info['epoch']} (best macro-F1 {info['best_f1']:.4f})")
     for epoch in range(info["epoch"], args.epochs):
         start = time.time()
-        loss = train_epoch(task, optimizer, scheduler, loss_fn, epoch, rng, bf16=args.bf16)
-        logits, labels = predict(task)
+        loss = train_epoch(task, optimizer, scheduler, loss_fn, epoch, rng, bf16=args.bf16, ema=ema)
+        evaluated = ema.module if ema is not None else task.model
+        logits, labels = predict(task, evaluated)
         report = classification_report(labels.numpy(), logits.argmax(1).numpy())
         info["train_seconds"] += time.time() - start
         info["history"].append({"epoch": epoch + 1, "loss": round(loss, 4), **{k: round(report[k], 4) for k in ("accuracy", "macro_f1", "weighted_f1")}})
@@ -109,7 +127,9 @@ def fit(task: Task, args: argparse.Namespace) -> dict:
         info["epoch"] = epoch + 1
         if report["macro_f1"] > info["best_f1"]:
             info["best_f1"], info["best_epoch"] = report["macro_f1"], epoch + 1
-            _export(task, args, logits, labels, info)
+            _export(task, evaluated, args, logits, labels, info)
+        if ema is not None:
+            save_ema(run_dir, ema)
         save_state(run_dir, task.model, optimizer, {**info, "scheduler": scheduler.state_dict()})
         if epoch + 1 - info["best_epoch"] >= args.patience:
             print(f"early stop: no macro-F1 gain for {args.patience} epochs")
@@ -117,9 +137,10 @@ def fit(task: Task, args: argparse.Namespace) -> dict:
     return info
 
 
-def _export(task: Task, args: argparse.Namespace, logits: torch.Tensor, labels: torch.Tensor, info: dict) -> None:
+def _export(task: Task, model: torch.nn.Module, args: argparse.Namespace, logits: torch.Tensor,
+            labels: torch.Tensor, info: dict) -> None:
     temperature = fit_temperature(logits, labels)
-    task.model.head.temperature.fill_(temperature)
+    model.head.temperature.fill_(temperature)
     metadata = {
         "version": f"{task.modality}-{time.strftime('%Y%m%d')}-e{info['best_epoch']}",
         "command": "python -m training.train " + " ".join(sys.argv[1:]),
@@ -130,10 +151,12 @@ def _export(task: Task, args: argparse.Namespace, logits: torch.Tensor, labels: 
         + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
         "history": info["history"],
         "temperature": round(temperature, 4),
+        **({"ema_decay": args.ema} if args.ema else {}),
+        **({"initialised_from": str(args.init_from)} if args.init_from else {}),
         **task.metadata(),
     }
-    save_model(task.model, args.out, metadata, half=args.half)
-    task.model.head.temperature.fill_(1.0)
+    save_model(model, args.out, metadata, half=args.half)
+    model.head.temperature.fill_(1.0)
 
 
 def _three_widths(text: str) -> tuple[int, int, int]:
@@ -145,6 +168,17 @@ def _three_widths(text: str) -> tuple[int, int, int]:
     if len(widths) != 3 or min(widths) < 1:
         raise argparse.ArgumentTypeError(f"expected three positive integers like 48,96,192, got {text!r}")
     return widths  # type: ignore[return-value]
+
+
+def _decay(text: str) -> float:
+    """An EMA decay: 0 (off) or a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a decay in [0, 1), got {text!r}")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -175,6 +209,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for training forwards (validation stays float32)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     p.add_argument("--seed", type=int, default=13)
+    p.add_argument("--ema", type=_decay, default=0.0,
+                   help="validate and export an exponential moving average of the weights with this per-step decay, e.g. 0.999 (0 = off)")
+    p.add_argument("--init-from", help="start from the weights of a saved model folder (e.g. models/weights/video) instead of from scratch")
     p.add_argument("--steps", type=int, default=4000, help="fusion: training steps")
     p.add_argument("--weights-dir", default=str(DEFAULT_WEIGHTS_DIR), help="fusion: trained encoder weights")
     args = p.parse_args(argv)
