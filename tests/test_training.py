@@ -113,18 +113,17 @@ def test_ema_training_exports_the_average_and_resumes_it(tmp_path: Path, monkeyp
     common = ["--modality", "audio", "--layout", "seed", "--data-root", "data", "--out", "weights",
               "--batch-size", "7", "--patience", "5", "--threads", "1", "--ema", "0.9"]
     train.main([*common, "--epochs", "1"])
-    run = tmp_path / "runs" / "audio"
-    average = load_file(str(run / "ema.safetensors"))
-    assert int(average["n_averaged"]) == 2  # 14 samples in batches of 7: one update per step
-    raw = {k[6:]: v for k, v in load_file(str(run / "state.safetensors")).items() if k.startswith("model.")}
+    state = tmp_path / "runs" / "audio" / "state.safetensors"
+    stored = load_file(str(state))
+    assert int(stored["ema.n_averaged"]) == 2  # 14 samples in batches of 7: one update per step
     exported = load_file(str(tmp_path / "weights" / "model.safetensors"))
-    name = "embed.0.weight" if "embed.0.weight" in exported else next(k for k in exported if k.endswith("weight"))
-    assert torch.allclose(exported[name], average[f"module.{name}"])  # the average is what ships...
-    assert not torch.allclose(exported[name], raw[name])  # ...not the last raw weights
+    name = "embed.1.weight"  # the embedding layer's Linear
+    assert torch.allclose(exported[name], stored[f"ema.module.{name}"])  # the average is what ships...
+    assert not torch.allclose(exported[name], stored[f"model.{name}"])  # ...not the last raw weights
     config = json.loads((tmp_path / "weights" / "config.json").read_text())
     assert config["metadata"]["ema_decay"] == 0.9
     train.main([*common, "--epochs", "2", "--resume"])
-    assert int(load_file(str(run / "ema.safetensors"))["n_averaged"]) == 4  # the average carried on
+    assert int(load_file(str(state))["ema.n_averaged"]) == 4  # the average carried on
 
 
 def test_init_from_starts_at_saved_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

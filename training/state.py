@@ -11,10 +11,14 @@ from safetensors.torch import load_file, save_file
 from torch.optim.swa_utils import AveragedModel
 
 
-def save_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, info: dict[str, Any]) -> None:
-    """Write ``model``/``optimizer`` tensors and ``info`` (epoch, best score, history...) atomically."""
+def save_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, info: dict[str, Any],
+               ema: AveragedModel | None = None) -> None:
+    """Write ``model``/``optimizer`` tensors, the weight average ``ema`` if any, and ``info`` (epoch,
+    best score, history...) atomically, in one file so they always belong to the same step."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v.detach().contiguous().clone() for k, v in ema.state_dict().items()})
     opt = optimizer.state_dict()
     scalars: dict[str, Any] = {}
     for pid, pstate in opt["state"].items():
@@ -30,13 +34,23 @@ def save_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.O
     (directory / "state.json.tmp").replace(directory / "state.json")
 
 
-def load_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
-    """Restore a state written by :func:`save_state`; returns its ``info`` or None if there is none."""
+def load_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               ema: AveragedModel | None = None) -> dict[str, Any] | None:
+    """Restore a state written by :func:`save_state`; returns its ``info`` or None if there is none.
+
+    ``ema`` gets the stored average; a state saved without one starts the average at the restored weights.
+    """
     if not (directory / "state.json").is_file():
         return None
     tensors = load_file(str(directory / "state.safetensors"))
     meta = json.loads((directory / "state.json").read_text())
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    if ema is not None:
+        average = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+        if average:
+            ema.load_state_dict(average)
+        else:
+            ema.update_parameters(model)
     state: dict[int, dict[str, Any]] = {}
     for k, v in tensors.items():
         if k.startswith("opt."):
@@ -48,19 +62,3 @@ def load_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.O
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     return meta["info"]
 
-
-def save_ema(directory: Path, ema: AveragedModel) -> None:
-    """Write the weight average of ``ema`` (module tensors and the count of averaged steps)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().clone() for k, v in ema.state_dict().items()}
-    save_file(tensors, str(directory / "ema.tmp"))
-    (directory / "ema.tmp").replace(directory / "ema.safetensors")
-
-
-def load_ema(directory: Path, ema: AveragedModel) -> bool:
-    """Restore an average written by :func:`save_ema`; False if there is none."""
-    path = directory / "ema.safetensors"
-    if not path.is_file():
-        return False
-    ema.load_state_dict(load_file(str(path)))
-    return True

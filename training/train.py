@@ -22,7 +22,7 @@ from tqdm import tqdm
 from models.checkpoint import DEFAULT_WEIGHTS_DIR, load_model, save_model
 from training.calibration import fit_temperature
 from training.metrics import classification_report
-from training.state import load_ema, load_state, save_ema, save_state
+from training.state import load_state, save_state
 from training.tasks import TASKS, Task, TaskOptions
 
 
@@ -37,7 +37,7 @@ def seed_everything(seed: int) -> random.Random:
 @torch.no_grad()
 def predict(task: Task, model: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Validation logits and labels of ``model`` (default: the task's own)."""
-    model = model or task.model
+    model = model if model is not None else task.model
     model.eval()
     logits, labels = [], []
     for inputs, y in task.val_batches():
@@ -101,7 +101,7 @@ def fit(task: Task, args: argparse.Namespace) -> dict:
     run_dir = Path(args.run_dir) / task.modality
     info = {"epoch": 0, "best_f1": -1.0, "best_epoch": -1, "history": [], "train_seconds": 0.0}
     if args.resume:
-        restored = load_state(run_dir, task.model, optimizer)
+        restored = load_state(run_dir, task.model, optimizer, ema)
         if restored:
             info = restored
             schedule = info.pop("scheduler", None)
@@ -111,8 +111,6 @@ def fit(task: Task, args: argparse.Namespace) -> dict:
                 for _ in range(steps_per_epoch(task) * info["epoch"]):
                     scheduler.step()
             rng = random.Random(args.seed + info["epoch"])
-            if ema is not None and not load_ema(run_dir, ema):
-                ema.update_parameters(task.model)  # a state saved without an average: start it here
             print(f"resumed {task.modality} at epoch {info['epoch']} (best macro-F1 {info['best_f1']:.4f})")
     for epoch in range(info["epoch"], args.epochs):
         start = time.time()
@@ -128,9 +126,7 @@ def fit(task: Task, args: argparse.Namespace) -> dict:
         if report["macro_f1"] > info["best_f1"]:
             info["best_f1"], info["best_epoch"] = report["macro_f1"], epoch + 1
             _export(task, evaluated, args, logits, labels, info)
-        if ema is not None:
-            save_ema(run_dir, ema)
-        save_state(run_dir, task.model, optimizer, {**info, "scheduler": scheduler.state_dict()})
+        save_state(run_dir, task.model, optimizer, {**info, "scheduler": scheduler.state_dict()}, ema)
         if epoch + 1 - info["best_epoch"] >= args.patience:
             print(f"early stop: no macro-F1 gain for {args.patience} epochs")
             break
