@@ -66,7 +66,7 @@ def stored_state(model: nn.Module) -> dict[str, torch.Tensor]:
     if isinstance(model, TextModel):
         keep = set(model.trainable_parameter_names())
         state = {k: v for k, v in state.items() if not k.startswith("backbone.") or k in keep}
-    return {k: v.detach().contiguous().clone() for k, v in state.items()}
+    return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
 
 
 def save_model(

@@ -16,15 +16,15 @@ def save_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.O
     """Write ``model``/``optimizer`` tensors, the weight average ``ema`` if any, and ``info`` (epoch,
     best score, history...) atomically, in one file so they always belong to the same step."""
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     if ema is not None:
-        tensors.update({f"ema.{k}": v.detach().contiguous().clone() for k, v in ema.state_dict().items()})
+        tensors.update({f"ema.{k}": v.detach().cpu().contiguous().clone() for k, v in ema.state_dict().items()})
     opt = optimizer.state_dict()
     scalars: dict[str, Any] = {}
     for pid, pstate in opt["state"].items():
         for key, value in pstate.items():
             if torch.is_tensor(value):
-                tensors[f"opt.{pid}.{key}"] = value.contiguous().clone()
+                tensors[f"opt.{pid}.{key}"] = value.detach().cpu().contiguous().clone()
             else:
                 scalars[f"{pid}.{key}"] = value
     save_file(tensors, str(directory / "state.tmp"))
