@@ -147,3 +147,15 @@ def test_init_from_starts_at_saved_weights(tmp_path: Path, monkeypatch: pytest.M
 def test_ema_decay_must_be_below_one(bad: str) -> None:
     with pytest.raises(SystemExit):
         train.parse_args(["--modality", "audio", "--ema", bad])
+
+
+def test_training_device_choice() -> None:
+    import torch
+
+    assert train.resolve_device("cpu") == torch.device("cpu")
+    assert train.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device"):
+            train.resolve_device("cuda")
+    model = torch.nn.Linear(2, 2)
+    assert train.model_device(model) == torch.device("cpu")
