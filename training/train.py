@@ -221,7 +221,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--half", action="store_true", help="store float16 weights")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for training forwards (validation stays float32)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (cuda when present); batches are built on the CPU")
+    p.add_argument("--device", default="cpu", help="text/audio/video: cpu, cuda or auto (cuda when present); batches are built on the CPU. "
+                   "Fusion always trains on the CPU")
     p.add_argument("--seed", type=int, default=13)
     p.add_argument("--ema", type=_decay, default=0.0,
                    help="validate and export an exponential moving average of the weights with this per-step decay, e.g. 0.999 (0 = off)")
