@@ -175,12 +175,13 @@ def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def resolve_device(choice: str) -> str:
-    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``."""
-    if choice != "auto":
-        return choice
-    import torch
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; ``cuda`` without one stops with a clear message."""
+    from models.common import resolve_device as resolve
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return resolve(choice).type
+    except ValueError as error:
+        raise SystemExit(f"--device {choice}: {error}") from None
 
 
 def now_iso() -> str:

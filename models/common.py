@@ -25,6 +25,19 @@ def native_bf16(device_type: str) -> bool:
     return False
 
 
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda[:N]`` or ``auto`` (cuda when torch sees a GPU, else cpu) as a device.
+
+    Asking for CUDA where there is none raises a ValueError that says so, instead of failing
+    later inside the first forward.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: no CUDA device is available on this machine (use cpu or auto)")
+    return torch.device(name)
+
+
 def resolve_precision(precision: Precision, device: torch.device) -> str:
     """``auto`` -> ``bfloat16`` where native, else ``float32``."""
     if precision == "auto":

@@ -17,7 +17,7 @@ import torch
 
 from models.audio.preprocessing import AudioFeatureConfig, LogMelExtractor, pad_features
 from models.checkpoint import DEFAULT_WEIGHTS_DIR, load_model
-from models.common import Precision, forward_in_precision, prepare_for_inference, resolve_precision
+from models.common import Precision, forward_in_precision, prepare_for_inference, resolve_device, resolve_precision
 from models.labels import EMOTIONS, MODALITIES
 from models.media import DEFAULT_LIMITS, DecodeLimits, decode_audio, decode_frames
 from models.text.preprocessing import TextPreprocessor
@@ -67,7 +67,7 @@ class _Pipeline:
                  device: str = "cpu", precision: Precision = "auto") -> None:
         directory = Path(weights_dir) if weights_dir else DEFAULT_WEIGHTS_DIR / self.modality
         self.model, self.checkpoint = load_model(directory, overrides)
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.model.to(self.device)
         self.precision = resolve_precision(precision, self.device)
         prepare_for_inference(self.model, self.precision)

@@ -26,6 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from models.common import resolve_device
 from models.inference import AudioPipeline, EmptyTextError, EncoderResult, Prepared, TextPipeline, VideoPipeline
 from models.labels import EMOTIONS
 from models.media import MediaError
@@ -112,10 +113,8 @@ class _Encoder:
     # ---- loading and hot swap -------------------------------------------------------------------
 
     def _device(self) -> str:
-        wanted = self.encoder_config.device
-        if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
-            return "cuda"
-        return "cpu"
+        """The configured device (``auto``: cuda when this replica sees a GPU); a missing GPU fails the load clearly."""
+        return str(resolve_device(self.encoder_config.device))
 
     def _build(self, cfg: EncoderUserConfig) -> Pipeline:
         """Load a complete pipeline for ``cfg`` (runs in a thread)."""

@@ -134,3 +134,14 @@ def test_float32_and_bfloat16_inference_agree() -> None:
     for x, y in zip(a, b, strict=True):
         assert x.emotion == y.emotion
         assert abs(x.probabilities - y.probabilities).max() < 0.05
+
+
+def test_pipeline_device_choice() -> None:
+    """``auto`` resolves to the GPU only where there is one; asking for a missing GPU says so at load time."""
+    import torch
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert FusionPipeline(device="auto").device.type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            FusionPipeline(device="cuda")

@@ -19,6 +19,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+from models import common
 from models.checkpoint import DEFAULT_WEIGHTS_DIR, load_model, save_model
 from training.calibration import fit_temperature
 from training.metrics import classification_report
@@ -53,12 +54,11 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda`` (refused with a clear message where there is none) or ``auto`` (cuda when present)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: no CUDA device is available on this machine (use --device cpu)")
-    return torch.device(name)
+    """:func:`models.common.resolve_device`, with a missing GPU turned into a clean exit."""
+    try:
+        return common.resolve_device(name)
+    except ValueError as error:
+        raise SystemExit(f"--device {name}: {error}") from None
 
 
 def train_epoch(task: Task, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
