@@ -59,7 +59,10 @@ def _ms_since(start: float) -> float:
 
 
 class _Pipeline:
-    """Common parts: load weights, run a batched forward without autograd."""
+    """Common parts: load weights, run a batched forward without autograd.
+
+    ``device`` is ``cpu``, ``cuda[:N]`` or ``auto`` (see :func:`models.common.resolve_device`).
+    """
 
     modality: str
 

@@ -26,7 +26,6 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from models.common import resolve_device
 from models.inference import AudioPipeline, EmptyTextError, EncoderResult, Prepared, TextPipeline, VideoPipeline
 from models.labels import EMOTIONS
 from models.media import MediaError
@@ -111,10 +110,6 @@ class _Encoder:
         self.encode_batch = MethodType(_batch_method(), self)
 
     # ---- loading and hot swap -------------------------------------------------------------------
-
-    def _device(self) -> str:
-        """The configured device (``auto``: cuda when this replica sees a GPU); a missing GPU fails the load clearly."""
-        return str(resolve_device(self.encoder_config.device))
 
     def _build(self, cfg: EncoderUserConfig) -> Pipeline:
         """Load a complete pipeline for ``cfg`` (runs in a thread)."""
@@ -256,7 +251,7 @@ class TextEncoder(_Encoder):
     prepare_inline = True  # whitespace normalisation only; tokenisation is batched in encode
 
     def _build(self, cfg: EncoderUserConfig) -> TextPipeline:
-        return TextPipeline(cfg.weights_dir, backbone=cfg.backbone, device=self._device(),
+        return TextPipeline(cfg.weights_dir, backbone=cfg.backbone, device=self.encoder_config.device,
                             precision=self.encoder_config.precision)
 
 
@@ -268,7 +263,7 @@ class AudioEncoder(_Encoder):
     payload_type = bytes
 
     def _build(self, cfg: EncoderUserConfig) -> AudioPipeline:
-        return AudioPipeline(cfg.weights_dir, device=self._device(), limits=self.limits.decode_limits(),
+        return AudioPipeline(cfg.weights_dir, device=self.encoder_config.device, limits=self.limits.decode_limits(),
                              precision=self.encoder_config.precision)
 
 
@@ -280,7 +275,7 @@ class VideoEncoder(_Encoder):
     payload_type = bytes
 
     def _build(self, cfg: EncoderUserConfig) -> VideoPipeline:
-        return VideoPipeline(cfg.weights_dir, device=self._device(), num_frames=self.limits.num_frames,
+        return VideoPipeline(cfg.weights_dir, device=self.encoder_config.device, num_frames=self.limits.num_frames,
                              limits=self.limits.decode_limits(), precision=self.encoder_config.precision)
 
 
