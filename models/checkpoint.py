@@ -60,13 +60,18 @@ def model_type_of(model: nn.Module) -> str:
     raise CheckpointError(f"not an emotion model: {type(model).__name__}")
 
 
+def host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached, contiguous CPU copy that safetensors can write whatever device trained it."""
+    return tensor.detach().cpu().contiguous().clone()
+
+
 def stored_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors a checkpoint keeps: all of them, except a text backbone's frozen part."""
     state = model.state_dict()
     if isinstance(model, TextModel):
         keep = set(model.trainable_parameter_names())
         state = {k: v for k, v in state.items() if not k.startswith("backbone.") or k in keep}
-    return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    return {k: host_copy(v) for k, v in state.items()}
 
 
 def save_model(

@@ -10,10 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.optim.swa_utils import AveragedModel
 
-
-def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """A detached, contiguous CPU copy that safetensors can write whatever device trained it."""
-    return tensor.detach().cpu().contiguous().clone()
+from models.checkpoint import host_copy
 
 
 def save_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, info: dict[str, Any],
@@ -21,15 +18,15 @@ def save_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.O
     """Write ``model``/``optimizer`` tensors, the weight average ``ema`` if any, and ``info`` (epoch,
     best score, history...) atomically, in one file so they always belong to the same step."""
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": _host_copy(v) for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": host_copy(v) for k, v in model.state_dict().items()}
     if ema is not None:
-        tensors.update({f"ema.{k}": _host_copy(v) for k, v in ema.state_dict().items()})
+        tensors.update({f"ema.{k}": host_copy(v) for k, v in ema.state_dict().items()})
     opt = optimizer.state_dict()
     scalars: dict[str, Any] = {}
     for pid, pstate in opt["state"].items():
         for key, value in pstate.items():
             if torch.is_tensor(value):
-                tensors[f"opt.{pid}.{key}"] = _host_copy(value)
+                tensors[f"opt.{pid}.{key}"] = host_copy(value)
             else:
                 scalars[f"{pid}.{key}"] = value
     save_file(tensors, str(directory / "state.tmp"))
