@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from models.checkpoint import load_model
 from models.labels import EMOTIONS
@@ -159,3 +160,49 @@ def test_training_device_choice() -> None:
             train.resolve_device("cuda")
     model = torch.nn.Linear(2, 2)
     assert train.model_device(model) == torch.device("cpu")
+
+
+class _FixedLogits(torch.nn.Module):
+    """A stand-in teacher that answers the same logits for every input."""
+
+    def __init__(self, logits: list[float]) -> None:
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.tensor([logits]))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, self.logits.expand(len(x), -1)
+
+
+def test_distiller_averages_teachers_and_blends_losses() -> None:
+    from training.distill import Distiller
+
+    a, b = [2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    hard = torch.nn.CrossEntropyLoss()
+    distiller = Distiller([_FixedLogits(a), _FixedLogits(b)], hard, weight=1.0, temperature=2.0)
+    x, y = torch.zeros(3, 5), torch.tensor([0, 1, 2])
+    targets = distiller.soft_targets(x)
+    expected = (torch.softmax(torch.tensor(a) / 2, -1) + torch.softmax(torch.tensor(b) / 2, -1)) / 2
+    assert torch.allclose(targets, expected.expand(3, -1))
+    # a student that already matches the ensemble (at T=2) has zero distillation loss...
+    matching = 2.0 * expected.log().expand(3, -1)
+    assert distiller(matching, y, targets).item() == pytest.approx(0.0, abs=1e-6)
+    # ...and one that copies a single teacher does not
+    assert distiller(torch.tensor([a] * 3), y, targets).item() > 0.01
+    distiller.weight = 0.0  # weight 0 is plain hard-label training
+    logits = torch.randn(3, 7)
+    assert distiller(logits, y, targets).item() == pytest.approx(hard(logits, y).item())
+    distiller.train()
+    assert not any(t.training for t in distiller.teachers)  # teachers keep eval-mode BatchNorm/dropout
+
+
+def test_video_distillation_keeps_the_last_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _seed_layout(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    common = ["--modality", "video", "--layout", "seed", "--data-root", "data", "--batch-size", "7", "--threads", "1"]
+    train.main([*common, "--epochs", "1", "--out", "teacher"])
+    train.main([*common, "--epochs", "3", "--out", "student", "--run-dir", "runs2", "--distill-from", "teacher",
+                "--distill-weight", "0.5", "--keep", "last", "--patience", "1"])
+    metadata = json.loads((tmp_path / "student" / "config.json").read_text())["metadata"]
+    assert metadata["distilled_from"] == ["teacher"] and metadata["distill_weight"] == 0.5
+    # --keep last: the final epoch ships whatever its validation score, and patience does not stop the run
+    assert metadata["kept"] == "last" and metadata["best_epoch"] == 3 and len(metadata["history"]) == 3

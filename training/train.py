@@ -22,6 +22,7 @@ from tqdm import tqdm
 from models import common
 from models.checkpoint import DEFAULT_WEIGHTS_DIR, load_model, save_model
 from training.calibration import fit_temperature
+from training.distill import Distiller, load_teachers
 from training.metrics import classification_report
 from training.state import load_state, save_state
 from training.tasks import TASKS, Task, TaskOptions
@@ -63,12 +64,14 @@ def resolve_device(name: str) -> torch.device:
 
 def train_epoch(task: Task, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                 loss_fn: torch.nn.Module, epoch: int, rng: random.Random, bf16: bool = False,
-                ema: AveragedModel | None = None) -> float:
+                ema: AveragedModel | None = None, distiller: Distiller | None = None) -> float:
     """One pass over the training batches; returns the mean loss.
 
     ``bf16`` runs forward and loss under bfloat16 autocast (weights and optimizer stay float32):
     about twice as fast on CPUs with AVX512-BF16/AMX and on GPUs. ``ema``, when given, is
-    updated after every optimizer step. Batches are built on the CPU and moved to the model's device.
+    updated after every optimizer step. ``distiller``, when given, replaces ``loss_fn``: the student is
+    also pulled towards its teachers' predictions on the same batch. Batches are built on the CPU and
+    moved to the model's device.
     """
     task.model.train()
     device = model_device(task.model)
@@ -78,7 +81,10 @@ def train_epoch(task: Task, optimizer: torch.optim.Optimizer, scheduler: torch.o
         inputs, y = tuple(x.to(device, non_blocking=True) for x in inputs), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             _, logits = task.model(*inputs)
-            loss = loss_fn(logits.float(), y)
+            if distiller is None:
+                loss = loss_fn(logits.float(), y)
+            else:
+                loss = distiller(logits, y, distiller.soft_targets(*inputs))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 5.0)
@@ -115,6 +121,11 @@ def fit(task: Task, args: argparse.Namespace) -> dict:
         pct_start=args.warmup, anneal_strategy="cos",
     )
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    distiller = None
+    if args.distill_from:
+        teachers = load_teachers(args.distill_from, model_device(task.model), channels_last=args.bf16)
+        distiller = Distiller(teachers, loss_fn, args.distill_weight, args.distill_temperature)
+        print(f"distilling from {len(teachers)} teachers (weight {args.distill_weight}, T {args.distill_temperature})")
     run_dir = Path(args.run_dir) / task.modality
     info = {"epoch": 0, "best_f1": -1.0, "best_epoch": -1, "history": [], "train_seconds": 0.0}
     if args.resume:
@@ -131,7 +142,7 @@ def fit(task: Task, args: argparse.Namespace) -> dict:
             print(f"resumed {task.modality} at epoch {info['epoch']} (best macro-F1 {info['best_f1']:.4f})")
     for epoch in range(info["epoch"], args.epochs):
         start = time.time()
-        loss = train_epoch(task, optimizer, scheduler, loss_fn, epoch, rng, bf16=args.bf16, ema=ema)
+        loss = train_epoch(task, optimizer, scheduler, loss_fn, epoch, rng, bf16=args.bf16, ema=ema, distiller=distiller)
         evaluated = ema.module if ema is not None else task.model
         logits, labels = predict(task, evaluated)
         report = classification_report(labels.numpy(), logits.argmax(1).numpy())
@@ -140,11 +151,11 @@ def fit(task: Task, args: argparse.Namespace) -> dict:
         print(f"{task.modality} epoch {epoch + 1}/{args.epochs} loss {loss:.4f} val acc {report['accuracy']:.4f} "
               f"macro-F1 {report['macro_f1']:.4f} weighted-F1 {report['weighted_f1']:.4f} ({time.time() - start:.0f}s)", flush=True)
         info["epoch"] = epoch + 1
-        if report["macro_f1"] > info["best_f1"]:
+        if report["macro_f1"] > info["best_f1"] or args.keep == "last":
             info["best_f1"], info["best_epoch"] = report["macro_f1"], epoch + 1
             _export(task, evaluated, args, logits, labels, info)
         save_state(run_dir, task.model, optimizer, {**info, "scheduler": scheduler.state_dict()}, ema)
-        if epoch + 1 - info["best_epoch"] >= args.patience:
+        if args.keep == "best" and epoch + 1 - info["best_epoch"] >= args.patience:
             print(f"early stop: no macro-F1 gain for {args.patience} epochs")
             break
     return info
@@ -166,6 +177,9 @@ def _export(task: Task, model: torch.nn.Module, args: argparse.Namespace, logits
         "temperature": round(temperature, 4),
         **({"ema_decay": args.ema} if args.ema else {}),
         **({"initialised_from": str(args.init_from)} if args.init_from else {}),
+        **({"distilled_from": [str(d) for d in args.distill_from], "distill_weight": args.distill_weight,
+            "distill_temperature": args.distill_temperature} if args.distill_from else {}),
+        "kept": args.keep,
         **task.metadata(),
     }
     save_model(model, args.out, metadata, half=args.half)
@@ -227,6 +241,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ema", type=_decay, default=0.0,
                    help="validate and export an exponential moving average of the weights with this per-step decay, e.g. 0.999 (0 = off)")
     p.add_argument("--init-from", help="start from the weights of a saved model folder (e.g. models/weights/video) instead of from scratch")
+    p.add_argument("--keep", choices=["best", "last"], default="best",
+                   help="export the epoch with the best validation macro-F1 (early stopping after --patience), "
+                   "or the last epoch of the schedule (no selection on the validation split, no early stopping)")
+    p.add_argument("--distill-from", nargs="+", metavar="DIR",
+                   help="text/audio/video: saved model folders whose averaged predictions the model is also trained towards")
+    p.add_argument("--distill-weight", type=float, default=0.7, help="share of the distillation term in the loss")
+    p.add_argument("--distill-temperature", type=float, default=2.0, help="softmax temperature of the distillation term")
     p.add_argument("--steps", type=int, default=4000, help="fusion: training steps")
     p.add_argument("--weights-dir", default=str(DEFAULT_WEIGHTS_DIR), help="fusion: trained encoder weights")
     args = p.parse_args(argv)
@@ -261,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
         task.total_epochs = args.epochs
     print(f"{args.modality}: {len(task.train)} train / {len(task.val)} val samples", flush=True)
     info = fit(task, args)
-    print(f"best val macro-F1 {info['best_f1']:.4f} at epoch {info['best_epoch']}; weights in {args.out}")
+    print(f"kept epoch {info['best_epoch']} (val macro-F1 {info['best_f1']:.4f}, --keep {args.keep}); weights in {args.out}")
 
 
 if __name__ == "__main__":
