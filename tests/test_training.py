@@ -65,8 +65,6 @@ def test_audio_training_runs_on_cpu_and_resumes(tmp_path: Path, monkeypatch: pyt
     train.main([*common, "--epochs", "2", "--resume"])
     state = json.loads((tmp_path / "runs" / "audio" / "state.json").read_text())
     assert [h["epoch"] for h in state["info"]["history"]] == [1, 2]
-    import torch
-
     optimizer = torch.optim.AdamW(model.parameters())
     assert load_state(tmp_path / "runs" / "audio", model, optimizer)["epoch"] == 2
     assert optimizer.state  # the optimizer's moments came back too
@@ -106,7 +104,6 @@ def test_video_channels_must_be_three_positive_widths(bad: str) -> None:
 
 
 def test_ema_training_exports_the_average_and_resumes_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import torch
     from safetensors.torch import load_file
 
     _seed_layout(tmp_path / "data")
@@ -151,8 +148,6 @@ def test_ema_decay_must_be_below_one(bad: str) -> None:
 
 
 def test_training_device_choice() -> None:
-    import torch
-
     assert train.resolve_device("cpu") == torch.device("cpu")
     assert train.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
