@@ -201,3 +201,29 @@ def test_video_distillation_keeps_the_last_epoch(tmp_path: Path, monkeypatch: py
     assert metadata["distilled_from"] == ["teacher"] and metadata["distill_weight"] == 0.5
     # --keep last: the final epoch ships whatever its validation score, and patience does not stop the run
     assert metadata["kept"] == "last" and metadata["best_epoch"] == 3 and len(metadata["history"]) == 3
+
+
+def test_holdout_is_stratified_disjoint_and_stable() -> None:
+    from training.datasets import split_holdout
+
+    samples = [(f"{label}-{i}.png", label) for label in range(7) for i in range(20 + 10 * label)]
+    train_part, held = split_holdout(samples, 0.1)
+    assert set(train_part).isdisjoint(held) and sorted(train_part + held) == sorted(samples)
+    per_class = [sum(1 for _, y in held if y == label) for label in range(7)]
+    assert per_class == [round(0.1 * (20 + 10 * label)) for label in range(7)]  # 10 % of every class
+    assert split_holdout(samples, 0.1) == (train_part, held)  # the same split on a rerun or resume
+    with pytest.raises(ValueError):
+        split_holdout(samples, 1.0)
+
+
+def test_holdout_selection_never_reads_the_val_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _seed_layout(tmp_path / "data")
+    for image in (tmp_path / "data" / "val").rglob("*.png"):
+        image.write_bytes(b"not an image")  # any read of the val split's faces would now fail
+    monkeypatch.chdir(tmp_path)
+    train.main(["--modality", "video", "--layout", "seed", "--data-root", "data", "--batch-size", "7", "--threads", "1",
+                "--epochs", "2", "--out", "weights", "--holdout", "0.5", "--select-on", "accuracy"])
+    metadata = json.loads((tmp_path / "weights" / "config.json").read_text())["metadata"]
+    assert metadata["selected_on"] == "accuracy" and metadata["selection_split"].startswith("holdout: 0.5")
+    chosen = max(metadata["history"], key=lambda h: h["accuracy"])  # first best epoch by accuracy
+    assert metadata["best_epoch"] == chosen["epoch"]

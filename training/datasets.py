@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
+
 from models.labels import EMOTION_TO_INDEX, EMOTIONS, MELD_TO_EMOTION, RAVDESS_CALM, RAVDESS_TO_EMOTION
 
 Sample = tuple[str, int]
@@ -83,3 +85,22 @@ def read_split(modality: str, root: str | Path, split: str, layout: str = "share
         return read_seed_layout(root, split, modality)
     readers = {"text": read_meld, "audio": read_ravdess, "video": read_fer}
     return readers[modality](root, split)
+
+
+def split_holdout(samples: list[Sample], fraction: float, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
+    """Split ``samples`` into ``(train, holdout)``, ``fraction`` of each class held out.
+
+    The split depends only on the sample list and ``seed`` (not on the training seed), so a resumed
+    run and a rerun hold out the same samples. The holdout is stratified by class but not by speaker
+    or dialogue: for RAVDESS and MELD the same person can land on both sides.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
+    rng = np.random.default_rng(seed)
+    held: set[int] = set()
+    labels = np.array([y for _, y in samples])
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        count = round(fraction * len(members))
+        held.update(rng.choice(members, size=count, replace=False).tolist())
+    return [s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held]

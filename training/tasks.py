@@ -19,7 +19,7 @@ from models.text.model import TextModel, TextModelConfig
 from models.text.preprocessing import TextPreprocessor
 from models.video.model import VideoModel, VideoModelConfig
 from models.video.preprocessing import FaceConfig, faces_to_tensor, pad_clips
-from training.datasets import Sample, read_split
+from training.datasets import Sample, read_split, split_holdout
 from training.features import audio_features, face_crops
 
 Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]
@@ -41,6 +41,7 @@ class TaskOptions:
     video_channels: tuple[int, int, int] | None = None  # None: VideoModelConfig's default
     seq_len: int = 4
     calm_as: str | None = "neutral"
+    holdout: float = 0.0  # > 0: validate on this share of the training split instead of the val split
 
 
 def _chunks(indices: list[int], size: int) -> Iterator[list[int]]:
@@ -60,6 +61,18 @@ class Task:
         self.val = read_split(self.modality, opts.data_root, "val", opts.layout)
         if not self.train or not self.val:
             raise SystemExit(f"no {self.modality} data found under {opts.data_root} (layout {opts.layout})")
+        self.hold_out()
+
+    def hold_out(self) -> None:
+        """With ``opts.holdout``, swap the val split for a stratified slice of the training split.
+
+        Epoch selection, early stopping and temperature scaling then never see the val split, which is
+        left for :mod:`training.evaluate` to report on.
+        """
+        self.selection_split = "val"
+        if self.opts.holdout > 0:
+            self.train, self.val = split_holdout(self.train, self.opts.holdout)
+            self.selection_split = f"holdout: {self.opts.holdout:g} of each class of the training split (seed 0)"
 
     def labels(self, samples: list[Sample]) -> torch.Tensor:
         return torch.tensor([y for _, y in samples])
@@ -124,6 +137,8 @@ class AudioTask(Task):
 
             self.train = read_ravdess(opts.data_root, "train", opts.calm_as)
             self.val = read_ravdess(opts.data_root, "val", opts.calm_as)
+            self.opts = opts
+            self.hold_out()
         else:
             super().__init__(opts)
         self.opts = opts

@@ -1,8 +1,9 @@
 """Train one model: ``python -m training.train --modality text|audio|video|fusion --data-root ../shared/data``.
 
-Early stopping on validation macro-F1, tqdm progress bars, fixed seeds, a resumable state under
-``runs/<modality>/`` after every epoch, and the best model written to ``--out`` as
-safetensors + JSON (with the calibration temperature fitted on the validation logits).
+Early stopping on a validation metric (macro-F1 by default) measured on the val split, or with
+``--holdout`` on a slice held out of the training split; tqdm progress bars, fixed seeds, a resumable
+state under ``runs/<modality>/`` after every epoch, and the best model written to ``--out`` as
+safetensors + JSON (with the calibration temperature fitted on the same validation logits).
 """
 
 from __future__ import annotations
@@ -127,11 +128,13 @@ def fit(task: Task, args: argparse.Namespace) -> dict:
         distiller = Distiller(teachers, loss_fn, args.distill_weight, args.distill_temperature)
         print(f"distilling from {len(teachers)} teachers (weight {args.distill_weight}, T {args.distill_temperature})")
     run_dir = Path(args.run_dir) / task.modality
-    info = {"epoch": 0, "best_f1": -1.0, "best_epoch": -1, "history": [], "train_seconds": 0.0}
+    info = {"epoch": 0, "best_score": -1.0, "best_epoch": -1, "history": [], "train_seconds": 0.0}
     if args.resume:
         restored = load_state(run_dir, task.model, optimizer, ema)
         if restored:
             info = restored
+            if "best_f1" in info:  # a state saved before --select-on existed: it selected on macro-F1
+                info["best_score"] = info.pop("best_f1")
             schedule = info.pop("scheduler", None)
             if schedule:
                 scheduler.load_state_dict(schedule)
@@ -139,7 +142,7 @@ def fit(task: Task, args: argparse.Namespace) -> dict:
                 for _ in range(steps_per_epoch(task) * info["epoch"]):
                     scheduler.step()
             rng = random.Random(args.seed + info["epoch"])
-            print(f"resumed {task.modality} at epoch {info['epoch']} (best macro-F1 {info['best_f1']:.4f})")
+            print(f"resumed {task.modality} at epoch {info['epoch']} (best {args.select_on} {info['best_score']:.4f})")
     for epoch in range(info["epoch"], args.epochs):
         start = time.time()
         loss = train_epoch(task, optimizer, scheduler, loss_fn, epoch, rng, bf16=args.bf16, ema=ema, distiller=distiller)
@@ -151,25 +154,27 @@ def fit(task: Task, args: argparse.Namespace) -> dict:
         print(f"{task.modality} epoch {epoch + 1}/{args.epochs} loss {loss:.4f} val acc {report['accuracy']:.4f} "
               f"macro-F1 {report['macro_f1']:.4f} weighted-F1 {report['weighted_f1']:.4f} ({time.time() - start:.0f}s)", flush=True)
         info["epoch"] = epoch + 1
-        if report["macro_f1"] > info["best_f1"] or args.keep == "last":
-            info["best_f1"], info["best_epoch"] = report["macro_f1"], epoch + 1
-            _export(task, evaluated, args, logits, labels, info)
+        if report[args.select_on] > info["best_score"] or args.keep == "last":
+            info["best_score"], info["best_epoch"] = report[args.select_on], epoch + 1
+            _export(task, evaluated, args, logits, labels, info, report)
         save_state(run_dir, task.model, optimizer, {**info, "scheduler": scheduler.state_dict()}, ema)
         if args.keep == "best" and epoch + 1 - info["best_epoch"] >= args.patience:
-            print(f"early stop: no macro-F1 gain for {args.patience} epochs")
+            print(f"early stop: no {args.select_on} gain for {args.patience} epochs")
             break
     return info
 
 
 def _export(task: Task, model: torch.nn.Module, args: argparse.Namespace, logits: torch.Tensor,
-            labels: torch.Tensor, info: dict) -> None:
+            labels: torch.Tensor, info: dict, report: dict) -> None:
     temperature = fit_temperature(logits, labels)
     model.head.temperature.fill_(temperature)
     metadata = {
         "version": f"{task.modality}-{time.strftime('%Y%m%d')}-e{info['best_epoch']}",
         "command": "python -m training.train " + " ".join(sys.argv[1:]),
         "best_epoch": info["best_epoch"],
-        "val_macro_f1": round(info["best_f1"], 4),
+        "val_macro_f1": round(report["macro_f1"], 4),
+        "selected_on": args.select_on,
+        "selection_split": task.selection_split,
         "train_seconds": round(info["train_seconds"], 1),
         "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"
         + (f", trained on {torch.cuda.get_device_name()}" if model_device(model).type == "cuda" else ""),
@@ -242,8 +247,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="validate and export an exponential moving average of the weights with this per-step decay, e.g. 0.999 (0 = off)")
     p.add_argument("--init-from", help="start from the weights of a saved model folder (e.g. models/weights/video) instead of from scratch")
     p.add_argument("--keep", choices=["best", "last"], default="best",
-                   help="export the epoch with the best validation macro-F1 (early stopping after --patience), "
-                   "or the last epoch of the schedule (no selection on the validation split, no early stopping)")
+                   help="export the epoch with the best --select-on score (early stopping after --patience), "
+                   "or the last epoch of the schedule (no epoch selection, no early stopping)")
+    p.add_argument("--select-on", choices=["macro_f1", "accuracy"], default="macro_f1",
+                   help="validation metric that picks the exported epoch and drives early stopping")
+    p.add_argument("--holdout", type=float, default=0.0,
+                   help="select epochs and fit the temperature on this share of each class of the training split "
+                   "(not trained on) instead of on the val split, which is then left for reporting, e.g. 0.05")
     p.add_argument("--distill-from", nargs="+", metavar="DIR",
                    help="text/audio/video: saved model folders whose averaged predictions the model is also trained towards")
     p.add_argument("--distill-weight", type=float, default=0.7, help="share of the distillation term in the loss")
@@ -269,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
         backbone_lr=args.backbone_lr, backbone=args.backbone, trainable_layers=args.trainable_layers,
         crop_seconds=args.crop_seconds, temporal_epochs=args.temporal_epochs, seq_len=args.seq_len,
         video_channels=args.video_channels,
-        calm_as=None if args.ravdess_calm == "drop" else args.ravdess_calm,
+        calm_as=None if args.ravdess_calm == "drop" else args.ravdess_calm, holdout=args.holdout,
     )
     task = TASKS[args.modality](opts)
     device = resolve_device(args.device)
@@ -280,9 +290,10 @@ def main(argv: list[str] | None = None) -> None:
         task.model.to(memory_format=torch.channels_last)
     if hasattr(task, "total_epochs"):
         task.total_epochs = args.epochs
-    print(f"{args.modality}: {len(task.train)} train / {len(task.val)} val samples", flush=True)
+    print(f"{args.modality}: {len(task.train)} train / {len(task.val)} selection samples ({task.selection_split})", flush=True)
     info = fit(task, args)
-    print(f"kept epoch {info['best_epoch']} (val macro-F1 {info['best_f1']:.4f}, --keep {args.keep}); weights in {args.out}")
+    print(f"kept epoch {info['best_epoch']} ({args.select_on} {info['best_score']:.4f} on the selection split, "
+          f"--keep {args.keep}); weights in {args.out}")
 
 
 if __name__ == "__main__":
