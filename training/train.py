@@ -151,7 +151,7 @@ def fit(task: Task, args: argparse.Namespace) -> dict:
         report = classification_report(labels.numpy(), logits.argmax(1).numpy())
         info["train_seconds"] += time.time() - start
         info["history"].append({"epoch": epoch + 1, "loss": round(loss, 4), **{k: round(report[k], 4) for k in ("accuracy", "macro_f1", "weighted_f1")}})
-        print(f"{task.modality} epoch {epoch + 1}/{args.epochs} loss {loss:.4f} val acc {report['accuracy']:.4f} "
+        print(f"{task.modality} epoch {epoch + 1}/{args.epochs} loss {loss:.4f} {'holdout' if args.holdout else 'val'} acc {report['accuracy']:.4f} "
               f"macro-F1 {report['macro_f1']:.4f} weighted-F1 {report['weighted_f1']:.4f} ({time.time() - start:.0f}s)", flush=True)
         info["epoch"] = epoch + 1
         if report[args.select_on] > info["best_score"] or args.keep == "last":
