@@ -135,13 +135,12 @@ class AudioTask(Task):
         if opts.layout == "shared":
             from training.datasets import read_ravdess
 
+            self.opts = opts
             self.train = read_ravdess(opts.data_root, "train", opts.calm_as)
             self.val = read_ravdess(opts.data_root, "val", opts.calm_as)
-            self.opts = opts
             self.hold_out()
         else:
             super().__init__(opts)
-        self.opts = opts
         self.features_config = AudioFeatureConfig()
         self.train_x = audio_features(self.train, self.features_config)
         self.val_x = audio_features(self.val, self.features_config)
