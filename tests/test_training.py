@@ -227,3 +227,22 @@ def test_holdout_selection_never_reads_the_val_split(tmp_path: Path, monkeypatch
     assert metadata["selected_on"] == "accuracy" and metadata["selection_split"].startswith("holdout: 0.5")
     chosen = max(metadata["history"], key=lambda h: h["accuracy"])  # first best epoch by accuracy
     assert metadata["best_epoch"] == chosen["epoch"]
+
+
+def test_card_table_says_where_each_temperature_was_fitted() -> None:
+    """The calibration line names the split each temperature came from, so a holdout fit is not called optimistic."""
+    from training.evaluate import card_table
+
+    def report(split: str | None) -> dict:
+        r = {"dataset": "d", "accuracy": 0.7, "macro_f1": 0.6, "weighted_f1": 0.65,
+             "ece_uncalibrated": 0.1, "ece_calibrated": 0.05, "temperature": 1.5}
+        if split is not None:
+            r["selection_split"] = split
+        return r
+
+    table = card_table({"text": report(None), "audio": report("val"), "video": report("holdout: 0.05 of each class")})
+    calib = table.splitlines()[-1]
+    assert "text 0.100 -> 0.050 (T=1.5, fitted on the validation split)" in calib
+    assert "audio 0.100 -> 0.050 (T=1.5, fitted on the validation split)" in calib
+    assert "video 0.100 -> 0.050 (T=1.5, fitted on a holdout of the training split)" in calib
+    assert "| video | d | 0.700 | 0.600 | 0.650 | accuracy >= 0.66 | yes |" in table
