@@ -246,3 +246,29 @@ def test_card_table_says_where_each_temperature_was_fitted() -> None:
     assert "audio 0.100 -> 0.050 (T=1.5, fitted on the validation split)" in calib
     assert "video 0.100 -> 0.050 (T=1.5, fitted on a holdout of the training split)" in calib
     assert "| video | d | 0.700 | 0.600 | 0.650 | accuracy >= 0.66 | yes |" in table
+
+
+def test_card_table_does_not_round_a_miss_up_to_the_target() -> None:
+    """0.6595 against a 0.66 target is shown as 0.6595 (not 0.660) next to 'no'; other figures keep 3 decimals."""
+    from training.evaluate import card_table
+
+    def report(acc: float) -> dict:
+        return {"dataset": "d", "accuracy": acc, "macro_f1": 0.64, "weighted_f1": 0.6571,
+                "ece_uncalibrated": 0.1, "ece_calibrated": 0.05, "temperature": 1.0}
+
+    assert "| video | d | 0.6595 | 0.640 | 0.657 | accuracy >= 0.66 | no |" in card_table({"video": report(0.65953)})
+    assert "| video | d | 0.661 | 0.640 | 0.657 | accuracy >= 0.66 | yes |" in card_table({"video": report(0.6612)})
+
+
+def test_holdout_split_names_the_selection_slice_and_never_reaches_the_card() -> None:
+    """'holdout:F' reads the training split's held-out slice; evaluating on it cannot rewrite the card."""
+    from training.embeddings import parse_split
+    from training.evaluate import main as evaluate_main
+
+    assert parse_split("val") == ("val", 0.0)
+    assert parse_split("holdout:0.05") == ("train", 0.05)
+    with pytest.raises(ValueError, match="holdout fraction"):
+        parse_split("holdout:1.5")
+    for argv in (["--split", "holdout:0.05", "--modality", "video"], ["--split", "holdout:0.05", "--no-card"]):
+        with pytest.raises(SystemExit):
+            evaluate_main(argv)

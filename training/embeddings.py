@@ -18,7 +18,7 @@ from models.checkpoint import WEIGHTS_FILE, load_model
 from models.common import forward_in_precision, prepare_for_inference, resolve_precision
 from models.text.preprocessing import TextPreprocessor
 from models.video.preprocessing import FaceConfig, faces_to_tensor, pad_clips
-from training.datasets import read_ravdess, read_split
+from training.datasets import read_ravdess, read_split, split_holdout
 from training.features import CACHE_DIR, audio_features, face_crops
 
 
@@ -31,10 +31,24 @@ def _weights_digest(weights_dir: Path) -> str:
     return digest.hexdigest()[:12]
 
 
+def parse_split(split: str) -> tuple[str, float]:
+    """``"val"`` -> ``("val", 0)``; ``"holdout:0.05"`` -> ``("train", 0.05)``, the slice ``--holdout 0.05`` selected on."""
+    if split.startswith("holdout:"):
+        fraction = float(split.split(":", 1)[1])
+        if not 0 < fraction < 1:
+            raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
+        return "train", fraction
+    return split, 0.0
+
+
 @torch.inference_mode()
 def encode_split(modality: str, split: str, weights_dir: str | Path, data_root: str | Path,
                  layout: str = "shared", batch_size: int = 64) -> dict[str, np.ndarray]:
-    """``{"embedding": (N, 256), "logits": (N, 7), "probs": (N, 7), "labels": (N,)}`` for one split."""
+    """``{"embedding": (N, 256), "logits": (N, 7), "probs": (N, 7), "labels": (N,)}`` for one split.
+
+    ``split`` is a data split (``train``, ``val``) or ``holdout:F``, the stratified slice of the training split
+    that ``training.train --holdout F`` picks epochs on (see ``training.datasets.split_holdout``).
+    """
     weights_dir = Path(weights_dir)
     precision = resolve_precision("auto", torch.device("cpu"))
     cache = CACHE_DIR / f"emb-{modality}-{split}-{layout}-{precision}-nhwc-{_weights_digest(weights_dir)}.npz"
@@ -43,11 +57,14 @@ def encode_split(modality: str, split: str, weights_dir: str | Path, data_root: 
             return dict(data)
     model, config = load_model(weights_dir)
     prepare_for_inference(model, precision)  # as the pipelines do
+    source, holdout = parse_split(split)
     if modality == "audio" and layout == "shared":
         calm = config["metadata"].get("ravdess_calm_as", "neutral")
-        samples = read_ravdess(data_root, split, calm)
+        samples = read_ravdess(data_root, source, calm)
     else:
-        samples = read_split(modality, data_root, split, layout)
+        samples = read_split(modality, data_root, source, layout)
+    if holdout:
+        samples = split_holdout(samples, holdout)[1]
     labels = np.array([y for _, y in samples])
     order = list(range(len(samples)))
     if modality == "text":
