@@ -87,6 +87,13 @@ def read_split(modality: str, root: str | Path, split: str, layout: str = "share
     return readers[modality](root, split)
 
 
+def check_holdout_fraction(fraction: float) -> float:
+    """Return ``fraction`` if it is a usable holdout share, in (0, 1); raise ``ValueError`` otherwise."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
+    return fraction
+
+
 def split_holdout(samples: list[Sample], fraction: float, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
     """Split ``samples`` into ``(train, holdout)``, ``fraction`` of each class held out.
 
@@ -94,8 +101,7 @@ def split_holdout(samples: list[Sample], fraction: float, seed: int = 0) -> tupl
     run and a rerun hold out the same samples. The holdout is stratified by class but not by speaker
     or dialogue: for RAVDESS and MELD the same person can land on both sides.
     """
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
+    check_holdout_fraction(fraction)
     rng = np.random.default_rng(seed)
     held: set[int] = set()
     labels = np.array([y for _, y in samples])

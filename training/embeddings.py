@@ -18,7 +18,7 @@ from models.checkpoint import WEIGHTS_FILE, load_model
 from models.common import forward_in_precision, prepare_for_inference, resolve_precision
 from models.text.preprocessing import TextPreprocessor
 from models.video.preprocessing import FaceConfig, faces_to_tensor, pad_clips
-from training.datasets import read_ravdess, read_split, split_holdout
+from training.datasets import check_holdout_fraction, read_ravdess, read_split, split_holdout
 from training.features import CACHE_DIR, audio_features, face_crops
 
 
@@ -34,10 +34,7 @@ def _weights_digest(weights_dir: Path) -> str:
 def parse_split(split: str) -> tuple[str, float]:
     """``"val"`` -> ``("val", 0)``; ``"holdout:0.05"`` -> ``("train", 0.05)``, the slice ``--holdout 0.05`` selected on."""
     if split.startswith("holdout:"):
-        fraction = float(split.split(":", 1)[1])
-        if not 0 < fraction < 1:
-            raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
-        return "train", fraction
+        return "train", check_holdout_fraction(float(split.split(":", 1)[1]))
     return split, 0.0
 
 
@@ -49,6 +46,7 @@ def encode_split(modality: str, split: str, weights_dir: str | Path, data_root: 
     ``split`` is a data split (``train``, ``val``) or ``holdout:F``, the stratified slice of the training split
     that ``training.train --holdout F`` picks epochs on (see ``training.datasets.split_holdout``).
     """
+    source, holdout = parse_split(split)  # a bad split fails here, before the cache or the model is touched
     weights_dir = Path(weights_dir)
     precision = resolve_precision("auto", torch.device("cpu"))
     cache = CACHE_DIR / f"emb-{modality}-{split}-{layout}-{precision}-nhwc-{_weights_digest(weights_dir)}.npz"
@@ -57,7 +55,6 @@ def encode_split(modality: str, split: str, weights_dir: str | Path, data_root: 
             return dict(data)
     model, config = load_model(weights_dir)
     prepare_for_inference(model, precision)  # as the pipelines do
-    source, holdout = parse_split(split)
     if modality == "audio" and layout == "shared":
         calm = config["metadata"].get("ravdess_calm_as", "neutral")
         samples = read_ravdess(data_root, source, calm)
