@@ -119,11 +119,12 @@ def measure_encoder(
 
 
 def measure_fusion(device: str = "cpu", min_time_s: float = 1.0) -> dict[str, Any]:
-    """Time of ``FusionPipeline.fuse`` on three random embeddings (one request's fusion)."""
+    """Time of ``FusionPipeline.fuse`` on three random embeddings and probabilities (one request's fusion)."""
     fusion = FusionPipeline(device=device)
     rng = np.random.default_rng(0)
     emb = {m: rng.standard_normal(256).astype(np.float32) for m in fusion.modalities}
-    durations = time_calls(lambda i: fusion.fuse(emb), min_time_s, 10, 10000, warmup=3)
+    probs = {m: rng.dirichlet(np.ones(7)).astype(np.float32) for m in fusion.modalities}
+    durations = time_calls(lambda i: fusion.fuse(emb, probs), min_time_s, 10, 10000, warmup=3)
     med = statistics.median(durations)
     return {
         "modality": "fusion",

@@ -18,7 +18,8 @@ import torch
 from models.audio.preprocessing import AudioFeatureConfig, LogMelExtractor, pad_features
 from models.checkpoint import DEFAULT_WEIGHTS_DIR, load_model
 from models.common import Precision, forward_in_precision, prepare_for_inference, resolve_device, resolve_precision
-from models.labels import EMOTIONS, MODALITIES
+from models.fusion.model import PROB_FLOOR
+from models.labels import EMOTIONS, MODALITIES, NUM_CLASSES
 from models.media import DEFAULT_LIMITS, DecodeLimits, decode_audio, decode_frames
 from models.text.preprocessing import TextPreprocessor
 from models.video.preprocessing import FaceConfig, FaceCropper, faces_to_tensor, pad_clips
@@ -193,20 +194,27 @@ class FusionPipeline(_Pipeline):
         self.modalities: tuple[str, ...] = tuple(self.model.config.modalities)
 
     @torch.inference_mode()
-    def fuse(self, embeddings: dict[str, np.ndarray]) -> FusionResult:
-        """Fuse ``{modality: 256-d embedding}`` (any non-empty subset of text/audio/video)."""
+    def fuse(self, embeddings: dict[str, np.ndarray], probabilities: dict[str, np.ndarray]) -> FusionResult:
+        """Fuse ``{modality: 256-d embedding}`` and ``{modality: calibrated 7-class probabilities}``.
+
+        Both dicts name the same non-empty subset of text/audio/video.
+        """
         unknown = set(embeddings) - set(self.modalities)
-        if not embeddings or unknown:
-            raise ValueError(f"need a non-empty subset of {list(self.modalities)}, got {sorted(embeddings)}")
-        dim = self.model.config.embed_dim
-        stacked = torch.zeros(1, len(self.modalities), dim)
-        present = torch.zeros(1, len(self.modalities), dtype=torch.bool)
+        if not embeddings or unknown or set(probabilities) != set(embeddings):
+            raise ValueError(f"need a non-empty subset of {list(self.modalities)} with embeddings and probabilities, "
+                             f"got {sorted(embeddings)} and {sorted(probabilities)}")
+        m, dim = len(self.modalities), self.model.config.embed_dim
+        stacked, log_probs = torch.zeros(1, m, dim), torch.zeros(1, m, NUM_CLASSES)
+        present = torch.zeros(1, m, dtype=torch.bool)
         for i, name in enumerate(self.modalities):
             if name in embeddings:
                 stacked[0, i] = torch.as_tensor(np.asarray(embeddings[name], dtype=np.float32))
+                probs = torch.as_tensor(np.asarray(probabilities[name], dtype=np.float32))
+                log_probs[0, i] = probs.clamp_min(PROB_FLOOR).log()
                 present[0, i] = True
-        logits, contributions = self.model(stacked.to(self.device), present.to(self.device))
-        probs = self.model.head.probabilities(logits)[0].float().cpu().numpy()
+        present = present.to(self.device)
+        logits, contributions = self.model(stacked.to(self.device), log_probs.to(self.device), present)
+        probs = self.model.probabilities(logits, present)[0].float().cpu().numpy()
         contrib = contributions[0].float().cpu().numpy()
         return FusionResult(probs, {m: float(contrib[i]) for i, m in enumerate(self.modalities) if m in embeddings})
 

@@ -143,7 +143,8 @@ class FusionService:
             fusion = self.fusion
             if fusion is None:
                 raise RuntimeError("fusion module not loaded")
-            fused = fusion.fuse({m: np.asarray(r["embedding"], dtype=np.float32) for m, r in ok.items()})
+            fused = fusion.fuse({m: np.asarray(r["embedding"], dtype=np.float32) for m, r in ok.items()},
+                                {m: np.array([r["probabilities"][e] for e in EMOTIONS], dtype=np.float32) for m, r in ok.items()})
             probs = fused.probabilities.astype(np.float64)
             probs = probs / probs.sum()
             best = int(np.argmax(probs))

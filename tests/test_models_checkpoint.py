@@ -22,7 +22,8 @@ def _inputs(kind: str) -> tuple[torch.Tensor, ...]:
         return torch.randn(2, 1, 64, 100), torch.tensor([100, 60])
     if kind == "video":
         return torch.randn(2, 3, 1, 48, 48), torch.ones(2, 3, dtype=torch.bool)
-    return torch.randn(2, 3, 256), torch.tensor([[True, True, False], [True, False, True]])
+    log_probs = torch.log_softmax(torch.randn(2, 3, 7), -1)
+    return torch.randn(2, 3, 256), log_probs, torch.tensor([[True, True, False], [True, False, True]])
 
 
 @pytest.mark.parametrize(
@@ -36,11 +37,13 @@ def _inputs(kind: str) -> tuple[torch.Tensor, ...]:
 def test_round_trip(tmp_path: Path, kind: str, model) -> None:
     torch.manual_seed(0)
     original = model().eval()
-    original.head.temperature.fill_(1.7)
+    calibrated = original.temperature if kind == "fusion" else original.head.temperature
+    calibrated.fill_(1.7)
     save_model(original, tmp_path, {"version": "t1"})
     loaded, config = load_model(tmp_path)
     assert config["model_type"] == kind and config["metadata"]["version"] == "t1"
-    assert float(loaded.head.temperature) == pytest.approx(1.7)
+    restored = loaded.temperature if kind == "fusion" else loaded.head.temperature
+    torch.testing.assert_close(restored, torch.full_like(restored, 1.7))
     with torch.no_grad():
         for a, b in zip(original(*_inputs(kind)), loaded(*_inputs(kind)), strict=True):
             torch.testing.assert_close(a, b)

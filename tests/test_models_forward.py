@@ -119,30 +119,76 @@ def test_prepare_for_inference_is_channels_last_and_keeps_outputs(modality: str,
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 
 
+def _log_probs(batch: int) -> torch.Tensor:
+    return torch.log_softmax(torch.randn(batch, 3, NUM_CLASSES) * 2, dim=-1)
+
+
 @pytest.mark.parametrize("subset", [s for r in (1, 2, 3) for s in itertools.combinations(range(3), r)])
 def test_fusion_accepts_every_subset(fusion: FusionModel, subset: tuple[int, ...]) -> None:
     present = torch.zeros(2, 3, dtype=torch.bool)
     present[:, list(subset)] = True
     with torch.no_grad():
-        logits, contributions = fusion(torch.randn(2, 3, 256), present)
+        logits, contributions = fusion(torch.randn(2, 3, 256), _log_probs(2), present)
+        probs = fusion.probabilities(logits, present)
     assert logits.shape == (2, NUM_CLASSES)
+    torch.testing.assert_close(probs.sum(1), torch.ones(2))
     torch.testing.assert_close(contributions.sum(1), torch.ones(2))
     assert torch.all(contributions[~present] == 0)
     assert torch.all(contributions[present] > 0)
 
 
-def test_fusion_ignores_missing_modalities(fusion: FusionModel) -> None:
-    x = torch.randn(1, 3, 256)
-    present = torch.tensor([[True, False, True]])
-    other = x.clone()
-    other[0, 1] = torch.randn(256) * 100  # whatever sits in the missing slot must not matter
+def test_untrained_fusion_is_the_product_of_experts(fusion: FusionModel) -> None:
+    """Before training (zero query: uniform attention; unit scales; no bias) and without the agreement bonus the fused
+    logits are the sum of the encoders' log-probabilities, i.e. the product of experts, for every subset."""
+    fusion = FusionModel(FusionModelConfig(agreement_bonus=0.0)).eval()
+    log_probs = _log_probs(4)
+    for subset in [s for r in (1, 2, 3) for s in itertools.combinations(range(3), r)]:
+        present = torch.zeros(4, 3, dtype=torch.bool)
+        present[:, list(subset)] = True
+        with torch.no_grad():
+            logits, _ = fusion(torch.randn(4, 3, 256), log_probs, present)
+        torch.testing.assert_close(logits, (log_probs * present[..., None]).sum(1), atol=1e-5, rtol=1e-5)
+
+
+def test_two_agreeing_encoders_outvote_a_sure_third(fusion: FusionModel) -> None:
+    """Text and audio both say sad (50 %); video says happy at 90 %: the product picks happy, the fusion sad."""
+    def probs(top: int, p: float) -> torch.Tensor:
+        row = torch.full((NUM_CLASSES,), (1 - p) / (NUM_CLASSES - 1))
+        row[top] = p
+        return row.log()
+
+    log_probs = torch.stack([probs(5, 0.5), probs(5, 0.5), probs(3, 0.9)])[None]
+    present = torch.ones(1, 3, dtype=torch.bool)
+    assert log_probs.sum(1).argmax().item() == 3
     with torch.no_grad():
-        a, ca = fusion(x, present)
-        b, cb = fusion(other, present)
+        logits, _ = fusion(torch.zeros(1, 3, 256), log_probs, present)
+    assert logits.argmax().item() == 5
+
+
+def test_contributions_follow_confidence(fusion: FusionModel) -> None:
+    """A near-certain encoder next to a near-uniform one gets most of the contribution."""
+    sure = torch.log_softmax(torch.tensor([8.0, 0, 0, 0, 0, 0, 0]), -1)
+    unsure = torch.log_softmax(torch.tensor([0.1, 0, 0, 0, 0, 0, 0.2]), -1)
+    log_probs = torch.stack([sure, unsure, unsure])[None]
+    present = torch.tensor([[True, True, False]])
+    with torch.no_grad():
+        _, contributions = fusion(torch.zeros(1, 3, 256), log_probs, present)
+    assert contributions[0, 0] > 0.8 and contributions[0, 2] == 0
+
+
+def test_fusion_ignores_missing_modalities(fusion: FusionModel) -> None:
+    x, log_probs = torch.randn(1, 3, 256), _log_probs(1)
+    present = torch.tensor([[True, False, True]])
+    other, other_lp = x.clone(), log_probs.clone()
+    other[0, 1] = torch.randn(256) * 100  # whatever sits in the missing slot must not matter
+    other_lp[0, 1] = torch.log_softmax(torch.randn(NUM_CLASSES) * 10, -1)
+    with torch.no_grad():
+        a, ca = fusion(x, log_probs, present)
+        b, cb = fusion(other, other_lp, present)
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(ca, cb)
 
 
 def test_fusion_rejects_empty_input(fusion: FusionModel) -> None:
     with pytest.raises(ValueError, match="at least one modality"):
-        fusion(torch.randn(1, 3, 256), torch.zeros(1, 3, dtype=torch.bool))
+        fusion(torch.randn(1, 3, 256), _log_probs(1), torch.zeros(1, 3, dtype=torch.bool))

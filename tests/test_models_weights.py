@@ -105,12 +105,13 @@ def test_fused_label_matched_triplets(text: TextPipeline, audio: AudioPipeline, 
     fusion = FusionPipeline()
     clips = [p for p, y in _ravdess_val(strong_only=True) if y == "happy"]
     face = min((SHARED_DATA / "fer2013" / "val" / "happy").iterdir())
-    text_emb = text.encode([text.prepare("This is amazing, I love it so much!")])[0].embedding
-    video_emb = video.encode([video.prepare(face.read_bytes())])[0].embedding
+    said = text.encode([text.prepare("This is amazing, I love it so much!")])[0]
+    shown = video.encode([video.prepare(face.read_bytes())])[0]
     audio_right = fused_right = 0
     for clip in clips:
         speech = audio.encode([audio.prepare(clip.read_bytes())])[0]
-        fused = fusion.fuse({"text": text_emb, "audio": speech.embedding, "video": video_emb})
+        fused = fusion.fuse({"text": said.embedding, "audio": speech.embedding, "video": shown.embedding},
+                            {"text": said.probabilities, "audio": speech.probabilities, "video": shown.probabilities})
         assert set(fused.contributions) == {"text", "audio", "video"}
         assert sum(fused.contributions.values()) == pytest.approx(1.0, abs=1e-5)
         assert fused.probabilities.sum() == pytest.approx(1.0, abs=1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -79,11 +80,16 @@ def test_fusion_trains_on_label_matched_triplets(tmp_path: Path, monkeypatch: py
     train.main(["--modality", "fusion", "--layout", "seed", "--data-root", "data", "--out", "fusion",
                 "--weights-dir", str(DEFAULT_WEIGHTS_DIR), "--steps", "20", "--batch-size", "16", "--threads", "1"])
     meta = json.loads((tmp_path / "fusion" / "config.json").read_text())["metadata"]
-    assert meta["history"][-1]["step"] == 20
-    assert 0 <= meta["val_fused_all_accuracy"] <= 1
-    fused = FusionPipeline(tmp_path / "fusion").fuse({"text": np.ones(256), "video": np.zeros(256)})
+    assert meta["recipe"]["steps"] == 20 and meta["recipe"]["trainable"] == "scales"  # tiny set: no cross-validation
+    assert 0 <= meta["report_fused_all_accuracy"] <= 1
+    assert set(meta["temperatures"]) == {"text", "audio", "video", "text+audio", "text+video", "audio+video", "text+audio+video"}
+    sure_happy, unsure = np.full(7, 0.01), np.full(7, 1 / 7)
+    sure_happy[3] = 0.94
+    fused = FusionPipeline(tmp_path / "fusion").fuse({"text": np.ones(256), "video": np.zeros(256)},
+                                                     {"text": sure_happy, "video": unsure})
     assert set(fused.contributions) == {"text", "video"}
     assert sum(fused.contributions.values()) == pytest.approx(1.0)
+    assert fused.probabilities.sum() == pytest.approx(1.0, abs=1e-5)
 
 
 def test_video_training_with_wider_frame_cnn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -229,35 +235,37 @@ def test_holdout_selection_never_reads_the_val_split(tmp_path: Path, monkeypatch
     assert metadata["best_epoch"] == chosen["epoch"]
 
 
+def _card_report(split: str | None, set_name: str, acc: float = 0.7) -> dict:
+    r = {"dataset": "d", "temperature": 1.5, "sets": {set_name: {
+        "n": 100, "accuracy": acc, "macro_f1": 0.6, "weighted_f1": 0.65, "ece_uncalibrated": 0.1, "ece_calibrated": 0.05}}}
+    if split is not None:
+        r["selection_split"] = split
+    return r
+
+
 def test_card_table_says_where_each_temperature_was_fitted() -> None:
     """The calibration line names the split each temperature came from, so a holdout fit is not called optimistic."""
     from training.evaluate import card_table
 
-    def report(split: str | None) -> dict:
-        r = {"dataset": "d", "accuracy": 0.7, "macro_f1": 0.6, "weighted_f1": 0.65,
-             "ece_uncalibrated": 0.1, "ece_calibrated": 0.05, "temperature": 1.5}
-        if split is not None:
-            r["selection_split"] = split
-        return r
-
-    table = card_table({"text": report(None), "audio": report("val"), "video": report("holdout: 0.05 of each class")})
+    table = card_table({"text": _card_report(None, "meld_dev"), "audio": _card_report("val", "actors_17_20"),
+                        "video": _card_report("holdout: 0.05 of each class", "publictest")})
     calib = table.splitlines()[-1]
-    assert "text 0.100 -> 0.050 (T=1.5, fitted on the validation split)" in calib
-    assert "audio 0.100 -> 0.050 (T=1.5, fitted on the validation split)" in calib
-    assert "video 0.100 -> 0.050 (T=1.5, fitted on a holdout of the training split)" in calib
-    assert "| video | d | 0.700 | 0.600 | 0.650 | accuracy >= 0.66 | yes |" in table
+    assert "text MELD dev 0.100 -> 0.050 (T=1.5, fitted on the validation split)" in calib
+    assert "audio RAVDESS actors 17-20 0.100 -> 0.050 (T=1.5, fitted on the validation split)" in calib
+    assert "video FER2013 PublicTest 0.100 -> 0.050 (T=1.5, fitted on a holdout of the training split)" in calib
+    assert "| video | FER2013 PublicTest | 100 | 0.700 | 0.600 | 0.650 | accuracy >= 0.66 | yes |" in table
+    assert "| audio | RAVDESS actors 17-20 | 100 | 0.700 | 0.600 | 0.650 | accuracy >= 0.65 | yes |" in table
 
 
 def test_card_table_does_not_round_a_miss_up_to_the_target() -> None:
     """0.6595 against a 0.66 target is shown as 0.6595 (not 0.660) next to 'no'; other figures keep 3 decimals."""
     from training.evaluate import card_table
 
-    def report(acc: float) -> dict:
-        return {"dataset": "d", "accuracy": acc, "macro_f1": 0.64, "weighted_f1": 0.6571,
-                "ece_uncalibrated": 0.1, "ece_calibrated": 0.05, "temperature": 1.0}
+    miss = card_table({"video": _card_report(None, "publictest", 0.65953)})
+    hit = card_table({"video": _card_report(None, "publictest", 0.6612)})
+    assert "| video | FER2013 PublicTest | 100 | 0.6595 | 0.600 | 0.650 | accuracy >= 0.66 | no |" in miss
+    assert "| video | FER2013 PublicTest | 100 | 0.661 | 0.600 | 0.650 | accuracy >= 0.66 | yes |" in hit
 
-    assert "| video | d | 0.6595 | 0.640 | 0.657 | accuracy >= 0.66 | no |" in card_table({"video": report(0.65953)})
-    assert "| video | d | 0.661 | 0.640 | 0.657 | accuracy >= 0.66 | yes |" in card_table({"video": report(0.6612)})
 
 
 def test_holdout_split_names_the_selection_slice_and_never_reaches_the_card() -> None:
@@ -272,3 +280,108 @@ def test_holdout_split_names_the_selection_slice_and_never_reaches_the_card() ->
     for argv in (["--split", "holdout:0.05", "--modality", "video"], ["--split", "holdout:0.05", "--no-card"]):
         with pytest.raises(SystemExit):
             evaluate_main(argv)
+
+
+def _pools(n: int, accuracy: dict[str, float], seed: int = 0) -> dict:
+    """Synthetic encoder outputs: each modality right with probability ``accuracy[m]``, sure when right."""
+    from training.fusion import Pool
+
+    rng = np.random.default_rng(seed)
+    pools = {}
+    for m, acc in accuracy.items():
+        labels = rng.integers(0, 7, n)
+        right = rng.random(n) < acc
+        guess = np.where(right, labels, rng.integers(0, 7, n))
+        logits = rng.normal(0, 1, (n, 7))
+        logits[np.arange(n), guess] += np.where(right, 4.0, 1.0)
+        log_probs = torch.log_softmax(torch.from_numpy(logits).float(), -1).numpy()
+        pools[m] = Pool(rng.normal(0, 1, (n, 256)).astype(np.float32), log_probs, labels)
+    return pools
+
+
+def test_fusion_report_compares_the_served_answer_with_the_product_and_each_encoder() -> None:
+    """An untrained fusion without agreement votes is the product of experts, so the report must show fused ==
+    product on every subset of two or more, single subsets answer with the encoder itself, and the checks are
+    computed, not assumed; the agreement votes then cut the overrule rate."""
+    from models.fusion import FusionModel, FusionModelConfig
+    from training.evaluate import fusion_checks
+    from training.fusion import evaluate_combinations
+
+    torch.manual_seed(0)
+    pools = _pools(400, {"text": 0.4, "audio": 0.6, "video": 0.7})
+    result = evaluate_combinations(FusionModel(FusionModelConfig(agreement_bonus=0.0)).eval(), pools, n=500)
+    for name, row in result["subsets"].items():
+        if "+" in name:
+            assert row["fused"]["accuracy"] == pytest.approx(row["product"]["accuracy"])
+        else:
+            assert row["fused"]["accuracy"] == pytest.approx(row["single"][name]["accuracy"])
+    full = result["subsets"]["text+audio+video"]
+    assert full["fused"]["accuracy"] > max(r["accuracy"] for r in full["single"].values())
+    assert 0 <= full["overrule_rate"] < 0.2 and full["agreeing_pairs"] > 0
+    check = full["contribution_check"]
+    assert check["holds"] == (check["changed_removing_largest"] > check["changed_removing_smallest"])
+    assert check["holds"]  # the product's most confident expert is the one whose removal matters most
+    checks = fusion_checks(result)
+    assert checks["text+audio+video: fused >= product"] and "text+audio+video: overrule rate < 5 %" in checks
+    voting = evaluate_combinations(FusionModel(FusionModelConfig(agreement_bonus=2.0)).eval(), pools, n=500)
+    assert voting["subsets"]["text+audio+video"]["overrule_rate"] < full["overrule_rate"]
+
+
+def test_speech_degradations_do_what_they_say() -> None:
+    """10 dB noise is 10 dB below the speech; the telephone band and 8 kHz path remove what they should."""
+    from training.audio_augment import WaveAugment, degrade
+
+    sr, gen = 16000, torch.Generator().manual_seed(0)
+    t = torch.arange(sr) / sr
+    low, mid, high = (torch.sin(2 * torch.pi * f * t) * 0.3 for f in (100.0, 1000.0, 6000.0))
+    noisy = degrade(mid, sr, "noise10db", gen)
+    snr = 10 * torch.log10(mid.pow(2).sum() / (noisy - mid).pow(2).sum())
+    assert float(snr) == pytest.approx(10.0, abs=0.2)
+
+    def kept(signal: torch.Tensor, condition: str) -> float:
+        return float(degrade(signal, sr, condition, gen)[2000:].pow(2).mean() / signal[2000:].pow(2).mean())
+
+    assert kept(mid, "telephone") > 0.7 and kept(low, "telephone") < 0.2 and kept(high, "telephone") < 0.1
+    assert kept(mid, "resample8k") > 0.9 and kept(high, "resample8k") < 0.01
+    augment = WaveAugment({"speed", "noise", "band", "reverb"}, sr)
+    a, b = augment(mid, random.Random(3)), augment(mid, random.Random(3))
+    assert torch.equal(a, b) and a.abs().max() <= 1.0  # the run's seeded RNG decides every draw
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        WaveAugment({"pitch"}, sr)
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data (real datasets) is not present")
+def test_leave_actors_out_folds_cover_actors_once_and_fold_4_is_the_report_split() -> None:
+    from training.datasets import ravdess_fold_actors
+
+    held = [a for k in range(5) for a in ravdess_fold_actors(k)]
+    assert sorted(held) == list(range(1, 21))
+    assert ravdess_fold_actors(4) == (17, 18, 19, 20)
+    train_part = read_ravdess(SHARED_DATA, "train", None, fold=1)
+    val_part = read_ravdess(SHARED_DATA, "val", None, fold=1)
+    assert {int(Path(p).stem[-2:]) for p, _ in val_part} == {5, 6, 7, 8}
+    assert len(train_part) == 16 * 52 and len(val_part) == 4 * 52  # calm dropped
+    assert not {p for p, _ in train_part} & {p for p, _ in val_part}
+
+
+def test_text_task_mixes_both_corpora_with_soft_multi_label_targets(tmp_path: Path) -> None:
+    from training.tasks import TaskOptions, TextTask
+
+    (tmp_path / "meld_text").mkdir()
+    (tmp_path / "goemotions_ekman").mkdir()
+    header = "Sr No.,Utterance,Speaker,Emotion,Sentiment,Dialogue_ID,Utterance_ID\n"
+    for name in ("train_sent_emo.csv", "dev_sent_emo.csv"):
+        rows = "".join(f"{i},line {i},A,{e},neutral,{i},0\n" for i, e in enumerate(["joy", "anger", "neutral"] * 4))
+        (tmp_path / "meld_text" / name).write_text(header + rows)
+    for name in ("train.csv", "val.csv"):
+        rows = "".join(f"comment {i},{labels}\n" for i, labels in enumerate(["happy", "sad surprise", "fear"] * 10))
+        (tmp_path / "goemotions_ekman" / name).write_text("text,labels\n" + rows)
+    task = TextTask(TaskOptions(data_root=str(tmp_path), goemotions_per_epoch=6, batch_size=64))
+    assert len(task.train) == 12 + 30 and task.epoch_size == 12 + 6
+    two = next(i for i, (_, labels, _) in enumerate(task.items) if len(labels) == 2)
+    assert task.targets[two].tolist() == pytest.approx([0, 0, 0, 0, 0, 0.5, 0.5])  # sad + surprise
+    torch.testing.assert_close(task.targets.sum(1), torch.ones(len(task.train)))
+    (inputs, targets), = list(task.train_batches(0, random.Random(0)))
+    assert targets.shape == (18, 7) and inputs[0].shape[0] == 18
+    weights = task.class_weights()
+    assert weights[1] > weights[3]  # disgust (absent here) weighs more than the common happy

@@ -16,6 +16,8 @@ from models.labels import EMOTION_TO_INDEX, EMOTIONS, MELD_TO_EMOTION, RAVDESS_C
 Sample = tuple[str, int]
 
 MELD_FILES = {"train": "train_sent_emo.csv", "val": "dev_sent_emo.csv"}
+GOEMOTIONS_FILES = {"train": "train.csv", "val": "val.csv"}
+TEXT_SOURCES = ("meld", "goemotions")
 RAVDESS_TRAIN_ACTORS = tuple(range(1, 17))
 RAVDESS_VAL_ACTORS = tuple(range(17, 21))
 AUDIO_EXTENSIONS = {".wav", ".flac", ".mp3", ".ogg", ".m4a", ".webm", ".mp4"}
@@ -36,6 +38,30 @@ def read_meld(root: str | Path, split: str) -> list[Sample]:
     return samples
 
 
+def read_goemotions(root: str | Path, split: str) -> list[tuple[str, tuple[int, ...]]]:
+    """GoEmotions comments of ``split`` from ``root/goemotions_ekman``: ``(text, label indices)``.
+
+    About 9 % of the comments carry more than one of the 7 labels; all of them are kept here, and
+    :class:`training.tasks.TextTask` turns them into a soft target shared equally between the labels.
+    """
+    path = Path(root) / "goemotions_ekman" / GOEMOTIONS_FILES[split]
+    samples = []
+    with path.open(newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            text = " ".join(row["text"].split())
+            labels = tuple(dict.fromkeys(EMOTION_TO_INDEX[name] for name in row["labels"].split()))
+            if text and labels:
+                samples.append((text, labels))
+    return samples
+
+
+def read_text_corpora(root: str | Path, split: str) -> list[tuple[str, tuple[int, ...], str]]:
+    """MELD and GoEmotions together: ``(text, label indices, source)`` with source in :data:`TEXT_SOURCES`."""
+    meld = [(text, (label,), "meld") for text, label in read_meld(root, split)]
+    goemotions = [(text, labels, "goemotions") for text, labels in read_goemotions(root, split)]
+    return meld + goemotions
+
+
 def ravdess_label(path: str | Path, calm_as: str | None = "neutral") -> int | None:
     """Label index of a RAVDESS file name ``03-01-EE-II-SS-RR-AA.ext`` (None if dropped)."""
     code = Path(path).stem.split("-")[2]
@@ -44,9 +70,23 @@ def ravdess_label(path: str | Path, calm_as: str | None = "neutral") -> int | No
     return EMOTION_TO_INDEX[RAVDESS_TO_EMOTION[code]]
 
 
-def read_ravdess(root: str | Path, split: str, calm_as: str | None = "neutral") -> list[Sample]:
-    """RAVDESS speech clips; train = actors 01-16, val = actors 17-20 (speaker-independent)."""
-    actors = RAVDESS_TRAIN_ACTORS if split == "train" else RAVDESS_VAL_ACTORS
+def ravdess_fold_actors(fold: int, folds: int = 5) -> tuple[int, ...]:
+    """Actors held out by leave-actors-out fold ``fold`` of ``folds`` over actors 01-20 (fold 4 of 5: 17-20)."""
+    if not 0 <= fold < folds or 20 % folds:
+        raise ValueError(f"fold must be in [0, {folds}) and folds must divide 20, got fold {fold} of {folds}")
+    size = 20 // folds
+    return tuple(range(fold * size + 1, (fold + 1) * size + 1))
+
+
+def read_ravdess(root: str | Path, split: str, calm_as: str | None = "neutral", fold: int | None = None,
+                 folds: int = 5) -> list[Sample]:
+    """RAVDESS speech clips, speaker-independent: train = actors 01-16, val = actors 17-20.
+
+    With ``fold``, val is that leave-actors-out fold's actors and train the other actors of 01-20.
+    """
+    held = RAVDESS_VAL_ACTORS if fold is None else ravdess_fold_actors(fold, folds)
+    all_actors = RAVDESS_TRAIN_ACTORS + RAVDESS_VAL_ACTORS
+    actors = [a for a in all_actors if a not in held] if split == "train" else list(held)
     samples = []
     for actor in actors:
         for path in sorted((Path(root) / "ravdess_speech" / f"Actor_{actor:02d}").glob("*.flac")):
@@ -83,7 +123,9 @@ def read_split(modality: str, root: str | Path, split: str, layout: str = "share
     """Read ``split`` of ``modality`` from the shared real data (``layout='shared'``) or a seed folder."""
     if layout == "seed":
         return read_seed_layout(root, split, modality)
-    readers = {"text": read_meld, "audio": read_ravdess, "video": read_fer}
+    if modality == "text":  # MELD and GoEmotions; multi-label comments count under their first label here
+        return [(text, labels[0]) for text, labels, _ in read_text_corpora(root, split)]
+    readers = {"audio": read_ravdess, "video": read_fer}
     return readers[modality](root, split)
 
 

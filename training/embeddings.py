@@ -18,7 +18,9 @@ from models.checkpoint import WEIGHTS_FILE, load_model
 from models.common import forward_in_precision, prepare_for_inference, resolve_precision
 from models.text.preprocessing import TextPreprocessor
 from models.video.preprocessing import FaceConfig, faces_to_tensor, pad_clips
-from training.datasets import check_holdout_fraction, read_ravdess, read_split, split_holdout
+from training.audio_augment import DEGRADATIONS
+from training.datasets import check_holdout_fraction, read_ravdess, read_split, read_text_corpora, split_holdout
+from training.degrade import build_degraded
 from training.features import CACHE_DIR, audio_features, face_crops
 
 
@@ -32,9 +34,22 @@ def _weights_digest(weights_dir: Path) -> str:
 
 
 def parse_split(split: str) -> tuple[str, float]:
-    """``"val"`` -> ``("val", 0)``; ``"holdout:0.05"`` -> ``("train", 0.05)``, the slice ``--holdout 0.05`` selected on."""
+    """``"val"`` -> ``("val", 0)``; ``"holdout:0.05"`` -> ``("train", 0.05)``, the slice ``--holdout 0.05`` selected on.
+
+    Audio also takes ``fold:K`` (the actors leave-actors-out fold K holds out) and ``degraded:<condition>``
+    (the validation clips through one channel condition of :mod:`training.degrade`); both read as ``val``.
+    """
     if split.startswith("holdout:"):
         return "train", check_holdout_fraction(float(split.split(":", 1)[1]))
+    if split.startswith("fold:"):
+        int(split.split(":", 1)[1])
+        return "val", 0.0
+    if split.startswith("degraded:"):
+        if split.split(":", 1)[1] not in DEGRADATIONS:
+            raise ValueError(f"unknown degradation in {split!r}; choose from {DEGRADATIONS}")
+        return "val", 0.0
+    if split not in ("train", "val"):
+        raise ValueError(f"unknown split {split!r}")
     return split, 0.0
 
 
@@ -55,13 +70,24 @@ def encode_split(modality: str, split: str, weights_dir: str | Path, data_root: 
             return dict(data)
     model, config = load_model(weights_dir)
     prepare_for_inference(model, precision)  # as the pipelines do
+    extra: dict[str, np.ndarray] = {}
     if modality == "audio" and layout == "shared":
         calm = config["metadata"].get("ravdess_calm_as", "neutral")
-        samples = read_ravdess(data_root, source, calm)
+        fold = int(split.split(":", 1)[1]) if split.startswith("fold:") else None
+        samples = read_ravdess(data_root, source, calm, fold)
+        if split.startswith("degraded:"):
+            samples = build_degraded(data_root, calm_as=calm, condition=split.split(":", 1)[1])[split.split(":", 1)[1]]
+    elif modality == "text" and layout == "shared":
+        corpora = read_text_corpora(data_root, source)
+        samples = [(text, labels[0]) for text, labels, _ in corpora]
+        extra = {"source": np.array([src for _, _, src in corpora]),
+                 "multi_label": np.array([len(labels) > 1 for _, labels, _ in corpora])}
     else:
         samples = read_split(modality, data_root, source, layout)
-    if holdout:
-        samples = split_holdout(samples, holdout)[1]
+    if holdout:  # the slice training held out: split_holdout on indices picks the same samples
+        held = [i for i, _ in split_holdout([(i, y) for i, (_, y) in enumerate(samples)], holdout)[1]]
+        samples = [samples[i] for i in held]
+        extra = {k: v[held] for k, v in extra.items()}
     labels = np.array([y for _, y in samples])
     order = list(range(len(samples)))
     if modality == "text":
@@ -88,7 +114,7 @@ def encode_split(modality: str, split: str, weights_dir: str | Path, data_root: 
         e, lg = forward_in_precision(model, make(idx), precision, torch.device("cpu"))  # as the pipelines run
         emb[idx], logits[idx] = e.numpy(), lg.numpy()
     probs = model.head.probabilities(torch.from_numpy(logits)).numpy()
-    out = {"embedding": emb, "logits": logits, "probs": probs, "labels": labels}
+    out = {"embedding": emb, "logits": logits, "probs": probs, "labels": labels, **extra}
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, **out)
     return out

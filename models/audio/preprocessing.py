@@ -51,6 +51,17 @@ class LogMelExtractor:
             mel = torch.nn.functional.pad(mel, (0, self.config.min_frames - mel.shape[1]))
         return mel.contiguous()
 
+    @torch.no_grad()
+    def trim_wave(self, wave: torch.Tensor) -> torch.Tensor:
+        """``wave`` cut to the span ``__call__`` keeps (frames within ``trim_db`` of the loudest)."""
+        mel = self.to_db(self.melspec(wave))
+        energy = mel.mean(0)
+        loud = torch.nonzero(energy > energy.max() - self.config.trim_db).flatten()
+        if loud.numel() == 0:
+            return wave
+        hop = self.config.hop_length
+        return wave[int(loud[0]) * hop : (int(loud[-1]) + 1) * hop + self.config.n_fft - hop]
+
     def _trim_silence(self, mel: torch.Tensor) -> torch.Tensor:
         energy = mel.mean(0)
         loud = torch.nonzero(energy > energy.max() - self.config.trim_db).flatten()

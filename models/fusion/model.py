@@ -1,4 +1,4 @@
-"""Fusion model: multi-head attention from a learned query over the present modality embeddings."""
+"""Fusion model: evidence-aware multi-head attention over modality tokens, read out as a weighted product of experts."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.common import CalibratedHead
-from models.labels import MODALITIES
+from models.labels import MODALITIES, NUM_CLASSES
+
+PROB_FLOOR = 1e-6  # encoder probabilities are clamped here before the log (answers are rounded to 6 decimals)
 
 
 @dataclass
@@ -17,50 +18,98 @@ class FusionModelConfig:
 
     embed_dim: int = 256
     num_heads: int = 4
-    hidden_dim: int = 256
-    dropout: float = 0.2
+    token_dim: int = 128
+    dropout: float = 0.1
+    embedding_dropout: float = 0.5  # training: share of tokens built without their embedding (evidence only)
+    correction: bool = False  # add a learned correction head to the weighted product (overfits small pools)
+    agreement_bonus: float = 1.0  # added to the class each present encoder answers: two that agree outvote a third
     modalities: tuple[str, ...] = MODALITIES
 
 
-class FusionModel(nn.Module):
-    """Fuses any non-empty subset of modality embeddings.
+def evidence_features(log_probs: torch.Tensor) -> torch.Tensor:
+    """``(..., C)`` log-probabilities -> ``(..., C + 2)``: themselves, the top probability and the entropy."""
+    probs = log_probs.exp()
+    entropy = -(probs * log_probs).sum(-1, keepdim=True)
+    return torch.cat([log_probs, probs.max(-1, keepdim=True).values, entropy], dim=-1)
 
-    Each embedding is normalised, projected and tagged with a learned modality vector. A learned
-    query attends over the present modalities (missing ones are masked out); a learned per-modality
-    bias on the attention logits acts as the modality weight. The head-averaged attention weights
-    are returned as each modality's contribution and sum to 1 over the modalities present.
+
+class FusionModel(nn.Module):
+    """Fuses any non-empty subset of modalities from their embeddings and calibrated log-probabilities.
+
+    Each present modality is a token built from its 256-d embedding and its encoder's evidence (log-probs,
+    top probability, entropy). A learned query attends over the present tokens (multi-head, absent ones
+    masked). The head-averaged attention weight ``a_m`` of each of the ``n`` present modalities sets how
+    much its log-probabilities count: ``w_m = n * a_m * s_m`` with a learned per-modality scale ``s_m``, and
+
+        logits = sum_m (w_m * log p_m + lambda * onehot(argmax p_m)) + b
+
+    (plus ``correction(attended tokens)`` with ``config.correction``). With equal attention, ``s = 1``, ``b = 0``
+    and no agreement bonus ``lambda`` this is the product of the encoders' probabilities, so the fusion starts
+    from the product of experts and learns how far to trust each encoder given its evidence. The fixed bonus
+    gives each present encoder's own answer one vote: a single very confident encoder can no longer overrule
+    two that agree unless their agreement is weak.
+    During training a share of the tokens is built from the evidence alone (``embedding_dropout``), so the
+    weighting cannot rest on recognising individual training items. The contribution of a
+    modality is the share of the fused class scores' spread that its term ``w_m * log p_m`` carries (its
+    standard deviation over the 7 classes, normalised over the modalities present): a confident, trusted
+    encoder moves the answer and gets a large share; an unsure or distrusted one gets a small share.
+    Probabilities are calibrated by a temperature per subset of modalities (``temperature``, indexed by
+    the presence bitmask).
     """
 
     def __init__(self, config: FusionModelConfig) -> None:
         super().__init__()
         self.config = config
-        n, d = len(config.modalities), config.embed_dim
-        self.input_norm = nn.ModuleList([nn.LayerNorm(d) for _ in range(n)])
-        self.project = nn.ModuleList([nn.Linear(d, d) for _ in range(n)])
-        self.modality_embedding = nn.Parameter(torch.randn(n, d) * 0.02)
-        self.modality_bias = nn.Parameter(torch.zeros(n))
-        self.query = nn.Parameter(torch.randn(1, 1, d) * 0.02)
-        self.attention = nn.MultiheadAttention(d, config.num_heads, dropout=config.dropout, batch_first=True)
-        self.mlp = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, config.hidden_dim), nn.GELU())
-        self.head = CalibratedHead(config.hidden_dim, config.dropout)
+        n, d, h = len(config.modalities), config.embed_dim, config.token_dim
+        self.embed_proj = nn.ModuleList([nn.Sequential(nn.LayerNorm(d), nn.Linear(d, h)) for _ in range(n)])
+        self.evidence_proj = nn.ModuleList([nn.Linear(NUM_CLASSES + 2, h) for _ in range(n)])
+        self.modality_embedding = nn.Parameter(torch.randn(n, h) * 0.02)
+        self.query = nn.Parameter(torch.zeros(1, 1, h))  # a zero query attends uniformly: training starts at the product
+        self.attention = nn.MultiheadAttention(h, config.num_heads, dropout=config.dropout, batch_first=True)
+        self.log_scale = nn.Parameter(torch.zeros(n))
+        self.class_bias = nn.Parameter(torch.zeros(NUM_CLASSES))
+        self.correction = (nn.Sequential(nn.LayerNorm(h), nn.Dropout(config.dropout), nn.Linear(h, NUM_CLASSES))
+                           if config.correction else None)
+        self.register_buffer("temperature", torch.ones(2**n))
 
-    def forward(self, embeddings: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``embeddings`` (B, M, D) in ``config.modalities`` order, ``present`` (B, M) bool.
+    def forward(self, embeddings: torch.Tensor, log_probs: torch.Tensor,
+                present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``embeddings`` (B, M, D), ``log_probs`` (B, M, C), ``present`` (B, M) bool, in ``config.modalities`` order.
 
-        Returns ``(logits [B, 7], contributions [B, M])``. Every row needs one modality present.
+        Returns ``(logits [B, C], contributions [B, M])``. Every row needs one modality present.
         """
         if not bool(present.any(dim=1).all()):
             raise ValueError("every sample needs at least one modality")
-        tokens = torch.stack(
-            [proj(norm(embeddings[:, i])) for i, (norm, proj) in enumerate(zip(self.input_norm, self.project, strict=True))],
-            dim=1,
-        ) + self.modality_embedding
-        b, m = present.shape
-        bias = self.modality_bias.expand(b, m).masked_fill(~present, float("-inf"))
-        attn_mask = bias[:, None, None, :].expand(b, self.config.num_heads, 1, m).reshape(b * self.config.num_heads, 1, m)
-        fused, weights = self.attention(
-            self.query.expand(b, -1, -1), tokens, tokens, attn_mask=attn_mask, need_weights=True, average_attn_weights=True
-        )
-        contributions = weights.squeeze(1) * present
-        contributions = contributions / contributions.sum(1, keepdim=True).clamp_min(1e-8)
-        return self.head(self.mlp(fused.squeeze(1))), contributions
+        log_probs = log_probs.clamp_min(torch.log(torch.tensor(PROB_FLOOR))).masked_fill(~present[..., None], 0.0)
+        evidence = evidence_features(log_probs)
+        from_embedding = torch.stack([proj(embeddings[:, i]) for i, proj in enumerate(self.embed_proj)], dim=1)
+        if self.training and self.config.embedding_dropout > 0:  # keep the weighting from leaning on memorised items
+            keep = torch.rand(from_embedding.shape[:2], device=from_embedding.device) >= self.config.embedding_dropout
+            from_embedding = from_embedding * keep[..., None]
+        from_evidence = torch.stack([proj(evidence[:, i]) for i, proj in enumerate(self.evidence_proj)], dim=1)
+        tokens = from_embedding + from_evidence + self.modality_embedding  # (B, M, h)
+        b = present.shape[0]
+        attended, weights = self.attention(
+            self.query.expand(b, -1, -1), tokens, tokens, key_padding_mask=~present, need_weights=True,
+            average_attn_weights=True,
+        )  # attended (B, 1, h), weights (B, 1, M)
+        count = present.sum(1, keepdim=True).to(log_probs.dtype)
+        weight = count * weights[:, 0] * present * self.log_scale.exp()  # (B, M)
+        votes = nn.functional.one_hot(log_probs.argmax(-1), NUM_CLASSES).to(log_probs.dtype) * present[..., None]
+        terms = weight[..., None] * log_probs + self.config.agreement_bonus * votes  # (B, M, C)
+        logits = terms.sum(1) + self.class_bias
+        if self.correction is not None:
+            logits = logits + self.correction(attended[:, 0])
+        spread = terms.std(-1) * present
+        contributions = spread / spread.sum(1, keepdim=True).clamp_min(1e-8)
+        return logits, contributions
+
+    def subset_index(self, present: torch.Tensor) -> torch.Tensor:
+        """Presence bitmask ``(B, M)`` -> index into ``temperature`` (bit ``i`` = modality ``i`` present)."""
+        bits = 2 ** torch.arange(present.shape[1], device=present.device)
+        return (present.long() * bits).sum(1)
+
+    def probabilities(self, logits: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """Calibrated class probabilities: ``logits`` divided by the temperature of the subset present."""
+        temperature = self.temperature[self.subset_index(present)].clamp_min(1e-3)
+        return torch.softmax(logits / temperature[:, None], dim=-1)
