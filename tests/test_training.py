@@ -385,3 +385,18 @@ def test_text_task_mixes_both_corpora_with_soft_multi_label_targets(tmp_path: Pa
     assert targets.shape == (18, 7) and inputs[0].shape[0] == 18
     weights = task.class_weights()
     assert weights[1] > weights[3]  # disgust (absent here) weighs more than the common happy
+
+
+@pytest.mark.parametrize("modality", ["text", "audio", "video", "fusion"])
+def test_recipe_files_parse_and_command_line_options_win(modality: str) -> None:
+    recipe = Path(__file__).resolve().parents[1] / "training" / "recipes" / f"{modality}.yaml"
+    args = train.parse_args(["--recipe", str(recipe), "--seed", "99"])
+    assert args.modality == modality and args.seed == 99  # the recipe sets the modality; the command line wins
+    if modality == "audio":
+        assert args.keep == "last" and "noise" in args.augment and args.audio_channels == (64, 128)
+
+
+def test_recipe_with_an_unknown_option_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text("modality: text\nlearning-rate: 1e-3\n")
+    with pytest.raises(SystemExit, match="unknown options"):
+        train.parse_args(["--recipe", str(tmp_path / "bad.yaml")])

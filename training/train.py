@@ -14,9 +14,11 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
@@ -175,6 +177,7 @@ def _export(task: Task, model: torch.nn.Module, args: argparse.Namespace, logits
     metadata = {
         "version": f"{task.modality}-{time.strftime('%Y%m%d')}-e{info['best_epoch']}",
         "command": "python -m training.train " + " ".join(sys.argv[1:]),
+        **({"recipe": str(args.recipe)} if args.recipe else {}),
         "best_epoch": info["best_epoch"],
         "val_macro_f1": round(report["macro_f1"], 4),
         "selection_score": round(info["best_score"], 4),
@@ -218,9 +221,18 @@ def _decay(text: str) -> float:
     return value
 
 
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """A recipe file: a YAML mapping of ``training.train`` options (``backbone-lr: 6e-5``), dashes or underscores."""
+    values = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(values, dict):
+        raise SystemExit(f"--recipe {path}: expected a mapping of options")
+    return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--modality", required=True, choices=[*TASKS, "fusion"])
+    p.add_argument("--recipe", help="YAML file of options (training/recipes/<modality>.yaml); command-line options win")
+    p.add_argument("--modality", choices=[*TASKS, "fusion"], help="required, on the command line or in the recipe")
     p.add_argument("--data-root", default="../shared/data")
     p.add_argument("--layout", choices=["shared", "seed"], default="shared", help="shared = ../shared/data sets; seed = data/{split}/<emotion>/")
     p.add_argument("--out", help="output folder (default models/weights/<modality>)")
@@ -275,7 +287,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weights-dir", default=str(DEFAULT_WEIGHTS_DIR), help="fusion: trained encoder weights")
     p.add_argument("--audio-folds", default=str(DEFAULT_WEIGHTS_DIR / "audio_folds"),
                    help="fusion: the leave-actors-out audio fold models (training.crossval) whose held-out clips it trains on")
+    known, _ = p.parse_known_args(argv)
+    if known.recipe:
+        recipe = read_recipe(known.recipe)
+        unknown = set(recipe) - {a.dest for a in p._actions}
+        if unknown:
+            raise SystemExit(f"--recipe {known.recipe}: unknown options {sorted(unknown)}")
+        if "audio_channels" in recipe:
+            recipe["audio_channels"] = tuple(recipe["audio_channels"])
+        if "video_channels" in recipe and isinstance(recipe["video_channels"], str):
+            recipe["video_channels"] = _three_widths(recipe["video_channels"])
+        p.set_defaults(**recipe)
     args = p.parse_args(argv)
+    if not args.modality:
+        p.error("--modality is required (or a --recipe that sets it)")
     args.out = args.out or str(DEFAULT_WEIGHTS_DIR / args.modality)
     return args
 
