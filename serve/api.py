@@ -1,7 +1,8 @@
-"""The FastAPI application of the fusion ingress: routes, upload guards, request metrics, static page.
+"""The FastAPI application of the fusion ingress: routes, access control, upload guards, metrics, static page.
 
 :func:`create_app` builds it around a :class:`serve.service.FusionService`, so the same app runs inside
-the ``FusionIngress`` replica and, with fake encoder handles, in fast in-process tests.
+the ``FusionIngress`` replica and, with fake encoder handles, in fast in-process tests. Middleware, outermost
+first: request metrics, CORS (only with an allow-list), access control (:mod:`serve.access`), upload limit.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Request, Security, UploadFile
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve.access import API_KEY_HEADER, BEARER, AccessControl, AccessMiddleware, Client, route_path
 from serve.config import AppConfig
 from serve.errors import EncoderError
 from serve.metrics import Metrics
@@ -24,6 +27,8 @@ from serve.uploads import UploadLimitMiddleware, check_media
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 ENDPOINTS = ("/api/health", "/api/predict", "/predict", "/predict/audio", "/predict/video", "/docs", "/openapi.json")
+UPLOAD_PATHS = ("/predict", "/predict/audio", "/predict/video")  # multipart: what the upload cap counts
+PREDICT_PATHS = ("/api/predict", *UPLOAD_PATHS)  # what API keys and per-client limits guard
 SNIFF_BYTES = 512
 
 
@@ -38,9 +43,7 @@ class RequestMetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path, root = scope.get("path", ""), scope.get("root_path", "")
-        if root and path.startswith(root):  # an application deployed under a route prefix
-            path = path[len(root):] or "/"
+        path = route_path(scope)  # without the route prefix of an application deployed under one
         endpoint = path if path in ENDPOINTS else "other"
         status = 500
         start = time.perf_counter()
@@ -89,8 +92,16 @@ def _split(uploads: dict[str, bytes]) -> tuple[dict[str, bytes], dict[str, Encod
     return payloads, empty
 
 
-def create_app(service: FusionService, config: AppConfig, static_dir: Path | None = STATIC_DIR) -> FastAPI:
-    """The ingress's FastAPI app (API routes first, then the static web page at ``/``)."""
+def create_app(service: FusionService, config: AppConfig, static_dir: Path | None = STATIC_DIR,
+               access: AccessControl | None = None) -> FastAPI:
+    """The ingress's FastAPI app (API routes first, then the static web page at ``/``).
+
+    ``access`` defaults to the policy of ``config.access`` (keys read from their environment variable or file).
+    """
+    if access is None:
+        access = AccessControl(config.access, service.metrics)
+    # Shown in /docs ("Authorize"); the check itself is AccessMiddleware's, before the body is read.
+    security = [Security(BEARER), Security(API_KEY_HEADER)] if access.keys_required else []
     app = FastAPI(
         title="Multimodal emotion recognition",
         description="Text, speech and face video -> one of 7 emotions, calibrated probabilities and "
@@ -98,21 +109,29 @@ def create_app(service: FusionService, config: AppConfig, static_dir: Path | Non
         version="1.0",
     )
     app.add_middleware(UploadLimitMiddleware, max_bytes=config.limits.max_upload_bytes)
+    app.add_middleware(AccessMiddleware, access=access, paths=PREDICT_PATHS, upload_paths=UPLOAD_PATHS)
+    if config.access.cors_origins:  # none: browsers allow the page's own origin only
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.access.cors_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+                           expose_headers=["Retry-After"], max_age=600)
     app.add_middleware(RequestMetricsMiddleware, metrics=service.metrics)
 
     @app.exception_handler(PredictionFailed)
     async def _prediction_failed(_: Request, exc: PredictionFailed) -> JSONResponse:
         return JSONResponse(status_code=exc.status, content={"detail": exc.detail})
 
-    @app.get("/api/health", response_model=HealthResponse, tags=["health"])
-    async def health() -> HealthResponse:
-        """Service status and the version of each loaded model."""
-        return await service.health()
+    @app.get("/api/health", response_model=HealthResponse, tags=["health"], dependencies=security)
+    async def health(request: Request) -> HealthResponse:
+        """Service status and the version of each loaded model (when keys are required: liveness only, without
+        a valid key)."""
+        if access.keys_required and not isinstance(await access.identify(request), Client):
+            return HealthResponse(status="ok", api_key_required=True)
+        return (await service.health()).model_copy(update={"api_key_required": access.keys_required})
 
     def predict_route(path: str) -> Any:
         """``@app.post`` for a prediction endpoint: the response model and the documented error answers."""
         return app.post(path, response_model=PredictionResponse, response_model_exclude_none=True,
-                        responses=ERROR_RESPONSES, tags=["predict"])
+                        responses=ERROR_RESPONSES, tags=["predict"], dependencies=security)
 
     @predict_route("/api/predict")
     async def predict_text(body: TextRequest) -> PredictionResponse:

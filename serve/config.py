@@ -8,13 +8,17 @@ Model paths and batching reach the encoders through Serve's ``user_config`` (see
 :meth:`AppConfig.encoder_user_config`). Setting them under a deployment's ``user_config`` and re-running
 ``serve deploy`` hot-swaps the weights through ``reconfigure`` without restarting replicas; changing
 ``args`` instead changes the application's code version, so Serve replaces the replicas.
+
+``access`` holds API-key sources, the CORS allow-list and per-client limits; the keys themselves are never
+in ``args`` (a Serve config file is in the repository and in ``serve status``): only where to read them.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from models.common import Precision
 from models.labels import MODALITIES
@@ -106,12 +110,54 @@ class EncodersConfig(_Strict):
         return getattr(self, modality)
 
 
+class ApiKeysConfig(_Strict):
+    """Where the API keys come from: an environment variable and/or a file, never this config (it is in git).
+
+    With ``required`` the prediction endpoints need a key, and a replica that finds no key refuses to start.
+    """
+
+    required: bool = Field(False, description="prediction endpoints answer 401 without a valid key")
+    env: str | None = Field("EMOTION_API_KEYS", pattern=r"^[A-Z_][A-Z0-9_]*$",
+                            description="name of an environment variable holding keys, comma or whitespace "
+                                        "separated (the variable's name, not a key)")
+    file: str | None = Field(None, description="file with one key per line (# comments), e.g. a mounted "
+                                               "Kubernetes Secret; re-read when it changes")
+
+
+class ClientLimitsConfig(_Strict):
+    """Per-client limits of one ingress replica (a client is an API key, or an address when keys are off)."""
+
+    requests_per_minute: float | None = Field(None, gt=0, description="sustained prediction requests per client; "
+                                                                      "None: no rate limit")
+    burst: int = Field(10, ge=1, description="requests a client may send at once before the rate applies")
+    max_concurrent_uploads: int | None = Field(None, ge=1, description="media requests (/predict, /predict/audio, "
+                                                                       "/predict/video) in flight per client")
+
+
+class AccessConfig(_Strict):
+    """Who may call the prediction endpoints, from which web origins, and how much."""
+
+    api_keys: ApiKeysConfig = Field(default_factory=ApiKeysConfig)
+    cors_origins: tuple[str, ...] = Field((), description="origins other than the page's own allowed to call the "
+                                                          "API from a browser, e.g. https://app.example.org")
+    per_client: ClientLimitsConfig = Field(default_factory=ClientLimitsConfig)
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins_are_origins(cls, origins: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in origins:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], no path) or '*'")
+        return origins
+
+
 class AppConfig(_Strict):
     """Everything the application builder reads."""
 
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     encoders: EncodersConfig = Field(default_factory=EncodersConfig)
+    access: AccessConfig = Field(default_factory=AccessConfig)
     ingress_torch_threads: int = Field(1, ge=1)
     health_timeout_s: float = Field(5.0, gt=0, description="how long /api/health waits for each encoder")
 

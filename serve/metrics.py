@@ -52,6 +52,10 @@ METRICS: tuple[MetricSpec, ...] = (
                ("emotion", "modality")),
     MetricSpec("emotion_dropped_modalities_total", "counter",
                "Modalities dropped from a request, by reason code", ("modality", "reason")),
+    MetricSpec("emotion_access_decisions_total", "counter",
+               "Prediction requests by access decision (allowed, unauthorized, rate_limited, too_many_uploads) and "
+               "client (a key id such as key-1a2b3c4d, never the key; 'anonymous' without a valid key)",
+               ("decision", "client")),
 )
 METRIC_NAMES: tuple[str, ...] = tuple(m.name for m in METRICS)
 SPECS: dict[str, MetricSpec] = {m.name: m for m in METRICS}

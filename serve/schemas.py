@@ -67,7 +67,10 @@ class HealthResponse(BaseModel):
     """Answer of ``GET /api/health``."""
 
     status: Literal["ok", "degraded"]
-    models: dict[str, ModelStatus]
+    api_key_required: bool = Field(False, description="prediction endpoints need an API key")
+    models: dict[str, ModelStatus] | None = Field(
+        None, description="each model's status and version; null when a key is required and none valid was sent "
+                          "(then status is liveness only)")
 
 
 class ErrorResponse(BaseModel):
@@ -78,7 +81,10 @@ class ErrorResponse(BaseModel):
 
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorResponse, "description": "undecodable, corrupt or empty media"},
+    401: {"model": ErrorResponse, "description": "API key missing or not valid (when the service requires one)"},
     413: {"model": ErrorResponse, "description": "request body over the upload limit"},
     415: {"model": ErrorResponse, "description": "unsupported content type"},
+    429: {"model": ErrorResponse, "description": "this client's request rate or concurrent uploads are over "
+                                                 "the limit; retry after the Retry-After header's seconds"},
     504: {"model": ErrorResponse, "description": "no encoder answered in time"},
 }

@@ -302,3 +302,33 @@ def test_one_gpu_worker_hosts_one_replica_of_each_encoder() -> None:
 @pytest.mark.parametrize("script", [render_rayservice, build_dashboard])
 def test_generators_check_mode_passes(script) -> None:
     assert script.main(["--check"]) == 0
+
+
+# --- API keys ------------------------------------------------------------------------------------------------------
+
+
+def test_api_keys_are_required_on_clusters_and_mounted_never_committed() -> None:
+    """The GPU config (cluster launcher, RayService) requires keys from a file that both deployments mount, from
+    outside the repository; the local CPU config leaves the service open."""
+    from serve.config import AppConfig
+
+    def access(path: Path):
+        return AppConfig.from_args(_validate_serve_config(path)["applications"][0]["args"]).access
+
+    assert not access(SERVE_CPU).api_keys.required
+    keys = access(SERVE_GPU).api_keys
+    assert keys.required and keys.file
+    key_dir = str(Path(keys.file).parent)
+
+    raw = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    source = raw["file_mounts"][key_dir]
+    assert source.startswith("~/")  # a folder of the operator's machine, not of the repository
+
+    manifest = yaml.safe_load(RAYSERVICE.read_text())
+    cluster = manifest["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        (mount,) = [m for c in pod["containers"] for m in c.get("volumeMounts", []) if m["mountPath"] == key_dir]
+        secret = volumes[mount["name"]]["secret"]
+        assert secret["secretName"] and not secret.get("optional", False) and mount["readOnly"] is True

@@ -35,6 +35,7 @@ REQUESTS = "ray_emotion_requests_total"
 REQ_LATENCY = "ray_emotion_request_latency_ms"
 PREDICTIONS = "ray_emotion_predictions_total"
 DROPPED = "ray_emotion_dropped_modalities_total"
+ACCESS = "ray_emotion_access_decisions_total"
 
 
 def _target(expr: str, legend: str, ref: str = "A", instant: bool = False) -> dict[str, Any]:
@@ -121,8 +122,12 @@ def panels() -> list[dict[str, Any]]:
             _target(f"sum by (endpoint, status) (rate({REQUESTS}{{{APP}}}[{RATE}]))", "{{endpoint}} {{status}}"),
         ], unit="reqps", width=8),
         _panel("End-to-end request latency (p50/p95/p99)",
-               _quantiles(REQ_LATENCY, "endpoint", "{{endpoint}}"), unit="ms", width=24,
+               _quantiles(REQ_LATENCY, "endpoint", "{{endpoint}}"), unit="ms", width=12,
                description="Measured in FusionIngress from request arrival to response."),
+        _panel("Access decisions by client (prediction requests)", [
+            _target(f"sum by (client, decision) (rate({ACCESS}{{{APP}}}[{RATE}]))", "{{client}} {{decision}}"),
+        ], unit="reqps", width=12, description="allowed, unauthorized (401), rate_limited and too_many_uploads (429) "
+                                               "per API key id (key-<8 hex>; 'anonymous' without a valid key)."),
 
         _row("Encoders: per-modality latency, throughput and batching"),
         _panel("Encoder latency per modality (p50/p95/p99)", _quantiles(ENC_LATENCY, "modality", "{{modality}}", mod),

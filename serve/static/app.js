@@ -1,6 +1,8 @@
 /*
  * Emotion recognition page: collects text / audio / video (files, microphone, webcam), sends them
- * together to POST /predict as multipart form data and renders the fused answer.
+ * together to POST /predict as multipart form data and renders the fused answer. When the service
+ * requires an API key (health says so, or a request gets 401) the page asks for one and keeps it in
+ * sessionStorage: for this browser tab only, sent as `Authorization: Bearer <key>`.
  * Plain browser JavaScript, no build step, no third-party code.
  */
 "use strict";
@@ -18,6 +20,7 @@
   // Endpoints are relative so the page also works behind a route prefix.
   const PREDICT_URL = "predict";
   const HEALTH_URL = "api/health";
+  const KEY_STORAGE = "emotion-api-key";
 
   const $ = (id) => document.getElementById(id);
   const el = {
@@ -54,6 +57,10 @@
     meta: $("result-meta"),
     health: $("health"),
     healthText: $("health-text"),
+    keyForm: $("key-form"),
+    keyInput: $("api-key-input"),
+    keyStatus: $("key-status"),
+    forgetKey: $("forget-key"),
   };
 
   /** Inputs chosen so far: a File per media modality (from a picker, the microphone or the webcam). */
@@ -66,6 +73,63 @@
     camera: null, // MediaStream
     clip: null, // {recorder, timer}
   };
+
+  // ---------------------------------------------------------------- API key
+
+  /** The key entered in this tab ("" if none); sessionStorage can be unavailable (privacy modes). */
+  function apiKey() {
+    try {
+      return sessionStorage.getItem(KEY_STORAGE) || "";
+    } catch (_) {
+      return "";
+    }
+  }
+
+  function storeKey(key) {
+    try {
+      if (key) sessionStorage.setItem(KEY_STORAGE, key);
+      else sessionStorage.removeItem(KEY_STORAGE);
+    } catch (_) {
+      /* nothing stored: the key is asked for again */
+    }
+    el.forgetKey.hidden = !key;
+  }
+
+  function authHeaders() {
+    const key = apiKey();
+    return key ? { Authorization: `Bearer ${key}` } : {};
+  }
+
+  function askForKey(message) {
+    el.keyForm.hidden = false;
+    el.keyStatus.textContent = message || "";
+    el.health.dataset.state = "locked";
+    el.healthText.textContent = "API key required";
+  }
+
+  el.keyForm.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const key = el.keyInput.value.trim();
+    if (!key) {
+      el.keyStatus.textContent = "Enter the API key first.";
+      el.keyInput.focus();
+      return;
+    }
+    storeKey(key);
+    el.keyInput.value = "";
+    el.keyStatus.textContent = "Checking the key…";
+    if (await checkHealth()) {
+      el.keyStatus.textContent = "";
+      el.text.focus();
+    } else {
+      el.keyInput.focus();
+    }
+  });
+
+  el.forgetKey.addEventListener("click", () => {
+    storeKey("");
+    checkHealth();
+  });
 
   // ---------------------------------------------------------------- helpers
 
@@ -348,6 +412,7 @@
   function errorTitle(status) {
     switch (status) {
       case 400: return "The file could not be read";
+      case 401: return "An API key is needed";
       case 413: return "The upload is too large";
       case 415: return "Unsupported file type";
       case 422: return "The input is not valid";
@@ -357,16 +422,19 @@
     }
   }
 
-  function errorHint(status) {
+  function errorHint(status, retryAfter) {
     switch (status) {
       case 400: return "It may be corrupt, truncated or not a media file. Try another file or record one here.";
+      case 401: return "Enter the service's API key at the top of the page, then try again.";
       case 413: return state.maxUploadBytes
         ? `Uploads are limited to ${bytes(state.maxUploadBytes)}. Trim the recording or pick a shorter clip.`
         : "Trim the recording or pick a shorter clip.";
       case 415: return "Use a common audio (WAV, MP3, OGG, WebM…), video (MP4, WebM…) or image (JPEG, PNG) file.";
       case 422: return "Check the text and files and try again.";
       case 429:
-      case 503: return "Please try again in a moment.";
+      case 503: return Number(retryAfter) > 0
+        ? `Please try again in ${Number(retryAfter)} s.`
+        : "Please try again in a moment.";
       default: return status >= 500 ? "Please try again; if it keeps happening, check the server logs." : "";
     }
   }
@@ -554,9 +622,11 @@
 
     setBusy(true);
     el.live.textContent = "Analysing…";
+    const apiKeyWasSent = Boolean(apiKey());
     let response;
     try {
-      response = await fetch(PREDICT_URL, { method: "POST", body, headers: { Accept: "application/json" } });
+      const headers = { Accept: "application/json", ...authHeaders() };
+      response = await fetch(PREDICT_URL, { method: "POST", body, headers });
     } catch (err) {
       setBusy(false);
       el.result.hidden = true;
@@ -574,12 +644,16 @@
       data = null;
     }
     setBusy(false);
+    if (response.status === 401) {
+      storeKey("");
+      askForKey(apiKeyWasSent ? "The API key was not accepted; enter a valid one." : "");
+    }
     if (!response.ok || !data || typeof data !== "object" || !("emotion" in data)) {
       el.result.hidden = true;
       const status = response.ok ? 502 : response.status;
       const detail = data && typeof data === "object" ? formatDetail(data.detail) : "";
       showError(errorTitle(status), detail || response.statusText || "Unexpected answer from the server.",
-        errorHint(status), status);
+        errorHint(status, response.headers.get("Retry-After")), status);
       el.live.textContent = "";
       return;
     }
@@ -633,10 +707,19 @@
     return null;
   }
 
+  /** Show the service's state; true when predictions can be sent (no key needed, or the key is accepted). */
   async function checkHealth() {
     try {
-      const r = await fetch(HEALTH_URL, { headers: { Accept: "application/json" } });
+      const keySent = Boolean(apiKey());
+      const r = await fetch(HEALTH_URL, { headers: { Accept: "application/json", ...authHeaders() } });
       const data = await r.json().catch(() => ({}));
+      if (data.api_key_required && !data.models) { // liveness only: no key, or a key that is not valid
+        if (keySent) storeKey("");
+        askForKey(keySent ? "The API key was not accepted; enter a valid one." : "");
+        return false;
+      }
+      el.keyForm.hidden = true;
+      el.forgetKey.hidden = !data.api_key_required || !apiKey();
       state.maxUploadBytes = findUploadLimit(data);
       const status = String(data.status || (r.ok ? "ok" : "unavailable"));
       const ready = r.ok && /^(ok|ready|healthy|up)$/i.test(status);
@@ -649,9 +732,11 @@
         if (loaded.length) models = ` · ${loaded.join(", ")}`;
       }
       el.healthText.textContent = ready ? `Service ready${models}` : `Service ${status}`;
+      return true;
     } catch (_) {
       el.health.dataset.state = "down";
       el.healthText.textContent = "Service unreachable";
+      return false;
     }
   }
 
