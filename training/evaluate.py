@@ -154,6 +154,8 @@ def fusion_checks(result: dict[str, Any]) -> dict[str, bool]:
 def _fitted_on(report: dict[str, Any]) -> str:
     """Where an encoder's temperature (and kept epoch) was chosen, for the card."""
     split = report.get("selection_split", "val")
+    if split.startswith("RAVDESS actors"):
+        return "fitted on the held-out actors it is reported on"
     return "fitted on the validation split" if split == "val" else "fitted on a holdout of the training split"
 
 
