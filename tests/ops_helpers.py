@@ -1,4 +1,5 @@
-"""Helpers shared by the operations tests: exported metric names, dashboard queries, Prometheus text parsing.
+"""Helpers shared by the operations tests: exported metric names, dashboard queries, Prometheus text parsing,
+the Serve config on loopback with one request of every kind, and a real Prometheus server and its HTTP API.
 
 Ray exports metrics through its metrics agent (OpenTelemetry -> Prometheus) with these naming rules, checked
 against a running instance: every name gets a ``ray_`` prefix; counters end in ``_total`` (added unless the name
@@ -7,18 +8,30 @@ already ends so); histograms appear as ``_bucket`` (with ``le``), ``_sum`` and `
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import re
+import shutil
 import socket
+import subprocess
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx
 import ray
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "emotion-serve.json"
+SERVE_CONFIG = REPO / "deploy" / "serve_config.yaml"
+PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
+FIXTURES = REPO / "tests" / "fixtures"
+ENCODERS = {"text": "TextEncoder", "audio": "AudioEncoder", "video": "VideoEncoder"}
+TEST_TEXT_TIMEOUT_S = 90
 RAY_PREFIX = "ray_"
 SERVE_TAGS = frozenset({"deployment", "replica", "application"})
 
@@ -121,3 +134,162 @@ def wait_for(predicate: Callable[[], object], timeout_s: float, interval_s: floa
             return last
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what} (last: {last!r})")
+
+
+# --- The Serve application on loopback, and one request of every kind ------------------------------------------
+
+
+def loopback_app_config(base: dict[str, Any], http_port: int) -> dict[str, Any]:
+    """A Serve config (``deploy/serve_config.yaml``) served by one proxy on 127.0.0.1:``http_port``.
+
+    The 2-core test machine is shared with training jobs: loading a model can take a minute there and starve
+    requests for longer than the production 10 s text budget, so the text timeout is raised. The tests are about
+    lost requests and metrics, not latency.
+    """
+    config = copy.deepcopy(base)
+    config["proxy_location"] = "HeadOnly"  # the nodes of a local cluster share one machine: one proxy, one port
+    config["http_options"] = {**config.get("http_options", {}), "host": "127.0.0.1", "port": http_port}
+    encoders = config["applications"][0].setdefault("args", {}).setdefault("encoders", {})
+    encoders["text"] = {**encoders.get("text", {}), "timeout_s": TEST_TEXT_TIMEOUT_S}
+    return config
+
+
+def health_ok(base_url: str) -> bool:
+    """True when ``/api/health`` answers ``status: ok`` (every model loaded)."""
+    try:
+        return httpx.get(f"{base_url}/api/health", timeout=10).json().get("status") == "ok"
+    except (httpx.HTTPError, ValueError):
+        return False
+
+
+def send_all_kinds(base_url: str) -> dict[str, httpx.Response]:
+    """One request of each kind (plus a rejected one and one with a dropped modality); returns their answers."""
+    speech = (FIXTURES / "speech.wav").read_bytes()
+    face = (FIXTURES / "face.mp4").read_bytes()
+    silent_face = (FIXTURES / "face_noaudio.mp4").read_bytes()
+    with httpx.Client(base_url=base_url, timeout=120) as http:
+        answers = {
+            "health": http.get("/api/health"),
+            "text": http.post("/api/predict", json={"text": "I am so happy to see you again!"}),
+            "audio": http.post("/predict/audio", files={"file": ("speech.wav", speech, "audio/wav")}),
+            "video": http.post("/predict/video", files={"file": ("face.mp4", face, "video/mp4")}),
+            "fused": http.post("/predict", data={"text": "This is terrible."},
+                               files={"audio": ("speech.wav", speech, "audio/wav"),
+                                      "video": ("face.mp4", face, "video/mp4")}),
+            "video_no_audio": http.post("/predict/video",
+                                        files={"file": ("face_noaudio.mp4", silent_face, "video/mp4")}),
+            "empty_text": http.post("/api/predict", json={"text": "   "}),
+        }
+    return answers
+
+
+# --- Grafana dashboard queries ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PanelQuery:
+    """One query of one dashboard panel."""
+
+    panel: str
+    ref: str
+    expr: str
+    instant: bool
+
+
+def dashboard_queries(path: Path = DASHBOARD) -> list[PanelQuery]:
+    """Every panel target of the dashboard, with its panel title and refId."""
+    doc = json.loads(path.read_text())
+    return [PanelQuery(p["title"], t["refId"], t["expr"], bool(t.get("instant")))
+            for p in doc["panels"] for t in p.get("targets", []) if t.get("expr")]
+
+
+def dashboard_variables(path: Path = DASHBOARD) -> dict[str, dict[str, Any]]:
+    """The dashboard's template variables by name."""
+    return {v["name"]: v for v in json.loads(path.read_text())["templating"]["list"]}
+
+
+def grafana_substitute(expr: str, values: Mapping[str, str]) -> str:
+    """``expr`` with Grafana's ``$name`` / ``${name}`` replaced (an unknown variable raises ``KeyError``)."""
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: values[m.group(1) or m.group(2)], expr)
+
+
+# --- A real Prometheus server -----------------------------------------------------------------------------------
+
+
+def prometheus_test_config(sd_file: Path, interval: str) -> dict[str, Any]:
+    """``deploy/prometheus/prometheus.yml`` with the test's overrides of intervals and paths only.
+
+    The file-SD job reads ``sd_file`` (this Ray session's own copy of the file the production path links to),
+    rule files are resolved against ``deploy/prometheus/``, and jobs with static targets (compose's host
+    ``emotion``, which does not resolve here) are left out so every target stays on loopback.
+    """
+    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    config["global"].update(scrape_interval=interval, evaluation_interval=interval, scrape_timeout=interval)
+    config["rule_files"] = [str(PROMETHEUS_DIR / f) for f in config.get("rule_files", [])]
+    jobs = [job for job in config["scrape_configs"] if "file_sd_configs" in job]
+    for job in jobs:
+        for sd in job["file_sd_configs"]:
+            sd.update(files=[str(sd_file)], refresh_interval=interval)
+    config["scrape_configs"] = jobs
+    return config
+
+
+class Prometheus:
+    """A Prometheus server on 127.0.0.1 (Debian's ``prometheus`` binary) and the parts of its HTTP API tests use."""
+
+    def __init__(self, config: dict[str, Any], workdir: Path) -> None:
+        binary = shutil.which("prometheus")
+        if binary is None:
+            raise FileNotFoundError("prometheus is not installed (apt-get install -y prometheus)")
+        workdir.mkdir(parents=True, exist_ok=True)
+        config_file = workdir / "prometheus.yml"
+        config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = workdir / "prometheus.log"
+        self.started = time.time()
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                [binary, f"--config.file={config_file}", f"--storage.tsdb.path={workdir / 'data'}",
+                 f"--web.listen-address=127.0.0.1:{port}"],
+                stdout=log, stderr=subprocess.STDOUT)
+        wait_for(self._ready, 60, 0.5, f"Prometheus ready (log: {self.log})")
+
+    def _ready(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"Prometheus exited: {self.log.read_text()[-2000:]}")
+        try:
+            return httpx.get(f"{self.url}/-/ready", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def api(self, path: str, **params: Any) -> Any:
+        """``GET /api/v1/<path>``'s ``data`` (fails on an API error)."""
+        body = httpx.get(f"{self.url}/api/v1/{path}", params=params, timeout=30).json()
+        assert body["status"] == "success", (path, params, body)
+        return body["data"]
+
+    def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
+        """An instant query's series as ``{"metric": {...}, "value": [t, "v"]}`` (a scalar becomes one series)."""
+        params: dict[str, Any] = {"query": expr}
+        if at is not None:
+            params["time"] = f"{at:.3f}"
+        data = self.api("query", **params)
+        if data["resultType"] == "scalar":
+            return [{"metric": {}, "value": data["result"]}]
+        return data["result"]
+
+    def stop(self) -> None:
+        """Terminate the server (it flushes nothing the tests need)."""
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+def finite_values(series: list[dict[str, Any]]) -> list[float]:
+    """The finite sample values of an instant query's result (NaN and infinities dropped)."""
+    values = [float(s["value"][1]) for s in series]
+    return [v for v in values if math.isfinite(v)]

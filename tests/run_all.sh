@@ -3,14 +3,27 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q -r requirements-dev.txt
+apt_install() {  # apt_install "<which tests>" PACKAGE...: install Debian packages as root, else say what is skipped
+  local tests=$1
+  shift
+  if [ "$(id -u)" != 0 ]; then
+    echo "warning: not root, $* not installed; $tests will be skipped"
+    return
+  fi
+  if [ -z "${apt_updated:-}" ]; then
+    apt-get update -qq || true
+    apt_updated=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null \
+    || echo "warning: could not install $*; $tests will be skipped"
+}
 if ! command -v chromium >/dev/null 2>&1; then
   # Browser tests drive Debian's Chromium (Playwright cannot download its own browser here).
-  if [ "$(id -u)" = 0 ]; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-color-emoji >/dev/null) \
-      || echo "warning: could not install chromium; browser tests will be skipped"
-  else
-    echo "warning: not root, chromium not installed; browser tests will be skipped"
-  fi
+  apt_install "browser tests" chromium fonts-noto-color-emoji
+fi
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+  # Monitoring tests run Debian's Prometheus against the live service and promtool on the alert rules.
+  apt_install "Prometheus tests" prometheus
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
 set +e

@@ -20,7 +20,6 @@ proxy on the head node only, and the fast autoscaling config for ``TextEncoder``
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import os
 import shutil
@@ -37,19 +36,21 @@ import ray
 import yaml
 
 from tests.ops_helpers import (
+    ENCODERS,
     REPO,
+    SERVE_CONFIG,
     Sample,
     dashboard_exprs,
     exported_series,
     free_port,
+    health_ok,
+    loopback_app_config,
     metric_names_in,
     parse_prometheus,
+    send_all_kinds,
     wait_for,
 )
 
-SERVE_CONFIG = REPO / "deploy" / "serve_config.yaml"
-FIXTURES = REPO / "tests" / "fixtures"
-ENCODERS = {"text": "TextEncoder", "audio": "AudioEncoder", "video": "VideoEncoder"}
 # Test-only autoscaling for TextEncoder: react within seconds instead of Serve's production delays.
 FAST_AUTOSCALING = {
     "min_replicas": 1,
@@ -64,7 +65,6 @@ FAST_AUTOSCALING = {
 # Ray Serve built-ins on the dashboard that only appear after an exception inside a replica.
 EVENT_ONLY_BUILTINS = {"ray_serve_deployment_error_counter_total"}
 METRICS_TIMEOUT_S = 75  # Ray's metrics agent exports with a delay of several seconds
-TEST_TEXT_TIMEOUT_S = 90
 
 
 @dataclass
@@ -110,9 +110,7 @@ class Service:
 
 def _app_config(base: dict[str, Any], http_port: int, text_user_config: dict[str, Any] | None = None) -> dict:
     """``deploy/serve_config.yaml`` with the test overrides (see the module docstring)."""
-    config = copy.deepcopy(base)
-    config["proxy_location"] = "HeadOnly"  # both nodes share 127.0.0.1: one proxy, one port
-    config["http_options"] = {**config.get("http_options", {}), "host": "127.0.0.1", "port": http_port}
+    config = loopback_app_config(base, http_port)
     app = config["applications"][0]
     deployments = app.setdefault("deployments", [])
     text = next((d for d in deployments if d["name"] == ENCODERS["text"]), None)
@@ -121,10 +119,6 @@ def _app_config(base: dict[str, Any], http_port: int, text_user_config: dict[str
         deployments.append(text)
     text.pop("num_replicas", None)
     text["autoscaling_config"] = {**text.get("autoscaling_config", {}), **FAST_AUTOSCALING}
-    # The 2-core test machine is shared with training jobs: loading a model can take a minute there and starve
-    # requests for longer than the production 10 s text budget. The tests are about lost requests, not latency.
-    encoders = app.setdefault("args", {}).setdefault("encoders", {})
-    encoders["text"] = {**encoders.get("text", {}), "timeout_s": TEST_TEXT_TIMEOUT_S}
     if text_user_config is not None:
         text["user_config"] = text_user_config
     return config
@@ -162,7 +156,7 @@ def service() -> Iterator[Service]:
         svc.deploy(config)
         wait_for(lambda: serve.status().applications.get(svc.app_name) is not None
                  and serve.status().applications[svc.app_name].status == "RUNNING", 300, 2, "application RUNNING")
-        wait_for(lambda: _health_ok(svc.base_url), 60, 1, "/api/health ok")
+        wait_for(lambda: health_ok(svc.base_url), 60, 1, "/api/health ok")
         yield svc
     finally:
         serve.shutdown()
@@ -175,34 +169,6 @@ def service() -> Iterator[Service]:
                 os.environ[key] = value
 
 
-def _health_ok(base_url: str) -> bool:
-    try:
-        return httpx.get(f"{base_url}/api/health", timeout=10).json().get("status") == "ok"
-    except (httpx.HTTPError, ValueError):
-        return False
-
-
-def _send_all_kinds(base_url: str) -> dict[str, Any]:
-    """One request of each kind (plus a rejected one and one with a dropped modality); returns their answers."""
-    speech = (FIXTURES / "speech.wav").read_bytes()
-    face = (FIXTURES / "face.mp4").read_bytes()
-    silent_face = (FIXTURES / "face_noaudio.mp4").read_bytes()
-    with httpx.Client(base_url=base_url, timeout=120) as http:
-        answers = {
-            "health": http.get("/api/health"),
-            "text": http.post("/api/predict", json={"text": "I am so happy to see you again!"}),
-            "audio": http.post("/predict/audio", files={"file": ("speech.wav", speech, "audio/wav")}),
-            "video": http.post("/predict/video", files={"file": ("face.mp4", face, "video/mp4")}),
-            "fused": http.post("/predict", data={"text": "This is terrible."},
-                               files={"audio": ("speech.wav", speech, "audio/wav"),
-                                      "video": ("face.mp4", face, "video/mp4")}),
-            "video_no_audio": http.post("/predict/video",
-                                        files={"file": ("face_noaudio.mp4", silent_face, "video/mp4")}),
-            "empty_text": http.post("/api/predict", json={"text": "   "}),
-        }
-    return answers
-
-
 def _total(samples: list[Sample], name: str, **labels: str) -> float:
     return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
@@ -211,7 +177,7 @@ def test_metrics_exported(service: Service) -> None:
     from models.labels import EMOTIONS
     from serve.metrics import METRICS
 
-    answers = _send_all_kinds(service.base_url)
+    answers = send_all_kinds(service.base_url)
     for kind in ("health", "text", "audio", "video", "fused", "video_no_audio"):
         assert answers[kind].status_code == 200, (kind, answers[kind].text)
     assert answers["empty_text"].status_code == 422

@@ -83,6 +83,12 @@ def _quantiles(metric: str, by: str, legend: str, selector: str = APP) -> list[d
     ]
 
 
+def _share(selector: str) -> str:
+    """Share of the ingress's requests matching ``selector``: 0, not "no data", while none match."""
+    return (f"(sum(rate({REQUESTS}{{{APP}, {selector}}}[{RATE}])) or vector(0)) / "
+            f"sum(rate({REQUESTS}{{{APP}}}[{RATE}]))")
+
+
 def _row(title: str) -> dict[str, Any]:
     return {"type": "row", "title": title, "collapsed": False, "panels": [], "gridPos": {"w": 24, "h": 1}}
 
@@ -113,10 +119,8 @@ def panels() -> list[dict[str, Any]]:
             _target(f"sum by (endpoint) (rate({REQUESTS}{{{APP}}}[{RATE}]))", "{{endpoint}}"),
         ], unit="reqps", width=8, stack=True, description="Requests per second answered by FusionIngress."),
         _panel("Error rate (share of requests)", [
-            _target(f'sum(rate({REQUESTS}{{{APP}, status=~"5.."}}[{RATE}])) / sum(rate({REQUESTS}{{{APP}}}[{RATE}]))',
-                    "5xx", "A"),
-            _target(f'sum(rate({REQUESTS}{{{APP}, status=~"4.."}}[{RATE}])) / sum(rate({REQUESTS}{{{APP}}}[{RATE}]))',
-                    "4xx (client)", "B"),
+            _target(_share('status=~"5.."'), "5xx", "A"),
+            _target(_share('status=~"4.."'), "4xx (client)", "B"),
         ], unit="percentunit", width=8, description="5xx are service errors; 4xx are rejected inputs."),
         _panel("Requests by endpoint and status", [
             _target(f"sum by (endpoint, status) (rate({REQUESTS}{{{APP}}}[{RATE}]))", "{{endpoint}} {{status}}"),
@@ -139,17 +143,21 @@ def panels() -> list[dict[str, Any]]:
                unit="ms", description="ffmpeg decode and preprocessing, run off the event loop."),
         _panel("Model forward time per batch (p50/p95/p99)", _quantiles(ENC_MODEL, "modality", "{{modality}}", mod),
                unit="ms"),
+        # The mean is items / batches, both exact counts: Ray exports a histogram's _sum rebuilt from bucket
+        # midpoints, so _sum / _count would read 0.5 for batches of one.
         _panel("Batch size per encoder (mean and p95)", [
-            _target(f"sum by (modality) (rate({ENC_BATCH}_sum{{{mod}}}[{RATE}])) / "
+            _target(f"sum by (modality) (rate({ENC_LATENCY}_count{{{mod}}}[{RATE}])) / "
                     f"sum by (modality) (rate({ENC_BATCH}_count{{{mod}}}[{RATE}]))", "{{modality}} mean", "A"),
             _target(f"histogram_quantile(0.95, sum by (le, modality) (rate({ENC_BATCH}_bucket{{{mod}}}[{RATE}])))",
                     "{{modality}} p95", "B"),
-        ], description="Items per @serve.batch forward."),
+        ], description="Items per @serve.batch forward: mean = inputs encoded / forwards (exact); p95 is "
+                       "interpolated inside buckets."),
         _panel("Serve batching: actual batch size (Ray built-in, mean)", [
             _target(f"sum by (deployment) (rate(ray_serve_actual_batch_size_sum{{{APP}}}[{RATE}])) / "
                     f"sum by (deployment) (rate(ray_serve_actual_batch_size_count{{{APP}}}[{RATE}]))",
                     "{{deployment}}"),
-        ]),
+        ], description="Approximate: Ray exports histogram sums rebuilt from bucket midpoints, so this reads low "
+                       "(0.5 for batches of one). The exact mean per encoder is in the panel to the left."),
 
         _row("Predictions"),
         _panel("Emotion mix (fused answers, selected range)", [
@@ -189,7 +197,9 @@ def panels() -> list[dict[str, Any]]:
         _panel("Requests per deployment (Serve replicas)", [
             _target(f"sum by (deployment) (rate(ray_serve_deployment_request_counter_total{{{APP}}}[{RATE}]))",
                     "{{deployment}}", "A"),
-            _target(f"sum by (deployment) (rate(ray_serve_deployment_error_counter_total{{{APP}}}[{RATE}]))",
+            # Serve creates the error counter at a replica's first exception: 0 until then, not "no data".
+            _target(f"sum by (deployment) (rate(ray_serve_deployment_error_counter_total{{{APP}}}[{RATE}])) or "
+                    f"0 * sum by (deployment) (rate(ray_serve_deployment_request_counter_total{{{APP}}}[{RATE}]))",
                     "{{deployment}} errors", "B"),
         ], unit="reqps", width=8),
         _panel("Proxy HTTP latency (p50/p95/p99)", _quantiles("ray_serve_http_request_latency_ms", "route", "{{route}}"),
