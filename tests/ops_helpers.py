@@ -16,7 +16,8 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -293,3 +294,28 @@ def finite_values(series: list[dict[str, Any]]) -> list[float]:
     """The finite sample values of an instant query's result (NaN and infinities dropped)."""
     values = [float(s["value"][1]) for s in series]
     return [v for v in values if math.isfinite(v)]
+
+
+@contextmanager
+def local_serve_app(args: dict[str, Any], name: str) -> Iterator[str]:
+    """Start a fresh local Ray, Serve's proxy on a free loopback port and the app built from ``args``.
+
+    Yields the base URL; shuts Serve and Ray down afterwards. The app may still be loading its models.
+    """
+    from ray import serve
+
+    from serve.app import build_app
+
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(args), name=name, route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -26,7 +26,7 @@ import httpx
 import pytest
 import ray
 
-from tests.ops_helpers import REPO, free_port, wait_for
+from tests.ops_helpers import REPO, local_serve_app, wait_for
 
 FIXTURES = REPO / "tests" / "fixtures"
 SPEECH = (FIXTURES / "speech.wav").read_bytes()
@@ -57,24 +57,11 @@ def bearer(key: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     """The application with keys required (read from a file) and per-key limits, on loopback."""
-    from ray import serve
-
-    from serve.app import build_app
-
     keys_file = tmp_path_factory.mktemp("secret") / "api-keys"
     keys_file.write_text("# one key per line, as in the Kubernetes Secret\n" + "\n".join(KEYS.values()) + "\n")
     args = {"access": {"api_keys": {"required": True, "env": None, "file": str(keys_file)}, "per_client": PER_KEY}}
-    if ray.is_initialized():
-        serve.shutdown()
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
-    try:
+    with local_serve_app(args, "emotion-access") as base_url:
         logs_dir = Path(ray._private.worker._global_node.get_logs_dir_path())
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(args), name="emotion-access", route_prefix="/")
-        base_url = f"http://127.0.0.1:{port}"
 
         def healthy() -> bool:
             try:
@@ -85,9 +72,6 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
 
         wait_for(healthy, 180, 1, "/api/health ok")
         yield Live(base_url, logs_dir)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 @pytest.mark.parametrize("path", list(PREDICTIONS))

@@ -7,16 +7,15 @@ the synthetic inputs: the weights change as training lands.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import ray
 
 from models.labels import EMOTIONS
+from tests.ops_helpers import local_serve_app
 from tests.serve_contract import check_contract
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,33 +29,11 @@ UPLOAD_LIMIT_MB = 1
 TEST_ARGS: dict[str, Any] = {"limits": {"max_upload_mb": UPLOAD_LIMIT_MB}}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def http() -> Iterator[httpx.Client]:
     """An HTTP client for the running application (started here, shut down after the module)."""
-    from ray import serve
-
-    from serve.app import build_app
-
-    if ray.is_initialized():
-        serve.shutdown()
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
-    try:
-        port = _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(TEST_ARGS), name="emotion", route_prefix="/")
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-            yield client
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with local_serve_app(TEST_ARGS, "emotion") as base_url, httpx.Client(base_url=base_url, timeout=120) as client:
+        yield client
 
 
 def predict_file(http: httpx.Client, url: str, name: str, data: bytes, content_type: str) -> httpx.Response:
