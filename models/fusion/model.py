@@ -22,7 +22,7 @@ class FusionModelConfig:
     dropout: float = 0.1
     embedding_dropout: float = 0.5  # training: share of tokens built without their embedding (evidence only)
     correction: bool = False  # add a learned correction head to the weighted product (overfits small pools)
-    agreement_bonus: float = 1.0  # added to the class each present encoder answers: two that agree outvote a third
+    agreement_bonus: float = 1.0  # with 3+ modalities, added to the class each encoder answers: two that agree outvote a third
     modalities: tuple[str, ...] = MODALITIES
 
 
@@ -46,8 +46,8 @@ class FusionModel(nn.Module):
     (plus ``correction(attended tokens)`` with ``config.correction``). With equal attention, ``s = 1``, ``b = 0``
     and no agreement bonus ``lambda`` this is the product of the encoders' probabilities, so the fusion starts
     from the product of experts and learns how far to trust each encoder given its evidence. The fixed bonus
-    gives each present encoder's own answer one vote: a single very confident encoder can no longer overrule
-    two that agree unless their agreement is weak.
+    gives each encoder's own answer one vote when three or more are present: a single very confident encoder
+    can no longer overrule two that agree unless their agreement is weak.
     During training a share of the tokens is built from the evidence alone (``embedding_dropout``), so the
     weighting cannot rest on recognising individual training items. The contribution of a
     modality is the share of the fused class scores' spread that its term ``w_m * log p_m`` carries (its
@@ -96,6 +96,7 @@ class FusionModel(nn.Module):
         count = present.sum(1, keepdim=True).to(log_probs.dtype)
         weight = count * weights[:, 0] * present * self.log_scale.exp()  # (B, M)
         votes = nn.functional.one_hot(log_probs.argmax(-1), NUM_CLASSES).to(log_probs.dtype) * present[..., None]
+        votes = votes * (count >= 3)[..., None]  # a vote only settles a dispute where a majority can form
         terms = weight[..., None] * log_probs + self.config.agreement_bonus * votes  # (B, M, C)
         logits = terms.sum(1) + self.class_bias
         if self.correction is not None:
