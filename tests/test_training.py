@@ -96,9 +96,11 @@ def test_video_training_with_wider_frame_cnn(tmp_path: Path, monkeypatch: pytest
     _seed_layout(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
     train.main(["--modality", "video", "--layout", "seed", "--data-root", "data", "--out", "weights",
-                "--epochs", "1", "--batch-size", "7", "--threads", "1", "--bf16", "--video-channels", "8,16,24"])
+                "--epochs", "1", "--batch-size", "7", "--threads", "1", "--bf16", "--video-channels", "8,16,24",
+                "--mirror-average"])
     model, config = load_model(tmp_path / "weights")
     assert tuple(config["config"]["channels"]) == (8, 16, 24)
+    assert config["config"]["mirror_average"] is True and model.config.mirror_average  # written by training
     assert model.frame_cnn[2][0].out_channels == 24  # the third conv block was built as asked
 
 
@@ -206,7 +208,8 @@ def test_video_distillation_keeps_the_last_epoch(tmp_path: Path, monkeypatch: py
     metadata = json.loads((tmp_path / "student" / "config.json").read_text())["metadata"]
     assert metadata["distilled_from"] == ["teacher"] and metadata["distill_weight"] == 0.5
     # --keep last: the final epoch ships whatever its validation score, and patience does not stop the run
-    assert metadata["kept"] == "last" and metadata["best_epoch"] == 3 and len(metadata["history"]) == 3
+    assert metadata["kept"] == "last" and metadata["best_epoch"] == 3 and metadata["epochs_trained"] == 3
+    assert "history" not in metadata  # the weights keep headline figures; the run state keeps the epochs
 
 
 def test_holdout_is_stratified_disjoint_and_stable() -> None:
@@ -231,7 +234,8 @@ def test_holdout_selection_never_reads_the_val_split(tmp_path: Path, monkeypatch
                 "--epochs", "2", "--out", "weights", "--holdout", "0.5", "--select-on", "accuracy"])
     metadata = json.loads((tmp_path / "weights" / "config.json").read_text())["metadata"]
     assert metadata["selected_on"] == "accuracy" and metadata["selection_split"].startswith("holdout: 0.5")
-    chosen = max(metadata["history"], key=lambda h: h["accuracy"])  # first best epoch by accuracy
+    history = json.loads((tmp_path / "runs" / "video" / "state.json").read_text())["info"]["history"]
+    chosen = max(history, key=lambda h: h["accuracy"])  # first best epoch by accuracy
     assert metadata["best_epoch"] == chosen["epoch"]
 
 
@@ -400,3 +404,36 @@ def test_recipe_with_an_unknown_option_is_refused(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("modality: text\nlearning-rate: 1e-3\n")
     with pytest.raises(SystemExit, match="unknown options"):
         train.parse_args(["--recipe", str(tmp_path / "bad.yaml")])
+
+
+def test_face_augmentation_follows_the_run_seed(tmp_path: Path) -> None:
+    from training.tasks import TaskOptions, VideoTask
+
+    _seed_layout(tmp_path)
+    task = VideoTask(TaskOptions(data_root=str(tmp_path), layout="seed", batch_size=7))
+
+    def views(seed: int) -> torch.Tensor:
+        next(task.train_batches(0, train.seed_everything(seed)))  # the epoch draws its augmentation generator
+        return task.make_batch([0, 1, 2], train=True, epoch=0)[0]  # the same three faces, augmented
+
+    first, again, other = views(1), views(1), views(2)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+@pytest.mark.parametrize(("argv", "foreign"), [
+    (["--modality", "fusion", "--epochs", "3"], "--epochs"),
+    (["--modality", "text", "--augment", "noise"], "--augment"),
+    (["--modality", "audio", "--video-channels", "8,16,24"], "--video-channels"),
+])
+def test_a_run_refuses_options_of_another_modality(argv: list[str], foreign: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+    assert foreign in capsys.readouterr().err
+
+
+def test_video_recipe_writes_its_inference_option() -> None:
+    recipe = Path(__file__).resolve().parents[1] / "training" / "recipes" / "video.yaml"
+    assert train.parse_args(["--recipe", str(recipe)]).mirror_average is True
+    assert train.parse_args(["--modality", "video"]).mirror_average is False

