@@ -225,6 +225,11 @@ class _Encoder:
 
     # ---- introspection --------------------------------------------------------------------------
 
+    async def check_health(self) -> None:
+        """Serve's replica health check: it fails while no model is loaded, so Serve replaces the replica."""
+        if self._pipeline is None:
+            raise RuntimeError(f"the {self.modality} model is not loaded")
+
     async def info(self) -> dict[str, Any]:
         """What this replica serves (used by ``/api/health``)."""
         pipeline = self._pipeline

@@ -16,7 +16,9 @@ Probabilities = dict[Emotion, float]
 class TextRequest(BaseModel):
     """Body of ``POST /api/predict``."""
 
-    text: str = Field(..., min_length=1, examples=["I can't believe we finally won the match!"])
+    # The pattern is documented, and checked by the route (422 "text is empty", a readable reason).
+    text: str = Field(..., min_length=1, description="at least one non-blank character",
+                      json_schema_extra={"pattern": r"\S"}, examples=["I can't believe we finally won the match!"])
 
 
 class ModalityResult(BaseModel):
@@ -74,9 +76,26 @@ class HealthResponse(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    """FastAPI-style error body."""
+    """FastAPI-style error body: a readable reason."""
 
     detail: str
+
+
+class ValidationErrorItem(BaseModel):
+    """One problem found by request validation (FastAPI's format)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    loc: list[str | int] = Field(description="where: e.g. [\"body\", \"text\"]")
+    msg: str
+    type: str
+
+
+class ValidationErrorResponse(BaseModel):
+    """422: a list of validation errors when the request does not fit the schema (a missing field, a wrong type),
+    or one readable reason when it fits but cannot be used (blank or over-long text, no modality given)."""
+
+    detail: str | list[ValidationErrorItem]
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
@@ -84,7 +103,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     401: {"model": ErrorResponse, "description": "API key missing or not valid (when the service requires one)"},
     413: {"model": ErrorResponse, "description": "request body over the upload limit"},
     415: {"model": ErrorResponse, "description": "unsupported content type"},
+    422: {"model": ValidationErrorResponse, "description": "the request does not fit the schema, or its text is "
+                                                          "blank or too long, or it names no modality"},
     429: {"model": ErrorResponse, "description": "this client's request rate or concurrent uploads are over "
                                                  "the limit; retry after the Retry-After header's seconds"},
+    503: {"model": ErrorResponse, "description": "no modality could be used because its encoder has no live "
+                                                 "replica or failed"},
     504: {"model": ErrorResponse, "description": "no encoder answered in time"},
 }

@@ -4,6 +4,16 @@ Each modality is one call on its encoder's ``DeploymentHandle`` with its own tim
 concurrently (``asyncio.gather``). A modality that errors or times out is dropped and reported; the
 request fails only when none succeeded. With one modality the answer is that encoder's own calibrated
 prediction (contribution 1.0); with two or more the attention fusion module combines the embeddings.
+
+Replica failures (inference is idempotent, so a call may be repeated):
+
+* a call that fails because its replica died or became unreachable (:data:`REPLICA_GONE`) is sent again,
+  up to :attr:`FusionService.retries` times within the modality's timeout; Serve's router has dropped the
+  dead replica by then, so the retry goes to another one;
+* an encoder with no live replica is answered ``unavailable`` at once instead of after its timeout: before a
+  call and while waiting for it, the ingress reads how many replicas its handle can route to
+  (:func:`live_replicas`); where that cannot be read, a replica-death error marks the encoder down for
+  ``probe_interval_s`` (:class:`EncoderHealth`), during which calls are refused except one probe per interval.
 """
 
 from __future__ import annotations
@@ -15,6 +25,8 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 import numpy as np
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 
 from models.inference import FusionPipeline
 from models.labels import EMOTIONS, MODALITIES
@@ -48,6 +60,79 @@ async def _resolve(response: Any) -> Any:
     return await response
 
 
+# Errors that mean "the replica is gone or unreachable", not "the input was bad": worth another replica.
+REPLICA_GONE: tuple[type[BaseException], ...] = (ActorDiedError, ActorUnavailableError, RayActorError,
+                                                  ReplicaUnavailableError, DeploymentUnavailableError)
+RETRIES = 2  # extra attempts of an encoder call whose replica died
+PROBE_INTERVAL_S = 1.0  # how long a dead encoder is skipped when its replicas cannot be counted
+WATCH_INTERVAL_S = 0.2  # how often a waiting call checks that its encoder still has a live replica
+
+
+def replica_gone(exc: BaseException) -> bool:
+    """True when ``exc`` (or the error it wraps) says the replica died or cannot be reached."""
+    return isinstance(exc, REPLICA_GONE) or isinstance(getattr(exc, "cause", None), REPLICA_GONE)
+
+
+def live_replicas(handle: Any) -> int | None:
+    """How many replicas ``handle``'s router can send to now; ``None`` when unknown.
+
+    Reads Ray Serve 2.60's router state (``DeploymentHandle._router._asyncio_router``; a dead replica leaves
+    that set as soon as a call to it fails, and every replica the controller reports is in it). Private API,
+    so anything unexpected gives ``None`` and the caller falls back to :class:`EncoderHealth`. Fake handles
+    in tests may define ``live_replicas()``.
+    """
+    own = getattr(type(handle), "live_replicas", None)
+    if callable(own):
+        return own(handle)
+    try:
+        router = handle._router._asyncio_router
+        if not router.running_replicas_populated():
+            return None
+        request_router = router._request_router
+        if request_router is not None:
+            return len(request_router.curr_replicas)
+        return len(router._running_replicas)
+    except Exception:  # noqa: BLE001 - not a Serve handle, or Serve's internals changed
+        return None
+
+
+class EncoderUnavailable(Exception):
+    """The encoder has no live replica (raised while waiting for a call)."""
+
+
+class EncoderHealth:
+    """Per-encoder short circuit, for when live replicas cannot be counted.
+
+    ``mark_down`` after a call failed for a dead replica; while down, :meth:`allow` refuses calls except one
+    probe per ``probe_interval_s``; the first success clears it.
+    """
+
+    def __init__(self, probe_interval_s: float = PROBE_INTERVAL_S, clock: Any = time.monotonic) -> None:
+        self.probe_interval_s = probe_interval_s
+        self.clock = clock
+        self._down: dict[str, float] = {}  # modality -> when its last probe (or the failure) happened
+
+    def is_down(self, modality: str) -> bool:
+        return modality in self._down
+
+    def mark_down(self, modality: str) -> None:
+        self._down[modality] = self.clock()
+
+    def mark_up(self, modality: str) -> None:
+        self._down.pop(modality, None)
+
+    def allow(self, modality: str) -> bool:
+        """True if a call may go out now (the encoder is up, or this call is the interval's probe)."""
+        since = self._down.get(modality)
+        if since is None:
+            return True
+        now = self.clock()
+        if now - since >= self.probe_interval_s:
+            self._down[modality] = now
+            return True
+        return False
+
+
 def failure_status(failed: Mapping[str, EncoderError], primary: tuple[str, ...]) -> int:
     """HTTP status when every modality failed: the input's fault (4xx) wins over server trouble."""
     ordered = [failed[m] for m in primary if m in failed] + [e for m, e in failed.items() if m not in primary]
@@ -62,10 +147,15 @@ def failure_status(failed: Mapping[str, EncoderError], primary: tuple[str, ...])
 class FusionService:
     """Fan-out, fusion and bookkeeping for one ingress replica."""
 
-    def __init__(self, handles: Mapping[str, Handle], config: AppConfig, metrics: Metrics | None = None) -> None:
+    def __init__(self, handles: Mapping[str, Handle], config: AppConfig, metrics: Metrics | None = None,
+                 retries: int = RETRIES, health: EncoderHealth | None = None,
+                 watch_interval_s: float = WATCH_INTERVAL_S) -> None:
         self.handles = dict(handles)
         self.config = config
         self.metrics = metrics or Metrics()
+        self.retries = retries
+        self.encoder_health = health or EncoderHealth()
+        self.watch_interval_s = watch_interval_s
         self.fusion: FusionPipeline | None = None
         self._fusion_key: tuple[Any, ...] | None = None
 
@@ -112,24 +202,71 @@ class FusionService:
         return response
 
     async def _call(self, modality: str, payload: str | bytes) -> dict[str, Any]:
-        """One encoder call with its timeout; never raises."""
+        """One encoder call with its timeout, retried on another replica if its replica dies; never raises."""
         timeout = self.config.encoders[modality].timeout_s
-        response = None
+        deadline = time.monotonic() + timeout
+        handle = self.handles[modality]
+        gone: BaseException | None = None
+        for attempt in range(1 + self.retries):
+            if not self._may_call(modality, handle):
+                return self._unavailable(modality, gone)
+            if attempt:
+                logger.warning("%s encoder: replica gone (%r), retry %d on another replica", modality, gone, attempt)
+            response = None
+            try:
+                response = handle.remote(payload)
+                answer = await self._wait(modality, handle, response, deadline - time.monotonic())
+            except TimeoutError:
+                _cancel(response)
+                return encoder_error("timeout", f"the {modality} encoder did not answer within {timeout:g} s", 504)
+            except EncoderUnavailable:
+                _cancel(response)
+                return self._unavailable(modality, gone)
+            except Exception as exc:  # replica died, back-pressure, ...
+                if replica_gone(exc) and time.monotonic() < deadline:
+                    gone = exc
+                    continue
+                logger.warning("%s encoder call failed: %r", modality, exc, exc_info=True)
+                if replica_gone(exc):
+                    self.encoder_health.mark_down(modality)
+                return encoder_error("unavailable", f"the {modality} encoder failed: {type(exc).__name__}", 503)
+            self.encoder_health.mark_up(modality)
+            if not isinstance(answer, dict) or ("error" not in answer and "probabilities" not in answer):
+                return encoder_error("internal", f"the {modality} encoder gave an unexpected answer", 500)
+            return answer
+        self.encoder_health.mark_down(modality)
+        return self._unavailable(modality, gone)
+
+    def _may_call(self, modality: str, handle: Handle) -> bool:
+        """False when the encoder is known to have no live replica (counted, or marked down and not probing)."""
+        count = live_replicas(handle)
+        if count is not None:
+            return count > 0
+        return self.encoder_health.allow(modality)
+
+    async def _wait(self, modality: str, handle: Handle, response: Any, budget: float) -> Any:
+        """Await ``response`` for at most ``budget`` s; :class:`EncoderUnavailable` once no replica is live."""
+        if budget <= 0:
+            raise TimeoutError
+        task = asyncio.ensure_future(_resolve(response))
+        deadline = time.monotonic() + budget
         try:
-            response = self.handles[modality].remote(payload)
-            async with asyncio.timeout(timeout):
-                answer = await response
-        except TimeoutError:
-            cancel = getattr(response, "cancel", None)
-            if cancel is not None:
-                cancel()
-            return encoder_error("timeout", f"the {modality} encoder did not answer within {timeout:g} s", 504)
-        except Exception as exc:  # replica died, back-pressure, ...: drop the modality
-            logger.warning("%s encoder call failed: %r", modality, exc, exc_info=True)
-            return encoder_error("unavailable", f"the {modality} encoder failed: {type(exc).__name__}", 503)
-        if not isinstance(answer, dict) or ("error" not in answer and "probabilities" not in answer):
-            return encoder_error("internal", f"the {modality} encoder gave an unexpected answer", 500)
-        return answer
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                done, _ = await asyncio.wait({task}, timeout=min(self.watch_interval_s, remaining))
+                if done:
+                    return task.result()
+                if live_replicas(handle) == 0:
+                    raise EncoderUnavailable(modality)
+        finally:
+            if not task.done():
+                task.cancel()
+
+    def _unavailable(self, modality: str, cause: BaseException | None) -> dict[str, Any]:
+        why = f" ({type(cause).__name__})" if cause is not None else ""
+        return encoder_error("unavailable", f"the {modality} encoder has no live replica{why}", 503)
 
     def _combine(self, ok: dict[str, dict[str, Any]], failed: Mapping[str, EncoderError],
                  start: float) -> PredictionResponse:
@@ -185,6 +322,12 @@ class FusionService:
                                        device=str(fusion.device) if fusion else None)
         status = "ok" if all(s.loaded for s in models.values()) else "degraded"
         return HealthResponse(status=status, models=models)
+
+
+def _cancel(response: Any) -> None:
+    cancel = getattr(response, "cancel", None)
+    if cancel is not None:
+        cancel()
 
 
 def _modality_result(answer: dict[str, Any]) -> ModalityResult:

@@ -1,8 +1,16 @@
 """Upload guards: the body-size limit (enforced while the body streams in) and the media type check.
 
 :class:`UploadLimitMiddleware` is a small ASGI wrapper: it refuses a declared ``Content-Length`` over
-the limit before reading anything, and otherwise counts bytes as ``receive`` hands them over, stopping
-with 413 as soon as the count passes the limit (chunked uploads included). Nothing is buffered first.
+the limit before the application reads anything, and otherwise counts bytes as ``receive`` hands them over,
+stopping with 413 as soon as the count passes the limit (chunked uploads included). Nothing is buffered.
+
+Every client gets to read its 413. A client that sent ``Expect: 100-continue`` (curl) is answered at once and
+never sends the body. Most others (Python's ``urllib``, ``requests``, ``httpx``, browsers) send the whole body
+before they read an answer; closing the connection on them with unread bytes makes the kernel reset it, and the
+client sees "connection reset" instead of the 413. So the 413 is sent first (status, headers and its JSON body),
+then the rest of the request body is read and thrown away chunk by chunk (a "lingering close", as nginx does),
+and only then is the response ended. The discarding is bounded by ``drain_bytes`` (default 4x the limit) and
+``drain_timeout_s``; a declared length beyond the bound is not drained at all (such a client gets the reset).
 
 :func:`check_media` answers 415 for a declared content type that is not media, or for content that
 is recognisably something else (PDF, ZIP/Office, executables, plain text...).
@@ -10,7 +18,10 @@ is recognisably something else (PDF, ZIP/Office, executables, plain text...).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import time
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -27,12 +38,18 @@ def _human(n: int) -> str:
     return f"{n / (1024 * 1024):g} MB" if n >= 1024 * 1024 else f"{n} bytes"
 
 
+DRAIN_TIMEOUT_S = 30.0
+
+
 class UploadLimitMiddleware:
     """Answer 413 for request bodies over ``max_bytes``, checking while the body is read."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, drain_bytes: int | None = None,
+                 drain_timeout_s: float = DRAIN_TIMEOUT_S) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.drain_bytes = 4 * max_bytes if drain_bytes is None else drain_bytes
+        self.drain_timeout_s = drain_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -40,18 +57,24 @@ class UploadLimitMiddleware:
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
-            await _send_413(send, BodyTooLarge(self.max_bytes).detail)
+            drain = not _expects_continue(scope) and declared <= self.drain_bytes
+            await _send_413(send, BodyTooLarge(self.max_bytes).detail, receive if drain else None,
+                            self.drain_bytes, self.drain_timeout_s)
             return
 
         received = 0
         started = False
+        too_large = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, too_large
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    too_large = True
+                    if message.get("more_body", False):  # read the rest away, so the client can read the 413
+                        await _drain(receive, self.drain_bytes, self.drain_timeout_s)
                     raise BodyTooLarge(self.max_bytes)
             return message
 
@@ -59,6 +82,8 @@ class UploadLimitMiddleware:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                if too_large:  # the body was cut off: this connection cannot be reused
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
         try:
@@ -79,12 +104,40 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _send_413(send: Send, detail: str) -> None:
+def _expects_continue(scope: Scope) -> bool:
+    return any(key == b"expect" and value.lower() == b"100-continue" for key, value in scope.get("headers", ()))
+
+
+async def _drain(receive: Receive, limit: int, timeout_s: float) -> int:
+    """Read and discard the request body until it ends, ``limit`` bytes or ``timeout_s``; returns bytes read."""
+    drained = 0
+    deadline = time.monotonic() + timeout_s
+    with contextlib.suppress(TimeoutError):
+        while drained <= limit:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+                message = await receive()
+            if message["type"] != "http.request":
+                break
+            drained += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+    return drained
+
+
+async def _send_413(send: Send, detail: str, receive: Receive | None = None, drain_bytes: int = 0,
+                    drain_timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+    """Send the 413; with ``receive``, discard the unread body before ending the response (see the module doc)."""
     body = json.dumps({"detail": detail}).encode()
     await send({"type": "http.response.start", "status": 413,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": body})
+    if receive is None:
+        await send({"type": "http.response.body", "body": body})
+        return
+    await send({"type": "http.response.body", "body": body, "more_body": True})
+    await _drain(receive, drain_bytes, drain_timeout_s)
+    with contextlib.suppress(OSError, RuntimeError):  # the client may have gone meanwhile
+        await send({"type": "http.response.body", "body": b""})
 
 
 # ---- media type --------------------------------------------------------------------------------

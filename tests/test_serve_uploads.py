@@ -19,6 +19,7 @@ class BodyReadingApp:
 
     def __init__(self) -> None:
         self.calls = 0
+        self.seen = 0  # body bytes this app was handed
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         self.calls += 1
@@ -26,15 +27,20 @@ class BodyReadingApp:
         while more:
             message = await receive()
             total += len(message.get("body", b""))
+            self.seen = total
             more = message.get("more_body", False)
         body = json.dumps({"received": total}).encode()
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": body})
 
 
-def run(app: Any, chunks: list[bytes], content_length: int | None) -> tuple[list[dict], int]:
-    """Drive ``app`` with a request whose body arrives in ``chunks``; return sent messages and receive calls."""
-    headers = [(b"content-type", b"application/octet-stream")]
+def run(app: Any, chunks: list[bytes], content_length: int | None,
+        extra_headers: tuple[tuple[bytes, bytes], ...] = ()) -> tuple[list[dict], int]:
+    """Drive ``app`` with a request whose body arrives in ``chunks``; return sent messages and receive calls.
+
+    Each sent message gets ``"pulled"``: how many receive calls had been made when it was sent.
+    """
+    headers = [(b"content-type", b"application/octet-stream"), *extra_headers]
     if content_length is not None:
         headers.append((b"content-length", str(content_length).encode()))
     scope = {"type": "http", "method": "POST", "path": "/predict/audio", "headers": headers}
@@ -49,7 +55,7 @@ def run(app: Any, chunks: list[bytes], content_length: int | None) -> tuple[list
         return {"type": "http.request", "body": chunks[pulled - 1], "more_body": pulled < len(chunks)}
 
     async def send(message: dict) -> None:
-        sent.append(message)
+        sent.append({**message, "pulled": pulled})
 
     asyncio.run(app(scope, receive, send))
     return sent, pulled
@@ -62,25 +68,55 @@ def status_and_body(sent: list[dict]) -> tuple[int, dict]:
 
 
 def test_declared_length_over_limit_is_refused_before_reading() -> None:
+    """With ``Expect: 100-continue`` the client waits for a go-ahead: answered at once, nothing read."""
     inner = BodyReadingApp()
-    sent, pulled = run(UploadLimitMiddleware(inner, max_bytes=1000), [b"x" * 600] * 4, content_length=2400)
+    sent, pulled = run(UploadLimitMiddleware(inner, max_bytes=1000), [b"x" * 600] * 4, content_length=2400,
+                       extra_headers=((b"expect", b"100-continue"),))
     status, body = status_and_body(sent)
     assert status == 413 and "upload limit" in body["detail"]
     assert pulled == 0 and inner.calls == 0  # nothing read, the app never ran
+    assert (b"connection", b"close") in sent[0]["headers"]
+
+
+def test_declared_length_over_limit_without_expect_is_answered_then_drained() -> None:
+    """A client that sends its whole body before reading (urllib, requests) must not be reset: the 413 goes out
+    first, the body is read and thrown away, then the response ends."""
+    inner = BodyReadingApp()
+    sent, pulled = run(UploadLimitMiddleware(inner, max_bytes=1000), [b"x" * 600] * 4, content_length=2400)
+    status, body = status_and_body(sent)
+    assert status == 413 and body == {"detail": "request body is larger than the 1000 bytes upload limit"}
+    assert inner.calls == 0  # the application never saw the body
+    start, first, last = sent
+    assert start["pulled"] == 0 and first["pulled"] == 0 and first["more_body"] is True  # answered before reading
+    assert pulled == 4 and last == {"type": "http.response.body", "body": b"", "pulled": 4}  # ended after the drain
+
+
+def test_drain_is_bounded() -> None:
+    """A declared length past ``drain_bytes`` is not drained at all; a chunked body stops being drained there."""
+    sent, pulled = run(UploadLimitMiddleware(BodyReadingApp(), max_bytes=1000, drain_bytes=2000), [b"x" * 600] * 5,
+                       content_length=3000)
+    assert status_and_body(sent)[0] == 413 and pulled == 0
+    inner = BodyReadingApp()
+    sent, pulled = run(UploadLimitMiddleware(inner, max_bytes=1000, drain_bytes=2000), [b"x" * 400] * 50,
+                       content_length=None)
+    assert status_and_body(sent)[0] == 413
+    assert inner.seen == 800 and pulled == 3 + 6  # 3 chunks to pass the limit, then 2400 > 2000 drained bytes
 
 
 def test_streamed_body_is_stopped_as_soon_as_it_passes_the_limit() -> None:
     inner = BodyReadingApp()
     chunks = [b"x" * 400] * 50  # 20 kB, chunked (no Content-Length)
-    sent, pulled = run(UploadLimitMiddleware(inner, max_bytes=1000), chunks, content_length=None)
+    sent, pulled = run(UploadLimitMiddleware(inner, max_bytes=1000, drain_bytes=100_000), chunks, content_length=None)
     status, body = status_and_body(sent)
     assert status == 413 and body["detail"].startswith("request body is larger")
-    assert pulled == 3  # 400 + 400 + 400 > 1000: stopped at the third chunk
+    assert inner.seen == 800  # 400 + 400 + 400 > 1000: the app never got the third chunk
+    assert pulled == 50 and sent[0]["pulled"] == 50  # the rest was read away before answering
 
 
 def test_lying_content_length_is_still_caught() -> None:
-    sent, pulled = run(UploadLimitMiddleware(BodyReadingApp(), max_bytes=1000), [b"x" * 400] * 10, content_length=10)
-    assert status_and_body(sent)[0] == 413 and pulled == 3
+    inner = BodyReadingApp()
+    sent, pulled = run(UploadLimitMiddleware(inner, max_bytes=1000), [b"x" * 400] * 10, content_length=10)
+    assert status_and_body(sent)[0] == 413 and inner.seen == 800 and pulled == 10
 
 
 def test_body_within_limit_passes_untouched() -> None:
