@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import FastAPI, File, Form, HTTPException, Request, Security, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Request, Security, UploadFile, WebSocket
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -23,6 +24,7 @@ from serve.errors import EncoderError
 from serve.metrics import Metrics
 from serve.schemas import ERROR_RESPONSES, HealthResponse, PredictionResponse, TextRequest
 from serve.service import FusionService, PredictionFailed
+from serve.stream import StreamManager
 from serve.uploads import UploadLimitMiddleware, check_media
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -30,6 +32,7 @@ ENDPOINTS = ("/api/health", "/api/predict", "/predict", "/predict/audio", "/pred
 UPLOAD_PATHS = ("/predict", "/predict/audio", "/predict/video")  # multipart: what the upload cap counts
 PREDICT_PATHS = ("/api/predict", *UPLOAD_PATHS)  # what API keys and per-client limits guard
 SNIFF_BYTES = 512
+NON_EMPTY = {"minLength": 1}  # an uploaded file must have content (an empty one is answered 400)
 
 
 class RequestMetricsMiddleware:
@@ -60,6 +63,38 @@ class RequestMetricsMiddleware:
             self.metrics.inc("emotion_requests_total", endpoint=endpoint, status=str(status))
             self.metrics.observe("emotion_request_latency_ms", (time.perf_counter() - start) * 1000.0,
                                  endpoint=endpoint)
+
+
+class MethodGuardMiddleware:
+    """405 with an ``Allow`` header for a wrong method on an API route.
+
+    Without it the static page's mount at ``/`` (after the API routes) takes such requests and answers with its
+    own methods (``Allow: GET, HEAD``), which contradicts the OpenAPI document.
+    """
+
+    def __init__(self, app: ASGIApp, api: FastAPI) -> None:
+        self.app = app
+        self.api = api
+        self._allowed: dict[str, set[str]] | None = None
+
+    def allowed(self) -> dict[str, set[str]]:
+        if self._allowed is None:  # the routes exist once the first request arrives
+            table: dict[str, set[str]] = {}
+            for route in self.api.routes:
+                if isinstance(route, APIRoute):
+                    table.setdefault(route.path, set()).update(route.methods or ())
+            self._allowed = table
+        return self._allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            methods = self.allowed().get(route_path(scope))
+            if methods and scope["method"] not in methods:
+                response = JSONResponse({"detail": "Method Not Allowed"}, status_code=405,
+                                        headers={"Allow": ", ".join(sorted(methods))})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _clean_text(text: str, config: AppConfig) -> str:
@@ -108,6 +143,7 @@ def create_app(service: FusionService, config: AppConfig, static_dir: Path | Non
                     "per-modality contributions. Served by Ray Serve.",
         version="1.0",
     )
+    app.add_middleware(MethodGuardMiddleware, api=app)
     app.add_middleware(UploadLimitMiddleware, max_bytes=config.limits.max_upload_bytes)
     app.add_middleware(AccessMiddleware, access=access, paths=PREDICT_PATHS, upload_paths=UPLOAD_PATHS)
     if config.access.cors_origins:  # none: browsers allow the page's own origin only
@@ -140,7 +176,7 @@ def create_app(service: FusionService, config: AppConfig, static_dir: Path | Non
 
     @predict_route("/predict/audio")
     async def predict_audio(
-        file: Annotated[UploadFile, File(description="any ffmpeg-readable audio, or a video (its audio track)")],
+        file: Annotated[UploadFile, File(description="any ffmpeg-readable audio, or a video (its audio track)", json_schema_extra=NON_EMPTY)],
     ) -> PredictionResponse:
         """Emotion of speech."""
         data = await _read_upload(file, "audio") or b""
@@ -149,7 +185,7 @@ def create_app(service: FusionService, config: AppConfig, static_dir: Path | Non
 
     @predict_route("/predict/video")
     async def predict_video(
-        file: Annotated[UploadFile, File(description="a video, or a still image (a 1-frame video)")],
+        file: Annotated[UploadFile, File(description="a video, or a still image (a 1-frame video)", json_schema_extra=NON_EMPTY)],
     ) -> PredictionResponse:
         """Emotion of a face video; its audio track, if usable, is used too (else listed in ``dropped``)."""
         data = await _read_upload(file, "video") or b""
@@ -180,6 +216,46 @@ def create_app(service: FusionService, config: AppConfig, static_dir: Path | Non
             payloads["audio"] = payloads["video"]  # the video's own audio track
         return await service.predict(payloads, primary=primary, prefailed=empty)
 
+    streams = StreamManager(service, config, access)
+
+    @app.websocket("/ws/stream")
+    async def live_stream(websocket: WebSocket) -> None:
+        """Live emotion: PCM audio, JPEG frames and text in, an update about once a second out (serve/stream.py)."""
+        await streams.handle(websocket)
+
     if static_dir is not None and static_dir.is_dir():
         app.mount("/", StaticFiles(directory=static_dir, html=True), name="static")
+    _describe_fused_form(app)
     return app
+
+
+def _describe_fused_form(app: FastAPI) -> None:
+    """Make the OpenAPI form of ``POST /predict`` say what the route accepts.
+
+    FastAPI writes each optional field as ``anyOf: [value, null]``, but a multipart form has no null (a fuzzer
+    sends the text "null"), and it cannot say "at least one modality". Written here: files are binary (possibly
+    empty: an HTML form sends an empty part for a file input left blank; an empty file is listed in ``dropped``),
+    text is a string, and the form needs a file or a text with a non-blank character.
+    """
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = build()
+            body = spec.get("components", {}).get("schemas", {}).get("Body_predict_predict_post")
+            if body is not None:
+                props = body["properties"]
+                for name in ("audio", "video"):
+                    props[name] = {"type": "string", "contentMediaType": "application/octet-stream",
+                                   "title": props[name].get("title", name.title()),
+                                   "description": props[name].get("description", "")}
+                props["text"] = {"type": "string", "title": "Text", "description": props["text"].get("description", "")}
+                body["anyOf"] = [{"required": ["audio"]}, {"required": ["video"]},
+                                 {"required": ["text"], "properties": {"text": {"pattern": r"\S"}}}]
+            operation = spec.get("paths", {}).get("/predict", {}).get("post")
+            if operation is not None and "requestBody" in operation:
+                operation["requestBody"]["required"] = True  # no body at all names no modality either
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -151,6 +151,27 @@ class AccessConfig(_Strict):
         return origins
 
 
+class StreamConfig(_Strict):
+    """Live streams on ``/ws/stream`` (:mod:`serve.stream`): window, update interval and per-replica bounds."""
+
+    update_interval_s: float = Field(1.0, ge=0.1, le=60, description="how often a stream's window is predicted "
+                                                                     "(an update still running skips ticks)")
+    audio_window_s: float = Field(3.0, gt=0, le=30, description="seconds of 16 kHz PCM audio kept per stream")
+    min_audio_s: float = Field(0.5, gt=0, description="less buffered audio than this is not sent to the encoder")
+    max_frames: int = Field(8, ge=1, le=64, description="JPEG frames kept per stream (the most recent)")
+    frame_max_age_s: float = Field(3.0, gt=0, description="frames older than this leave the window")
+    max_fps: float = Field(15.0, gt=0, description="frames arriving faster than this (on average; short bursts "
+                                                   "pass) are dropped")
+    max_connections: int = Field(32, ge=1, description="open streams per ingress replica; more are closed (1013)")
+    max_buffer_bytes: int = Field(4 * 1024 * 1024, ge=65536, description="bytes buffered per stream (audio, frames, "
+                                                                          "text); the oldest frames are dropped first")
+    max_message_bytes: int = Field(1024 * 1024, ge=1024, description="largest client message; larger ones close "
+                                                                      "the stream (1009)")
+    idle_timeout_s: float = Field(30.0, gt=0, description="a stream that sends nothing for this long is closed (4408)")
+    send_timeout_s: float = Field(10.0, gt=0, description="an update the client does not take within this closes "
+                                                          "the stream")
+
+
 class AppConfig(_Strict):
     """Everything the application builder reads."""
 
@@ -158,6 +179,7 @@ class AppConfig(_Strict):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     encoders: EncodersConfig = Field(default_factory=EncodersConfig)
     access: AccessConfig = Field(default_factory=AccessConfig)
+    stream: StreamConfig = Field(default_factory=StreamConfig)
     ingress_torch_threads: int = Field(1, ge=1)
     health_timeout_s: float = Field(5.0, gt=0, description="how long /api/health waits for each encoder")
 

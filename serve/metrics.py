@@ -27,7 +27,7 @@ class MetricSpec:
     """One metric: its name (with :data:`PREFIX`), kind, meaning, tag keys and histogram buckets."""
 
     name: str
-    kind: Literal["counter", "histogram"]
+    kind: Literal["counter", "histogram", "gauge"]
     description: str
     tag_keys: tuple[str, ...]
     boundaries: tuple[float, ...] = ()
@@ -56,6 +56,17 @@ METRICS: tuple[MetricSpec, ...] = (
                "Prediction requests by access decision (allowed, unauthorized, rate_limited, too_many_uploads) and "
                "client (a key id such as key-1a2b3c4d, never the key; 'anonymous' without a valid key)",
                ("decision", "client")),
+    MetricSpec("emotion_stream_open", "gauge",
+               "Live streams (/ws/stream) open on this ingress replica", ()),
+    MetricSpec("emotion_stream_updates_total", "counter",
+               "Live-stream updates pushed, by outcome (update: a prediction; error: no modality of the window "
+               "could be used)", ("outcome",)),
+    MetricSpec("emotion_stream_update_latency_ms", "histogram",
+               "Live-stream update latency from the window snapshot: per modality its encoder's answer, 'fused' "
+               "the whole update (ms)", ("modality",), LATENCY_BOUNDARIES_MS),
+    MetricSpec("emotion_stream_closes_total", "counter",
+               "Live streams closed by the server, by reason (bad_frame, too_big, idle, unauthorized, busy, ...) "
+               "or 'client' when the client closed", ("reason",)),
 )
 METRIC_NAMES: tuple[str, ...] = tuple(m.name for m in METRICS)
 SPECS: dict[str, MetricSpec] = {m.name: m for m in METRICS}
@@ -76,6 +87,8 @@ class Metrics:
             spec = SPECS[name]
             if spec.kind == "counter":
                 metric = serve_metrics.Counter(spec.name, description=spec.description, tag_keys=spec.tag_keys)
+            elif spec.kind == "gauge":
+                metric = serve_metrics.Gauge(spec.name, description=spec.description, tag_keys=spec.tag_keys)
             else:
                 metric = serve_metrics.Histogram(spec.name, description=spec.description,
                                                  boundaries=list(spec.boundaries), tag_keys=spec.tag_keys)
@@ -86,6 +99,13 @@ class Metrics:
         """Record a histogram value."""
         try:
             self._get(name).observe(float(value), tags=dict(tags))
+        except Exception:  # metrics are best effort
+            logger.debug("could not record %s", name, exc_info=True)
+
+    def set(self, name: str, value: float, **tags: str) -> None:
+        """Set a gauge."""
+        try:
+            self._get(name).set(float(value), tags=dict(tags))
         except Exception:  # metrics are best effort
             logger.debug("could not record %s", name, exc_info=True)
 

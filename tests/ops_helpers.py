@@ -184,6 +184,21 @@ def send_all_kinds(base_url: str) -> dict[str, httpx.Response]:
     return answers
 
 
+def send_stream(base_url: str, seconds: float = 2.5) -> Any:
+    """A short live stream of face.mp4 on ``/ws/stream`` (so the stream metrics move); it must get an update.
+
+    Returns the client's :class:`bench.stream.StreamResult`. The client stays until every update is in (the last
+    one comes within an update interval plus its latency), so each encoder call is in an update's ``modalities``.
+    """
+    import asyncio
+
+    from bench.stream import load_media, stream_media, ws_url
+
+    result = asyncio.run(stream_media(ws_url(base_url), load_media(FIXTURES / "face.mp4"), seconds, tail_s=3.0))
+    assert result.updates, (result.close_code, result.close_reason, result.messages)
+    return result
+
+
 # --- Grafana dashboard queries ----------------------------------------------------------------------------------
 
 

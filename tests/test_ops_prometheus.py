@@ -5,7 +5,8 @@ Without a live service (seconds): ``promtool`` accepts ``deploy/prometheus/prome
 
 With one (a module-scoped single-node Ray on 127.0.0.1 with its dashboard, which writes the service-discovery file,
 running ``deploy/serve_config.yaml``; and Prometheus started with ``prometheus.yml``, overridden only in intervals
-and paths), after two rounds of requests of every kind (a fused one, a dropped modality and a 422 among them):
+and paths), after two rounds of requests of every kind (a fused one, a dropped modality and a 422 among them) and a
+short live stream each:
 
 1. Prometheus finds its targets through this Ray session's service-discovery file, all on loopback, and scrapes
    the node's metrics;
@@ -52,6 +53,7 @@ from tests.ops_helpers import (
     loopback_app_config,
     prometheus_test_config,
     send_all_kinds,
+    send_stream,
     wait_for,
 )
 
@@ -66,7 +68,8 @@ QUIET_ALERTS = ("EmotionEndpointErrorRatioHigh", "EmotionModalityDroppedOften", 
 # Queries that read 0 on a healthy, idle service (no 5xx, no exception in a replica, nothing queued): every other
 # one must show a non-zero value, so a rate over a counter that never moves fails too.
 ZERO_WHEN_HEALTHY = {("Error rate (share of requests)", "A"), ("Requests per deployment (Serve replicas)", "B"),
-                     ("Queued requests at handles", "A"), ("Queued requests at handles", "B")}
+                     ("Queued requests at handles", "A"), ("Queued requests at handles", "B"),
+                     ("Open live streams", "A")}  # every live stream has ended
 LATENCY_PANEL = "Encoder latency per modality (p50/p95/p99)"
 THROUGHPUT_PANEL = "Encoder throughput per modality"
 VIDEO_REQUESTS = 3
@@ -199,6 +202,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
                 answers = send_all_kinds(base_url)
                 assert [k for k, r in answers.items() if r.status_code != 200] == ["empty_text"], answers
                 svc.encoded += _encoded(answers)
+                stream = send_stream(base_url)  # a short live stream: the stream panels get data too
+                svc.encoded += Counter(m for update in stream.updates for m in update["modalities"])
                 _settle(svc)
             yield svc
         finally:

@@ -48,6 +48,7 @@ from tests.ops_helpers import (
     metric_names_in,
     parse_prometheus,
     send_all_kinds,
+    send_stream,
     wait_for,
 )
 
@@ -178,6 +179,7 @@ def test_metrics_exported(service: Service) -> None:
     from serve.metrics import METRICS
 
     answers = send_all_kinds(service.base_url)
+    send_stream(service.base_url)  # the live-stream metrics
     for kind in ("health", "text", "audio", "video", "fused", "video_no_audio"):
         assert answers[kind].status_code == 200, (kind, answers[kind].text)
     assert answers["empty_text"].status_code == 422
@@ -200,6 +202,11 @@ def test_metrics_exported(service: Service) -> None:
     for modality in ("text", "audio", "video", "fused"):
         expected.append(("ray_emotion_predictions_total", {"modality": modality, "deployment": "FusionIngress"}))
     expected.append(("ray_emotion_dropped_modalities_total", {"modality": "audio"}))
+    for modality in ("audio", "video", "fused"):
+        expected.append(("ray_emotion_stream_update_latency_ms_count", {"modality": modality,
+                                                                        "deployment": "FusionIngress"}))
+    expected.append(("ray_emotion_stream_updates_total", {"outcome": "update"}))
+    expected.append(("ray_emotion_stream_closes_total", {"reason": "client"}))
     # Every Ray Serve built-in the dashboard queries (steady-state ones) must be exported too.
     builtins = {n for n in metric_names_in(dashboard_exprs()) if n.startswith("ray_serve_")} - EVENT_ONLY_BUILTINS
     expected += [(name, {}) for name in sorted(builtins)]

@@ -92,7 +92,7 @@ def test_build_app_binds_the_graph() -> None:
 
 
 def test_metric_list() -> None:
-    assert len(METRIC_NAMES) == len(set(METRIC_NAMES)) == 9
+    assert len(METRIC_NAMES) == len(set(METRIC_NAMES)) == 13
     assert all(n.startswith(PREFIX) for n in METRIC_NAMES)
     kinds = {m.name: m.kind for m in METRICS}
     assert kinds["emotion_requests_total"] == "counter"

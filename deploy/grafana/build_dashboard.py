@@ -36,6 +36,10 @@ REQ_LATENCY = "ray_emotion_request_latency_ms"
 PREDICTIONS = "ray_emotion_predictions_total"
 DROPPED = "ray_emotion_dropped_modalities_total"
 ACCESS = "ray_emotion_access_decisions_total"
+STREAM_OPEN = "ray_emotion_stream_open"
+STREAM_UPDATES = "ray_emotion_stream_updates_total"
+STREAM_LATENCY = "ray_emotion_stream_update_latency_ms"
+STREAM_CLOSES = "ray_emotion_stream_closes_total"
 
 
 def _target(expr: str, legend: str, ref: str = "A", instant: bool = False) -> dict[str, Any]:
@@ -170,6 +174,24 @@ def panels() -> list[dict[str, Any]]:
         _panel("Dropped modalities by reason", [
             _target(f"sum by (modality, reason) (rate({DROPPED}{{{APP}}}[{RATE}]))", "{{modality}}: {{reason}}"),
         ], unit="reqps", width=8, description="A modality that failed, timed out or was absent is left out."),
+
+        _row("Live streams (/ws/stream)"),
+        _panel("Open live streams", [
+            _target(f"sum({STREAM_OPEN}{{{APP}}})", "open streams"),
+        ], width=6, description="WebSocket streams open across the ingress replicas (each replica caps its own "
+                                "at stream.max_connections)."),
+        _panel("Live-stream updates per second by outcome", [
+            _target(f"sum by (outcome) (rate({STREAM_UPDATES}{{{APP}}}[{RATE}]))", "{{outcome}}"),
+        ], unit="reqps", width=6, stack=True, description="update: a prediction pushed; error: no modality of "
+                                                         "the window could be used. About 1/s per healthy stream."),
+        _panel("Live-stream update latency per modality (p50/p95/p99)",
+               _quantiles(STREAM_LATENCY, "modality", "{{modality}}"), unit="ms", width=6,
+               description="From the window snapshot: each modality's encoder answer, and 'fused' the whole update. "
+                           "Over the update interval, ticks are skipped."),
+        _panel("Live streams closed by reason", [
+            _target(f"sum by (reason) (rate({STREAM_CLOSES}{{{APP}}}[{RATE}]))", "{{reason}}"),
+        ], unit="reqps", width=6, stack=True, description="client: the client closed; bad_frame, unsupported, "
+                                                         "too_big, idle, busy, unauthorized...: closed by the server."),
 
         _row("Ray Serve built-ins: replicas, queues, HTTP"),
         _panel("Healthy replicas per deployment", [

@@ -687,6 +687,268 @@
   window.addEventListener("pagehide", () => {
     stopMic();
     stopStream(state.camera);
+    stopLive();
+  });
+
+  // ---------------------------------------------------------------- live mode
+
+  /*
+   * Live mode streams the microphone (AudioContext -> 16 kHz mono PCM16) and the webcam (canvas -> JPEG) over
+   * the WebSocket `ws/stream` (protocol in serve/stream.py: binary 0x01 + PCM, 0x02 + JPEG; JSON text
+   * {"type": "text"}) and draws each update on a one-minute timeline.
+   */
+  const LIVE_URL = "ws/stream";
+  const LIVE_WINDOW_S = 60;
+  const LIVE_FPS = 4;
+  const LIVE_SAMPLE_RATE = 16000;
+  const LIVE_MAX_BUFFERED = 1 << 20; // bytes waiting in the socket: above this, frames are skipped
+  const LIVE_FRAME_SIDE = 320;
+  const SVG_NS = "http://www.w3.org/2000/svg";
+  const live = {
+    ws: null, stream: null, audio: null, frameTimer: null, textTimer: null, points: [], skipped: 0,
+  };
+  const liveEl = {
+    button: $("live-button"),
+    status: $("live-status"),
+    view: $("live-view"),
+    emoji: $("live-emoji"),
+    emotion: $("live-emotion"),
+    confidence: $("live-confidence"),
+    modalities: $("live-modalities"),
+    timeline: $("live-timeline"),
+  };
+
+  function setLiveUi(on) {
+    liveEl.button.classList.toggle("recording", on);
+    liveEl.button.setAttribute("aria-pressed", String(on));
+    liveEl.button.querySelector(".label").textContent = on ? "Stop live" : "Start live";
+    liveEl.view.hidden = !on;
+  }
+
+  function liveSocketUrl() {
+    const url = new URL(LIVE_URL, window.location.href);
+    url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+    const key = apiKey();
+    if (key) url.searchParams.set("api_key", key); // browsers cannot set headers on a WebSocket
+    return url.toString();
+  }
+
+  function liveSend(data) {
+    if (live.ws && live.ws.readyState === WebSocket.OPEN) live.ws.send(data);
+  }
+
+  function typed(kind, bytes) {
+    const out = new Uint8Array(bytes.byteLength + 1);
+    out[0] = kind;
+    out.set(new Uint8Array(bytes), 1);
+    return out;
+  }
+
+  /** Float samples at `rate` -> 16 kHz PCM16 (averaging decimation; the context usually runs at 16 kHz already). */
+  function toPcm16(input, rate) {
+    const ratio = rate / LIVE_SAMPLE_RATE;
+    const n = Math.floor(input.length / ratio);
+    const out = new Int16Array(n);
+    for (let i = 0; i < n; i++) {
+      const from = Math.floor(i * ratio);
+      const to = Math.max(from + 1, Math.floor((i + 1) * ratio));
+      let sum = 0;
+      for (let j = from; j < to; j++) sum += input[j];
+      const v = Math.max(-1, Math.min(1, sum / (to - from)));
+      out[i] = v < 0 ? v * 0x8000 : v * 0x7fff;
+    }
+    return out;
+  }
+
+  function startLiveAudio(stream) {
+    if (!stream.getAudioTracks().length) return null;
+    const Ctx = window.AudioContext || window.webkitAudioContext;
+    let ctx;
+    try {
+      ctx = new Ctx({ sampleRate: LIVE_SAMPLE_RATE });
+    } catch (_) {
+      ctx = new Ctx(); // resampled below
+    }
+    const source = ctx.createMediaStreamSource(stream);
+    const processor = ctx.createScriptProcessor(4096, 1, 1);
+    const mute = ctx.createGain();
+    mute.gain.value = 0;
+    processor.onaudioprocess = (e) => {
+      const pcm = toPcm16(e.inputBuffer.getChannelData(0), ctx.sampleRate);
+      if (live.ws && live.ws.bufferedAmount < LIVE_MAX_BUFFERED) liveSend(typed(0x01, pcm.buffer));
+    };
+    source.connect(processor);
+    processor.connect(mute);
+    mute.connect(ctx.destination);
+    ctx.resume().catch(() => {});
+    return { ctx, source, processor };
+  }
+
+  function startLiveFrames(stream) {
+    if (!stream.getVideoTracks().length) return;
+    liveEl.view.srcObject = stream;
+    const canvas = document.createElement("canvas");
+    live.frameTimer = setInterval(() => {
+      const v = liveEl.view;
+      if (!v.videoWidth || !live.ws || live.ws.readyState !== WebSocket.OPEN) return;
+      if (live.ws.bufferedAmount > LIVE_MAX_BUFFERED) { // the network is behind: drop this frame
+        live.skipped += 1;
+        return;
+      }
+      const scale = Math.min(1, LIVE_FRAME_SIDE / Math.max(v.videoWidth, v.videoHeight));
+      canvas.width = Math.round(v.videoWidth * scale);
+      canvas.height = Math.round(v.videoHeight * scale);
+      canvas.getContext("2d").drawImage(v, 0, 0, canvas.width, canvas.height);
+      canvas.toBlob((blob) => {
+        if (blob) blob.arrayBuffer().then((buf) => liveSend(typed(0x02, buf)));
+      }, "image/jpeg", 0.8);
+    }, 1000 / LIVE_FPS);
+  }
+
+  function sendLiveText() {
+    liveSend(JSON.stringify({ type: "text", text: el.text.value.trim().slice(0, 5000) }));
+  }
+
+  async function startLive() {
+    if (live.ws) return;
+    if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia || typeof WebSocket === "undefined") {
+      liveEl.status.textContent = "This browser cannot stream the microphone and webcam.";
+      return;
+    }
+    let stream;
+    try {
+      stream = await navigator.mediaDevices.getUserMedia({ audio: true, video: { facingMode: "user" } })
+        .catch(() => navigator.mediaDevices.getUserMedia({ audio: true }))
+        .catch(() => navigator.mediaDevices.getUserMedia({ video: true }));
+    } catch (err) {
+      liveEl.status.textContent = mediaErrorMessage(err, "microphone and webcam");
+      return;
+    }
+    live.stream = stream;
+    live.points = [];
+    live.skipped = 0;
+    renderTimeline();
+    setLiveUi(true);
+    liveEl.status.textContent = "Connecting…";
+    const ws = new WebSocket(liveSocketUrl());
+    ws.binaryType = "arraybuffer";
+    live.ws = ws;
+    ws.addEventListener("open", () => {
+      liveEl.status.textContent = "Live: waiting for the first answer…";
+      sendLiveText();
+      live.audio = startLiveAudio(stream);
+      startLiveFrames(stream);
+    });
+    ws.addEventListener("message", (e) => {
+      let msg;
+      try {
+        msg = JSON.parse(e.data);
+      } catch (_) {
+        return;
+      }
+      if (msg.type === "update") onLiveUpdate(msg);
+      else if (msg.type === "error") liveEl.status.textContent = `Live: no answer for this moment (${formatDetail(msg.detail)})`;
+    });
+    ws.addEventListener("close", (e) => {
+      const mine = live.ws === ws;
+      stopLiveCapture();
+      if (!mine) return;
+      live.ws = null;
+      setLiveUi(false);
+      if (e.code === 1000 || e.code === 1005) liveEl.status.textContent = "Live stopped.";
+      else liveEl.status.textContent = `Live stream closed (${e.code})${e.reason ? `: ${e.reason}` : ""}.`;
+      if (e.code === 1008 && /API key/i.test(e.reason || "")) askForKey("Live mode needs a valid API key.");
+    });
+  }
+
+  function stopLiveCapture() {
+    clearInterval(live.frameTimer);
+    live.frameTimer = null;
+    if (live.audio) {
+      live.audio.processor.onaudioprocess = null;
+      live.audio.source.disconnect();
+      live.audio.processor.disconnect();
+      live.audio.ctx.close().catch(() => {});
+      live.audio = null;
+    }
+    stopStream(live.stream);
+    live.stream = null;
+    liveEl.view.srcObject = null;
+  }
+
+  function stopLive() {
+    const ws = live.ws;
+    stopLiveCapture();
+    if (ws) {
+      live.ws = null;
+      ws.close(1000, "stopped by the user");
+    }
+    setLiveUi(false);
+    if (ws) liveEl.status.textContent = "Live stopped.";
+  }
+
+  function onLiveUpdate(msg) {
+    const now = performance.now() / 1000;
+    const mods = {};
+    for (const [m, r] of Object.entries(msg.modalities || {})) mods[m] = Number(r.confidence) || 0;
+    live.points.push({ t: now, seq: msg.seq, emotion: msg.emotion, confidence: Number(msg.confidence) || 0, mods });
+    live.points = live.points.filter((p) => p.t >= now - LIVE_WINDOW_S);
+    const emotion = String(msg.emotion || "");
+    liveEl.emoji.textContent = EMOJI[emotion] || "❓";
+    liveEl.emotion.textContent = emotion;
+    liveEl.emotion.dataset.emotion = emotion;
+    liveEl.emotion.className = `verdict-emotion emo-${emotion}`;
+    liveEl.confidence.textContent = `${pct(msg.confidence)} confidence`;
+    liveEl.modalities.replaceChildren(...Object.entries(msg.contributions || {}).map(([m, w]) =>
+      make("li", { class: `mod-${m}`, "data-modality": m },
+        `${MODALITY_LABEL[m] || cap(m)}: ${msg.modalities && msg.modalities[m] ? msg.modalities[m].emotion : "—"} ` +
+        `(${pct(mods[m])}), weight ${pct(w)}`)));
+    const win = msg.window || {};
+    const span = Number(win.end_s) - Number(win.start_s);
+    liveEl.status.textContent = `Live · update ${msg.seq} · ${Number.isFinite(span) ? span.toFixed(1) : "?"} s window` +
+      `${win.frames ? `, ${win.frames} frames` : ""} · ${ms(msg.update_ms)}` +
+      (msg.dropped_frames || live.skipped ? ` · frames dropped: ${msg.dropped_frames + live.skipped}` : "");
+    renderTimeline();
+  }
+
+  function svg(tag, attrs) {
+    const node = document.createElementNS(SVG_NS, tag);
+    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+    return node;
+  }
+
+  function renderTimeline() {
+    const W = 600, H = 180, PAD = 8;
+    const now = performance.now() / 1000;
+    const x = (t) => (PAD + ((t - (now - LIVE_WINDOW_S)) / LIVE_WINDOW_S) * (W - 2 * PAD)).toFixed(1);
+    const y = (c) => (H - PAD - c * (H - 2 * PAD)).toFixed(1);
+    const nodes = [];
+    for (const level of [0, 0.5, 1]) nodes.push(svg("line", { class: "grid", x1: 0, x2: W, y1: y(level), y2: y(level) }));
+    for (const m of ["text", "audio", "video"]) {
+      const pts = live.points.filter((p) => m in p.mods).map((p) => `${x(p.t)},${y(p.mods[m])}`);
+      if (pts.length) nodes.push(svg("polyline", { class: `series mod-${m}`, "data-series": m, points: pts.join(" ") }));
+    }
+    if (live.points.length) {
+      nodes.push(svg("polyline", { class: "series fused", "data-series": "fused",
+        points: live.points.map((p) => `${x(p.t)},${y(p.confidence)}`).join(" ") }));
+    }
+    for (const p of live.points) {
+      const dot = svg("circle", { class: `point emo-${p.emotion}`, cx: x(p.t), cy: y(p.confidence), r: 4,
+        "data-seq": p.seq, "data-emotion": p.emotion });
+      const title = svg("title", {});
+      title.textContent = `${p.emotion} ${pct(p.confidence)}`;
+      dot.append(title);
+      nodes.push(dot);
+    }
+    liveEl.timeline.replaceChildren(...nodes);
+    liveEl.timeline.dataset.points = String(live.points.length);
+  }
+
+  liveEl.button.addEventListener("click", () => (live.ws ? stopLive() : startLive()));
+  el.text.addEventListener("input", () => {
+    if (!live.ws) return;
+    clearTimeout(live.textTimer);
+    live.textTimer = setTimeout(sendLiveText, 400);
   });
 
   // ---------------------------------------------------------------- health
