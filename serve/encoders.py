@@ -2,8 +2,9 @@
 
 Each replica receives the raw payload (a string, or the uploaded bytes), runs the pipeline's
 ``prepare`` (ffmpeg decode + preprocessing) in a thread pool off the event loop, then joins a
-``@serve.batch`` queue whose batched ``encode`` forward runs on a single model thread. It answers a
-plain dict (embedding, its own calibrated probabilities, timings) or, for bad input, a structured
+``@serve.batch`` queue whose batched ``encode`` forward runs on a single model thread. It answers an
+:class:`~serve.schemas.EncoderAnswer` as a plain dict (embedding, its own calibrated probabilities,
+timings, what it noticed about the input) or, for bad input, a structured
 error dict (see :mod:`serve.errors`): nothing is raised across Ray for input problems.
 
 Weights and batching come through ``user_config``; ``reconfigure`` loads a new pipeline completely
@@ -32,11 +33,11 @@ from models.media import MediaError
 from serve.config import EncoderConfig, EncoderUserConfig, LimitsConfig
 from serve.errors import encoder_error, error_from_exception
 from serve.metrics import Metrics
+from serve.schemas import DIGITS, EncoderAnswer
 
 logger = logging.getLogger("ray.serve")
 
 Pipeline = TextPipeline | AudioPipeline | VideoPipeline
-DIGITS = 6  # probabilities in answers are rounded to this many decimals
 
 
 class EncoderSettings(BaseModel):
@@ -177,6 +178,7 @@ class _Encoder:
         return self._answer(pipeline, prepared, encoded, start)
 
     def _answer(self, pipeline: Pipeline, prepared: Prepared, encoded: _Encoded, start: float) -> dict[str, Any]:
+        """The :class:`EncoderAnswer`, as the plain dict that crosses Ray."""
         res = encoded.result
         info = {k: _plain(v) for k, v in res.info.items()}
         decode_ms = float(info.pop("decode_ms", prepared.prepare_ms))
@@ -186,20 +188,20 @@ class _Encoder:
         self.metrics.observe("emotion_encoder_decode_ms", decode_ms, modality=m)
         self.metrics.observe("emotion_encoder_model_ms", encoded.model_ms, modality=m)
         self.metrics.observe("emotion_encoder_latency_ms", latency_ms, modality=m)
-        return {
-            "modality": m,
-            "embedding": res.embedding.astype(float).tolist(),
-            "probabilities": {e: round(float(p), DIGITS) for e, p in zip(EMOTIONS, res.probabilities, strict=True)},
-            "emotion": res.emotion,
-            "confidence": round(res.confidence, DIGITS),
-            "latency_ms": _round(latency_ms),
-            "decode_ms": _round(decode_ms),
-            "preprocess_ms": _round(preprocess_ms),
-            "model_ms": _round(encoded.model_ms),
-            "batch_size": encoded.batch_size,
-            "model_version": pipeline.version,
-            "info": info,
-        }
+        return EncoderAnswer(
+            modality=m,
+            embedding=res.embedding.astype(float).tolist(),
+            probabilities={e: round(float(p), DIGITS) for e, p in zip(EMOTIONS, res.probabilities, strict=True)},
+            emotion=res.emotion,
+            confidence=round(res.confidence, DIGITS),
+            latency_ms=_round(latency_ms),
+            decode_ms=_round(decode_ms),
+            preprocess_ms=_round(preprocess_ms),
+            model_ms=_round(encoded.model_ms),
+            batch_size=encoded.batch_size,
+            model_version=pipeline.version,
+            **info,
+        ).model_dump(exclude_none=True)
 
     async def _forward(self, jobs: list[_Job]) -> list[_Encoded]:
         """The body of ``encode_batch``: one forward per pipeline in the batch, on the model thread."""

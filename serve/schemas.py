@@ -9,8 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from models.labels import EMOTIONS
 
 Emotion = Literal[EMOTIONS]  # type: ignore[valid-type]
-ModalityName = Literal["text", "audio", "video"]
+ModalityName = Literal["text", "audio", "video"]  # models.labels.MODALITIES as a type
 Probabilities = dict[Emotion, float]
+DIGITS = 6  # probabilities and contributions in answers are rounded to this many decimals
 
 
 class TextRequest(BaseModel):
@@ -40,6 +41,23 @@ class ModalityResult(BaseModel):
     duration_s: float | None = Field(None, description="audio: seconds decoded")
     frames: int | None = Field(None, description="video: frames used (uniformly sampled)")
     face_detected: bool | None = Field(None, description="video: whether any frame had a detected face")
+
+
+class EncoderAnswer(ModalityResult):
+    """What an encoder replica answers: its public :class:`ModalityResult` plus the 256-d embedding.
+
+    Built once in the encoder (``serve.encoders``), sent across Ray as plain data and validated once in
+    the ingress; :meth:`public` is the part a client sees.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    modality: ModalityName
+    embedding: list[float] = Field(min_length=1)
+
+    def public(self) -> ModalityResult:
+        """The per-modality result a client sees (no embedding)."""
+        return ModalityResult.model_construct(**self.model_dump(exclude={"modality", "embedding"}, exclude_none=True))
 
 
 class PredictionResponse(BaseModel):

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 import numpy as np
+from pydantic import ValidationError
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 
@@ -33,10 +34,9 @@ from models.labels import EMOTIONS, MODALITIES
 from serve.config import AppConfig, IngressUserConfig
 from serve.errors import EncoderError, encoder_error, is_client_error
 from serve.metrics import Metrics
-from serve.schemas import HealthResponse, ModalityResult, ModelStatus, PredictionResponse
+from serve.schemas import DIGITS, EncoderAnswer, HealthResponse, ModelStatus, PredictionResponse
 
 logger = logging.getLogger("ray.serve")
-DIGITS = 6  # probabilities and contributions in answers are rounded to this many decimals
 
 
 class Handle(Protocol):
@@ -182,13 +182,13 @@ class FusionService:
         primary = primary or tuple(payloads)
         names = [m for m in MODALITIES if m in payloads]
         answers = await asyncio.gather(*(self._call(m, payloads[m]) for m in names))
-        ok: dict[str, dict[str, Any]] = {}
+        ok: dict[str, EncoderAnswer] = {}
         failed: dict[str, EncoderError] = dict(prefailed or {})
         for m, answer in zip(names, answers, strict=True):
-            if "error" in answer:
-                failed[m] = answer["error"]
-            else:
+            if isinstance(answer, EncoderAnswer):
                 ok[m] = answer
+            else:
+                failed[m] = answer["error"]
         for m, err in failed.items():
             self.metrics.inc("emotion_dropped_modalities_total", modality=m, reason=err["code"])
         if not ok:
@@ -197,12 +197,15 @@ class FusionService:
             raise PredictionFailed(failure_status(failed, primary), f"no modality could be used ({reasons})")
         response = self._combine(ok, failed, start)
         for m, r in ok.items():
-            self.metrics.inc("emotion_predictions_total", emotion=r["emotion"], modality=m)
+            self.metrics.inc("emotion_predictions_total", emotion=r.emotion, modality=m)
         self.metrics.inc("emotion_predictions_total", emotion=response.emotion, modality="fused")
         return response
 
-    async def _call(self, modality: str, payload: str | bytes) -> dict[str, Any]:
-        """One encoder call with its timeout, retried on another replica if its replica dies; never raises."""
+    async def _call(self, modality: str, payload: str | bytes) -> EncoderAnswer | dict[str, Any]:
+        """One encoder call with its timeout, retried on another replica if its replica dies; never raises.
+
+        Returns the validated :class:`EncoderAnswer`, or an ``{"error": ...}`` dict.
+        """
         timeout = self.config.encoders[modality].timeout_s
         deadline = time.monotonic() + timeout
         handle = self.handles[modality]
@@ -231,9 +234,13 @@ class FusionService:
                     self.encoder_health.mark_down(modality)
                 return encoder_error("unavailable", f"the {modality} encoder failed: {type(exc).__name__}", 503)
             self.encoder_health.mark_up(modality)
-            if not isinstance(answer, dict) or ("error" not in answer and "probabilities" not in answer):
+            if isinstance(answer, dict) and "error" in answer:
+                return answer
+            try:
+                return EncoderAnswer.model_validate(answer)
+            except ValidationError:
+                logger.warning("%s encoder gave an unexpected answer", modality, exc_info=True)
                 return encoder_error("internal", f"the {modality} encoder gave an unexpected answer", 500)
-            return answer
         self.encoder_health.mark_down(modality)
         return self._unavailable(modality, gone)
 
@@ -268,20 +275,20 @@ class FusionService:
         why = f" ({type(cause).__name__})" if cause is not None else ""
         return encoder_error("unavailable", f"the {modality} encoder has no live replica{why}", 503)
 
-    def _combine(self, ok: dict[str, dict[str, Any]], failed: Mapping[str, EncoderError],
+    def _combine(self, ok: dict[str, EncoderAnswer], failed: Mapping[str, EncoderError],
                  start: float) -> PredictionResponse:
-        versions = [ok[m]["model_version"] for m in ok]
+        versions = [r.model_version for r in ok.values()]
         if len(ok) == 1:  # one modality: its encoder's own calibrated answer, as is
             (m, only), = ok.items()
-            emotion, confidence = only["emotion"], only["confidence"]
-            probabilities = {e: only["probabilities"][e] for e in EMOTIONS}
+            emotion, confidence = only.emotion, only.confidence
+            probabilities = {e: only.probabilities[e] for e in EMOTIONS}
             contributions = {m: 1.0}
         else:
             fusion = self.fusion
             if fusion is None:
                 raise RuntimeError("fusion module not loaded")
-            fused = fusion.fuse({m: np.asarray(r["embedding"], dtype=np.float32) for m, r in ok.items()},
-                                {m: np.array([r["probabilities"][e] for e in EMOTIONS], dtype=np.float32) for m, r in ok.items()})
+            fused = fusion.fuse({m: np.asarray(r.embedding, dtype=np.float32) for m, r in ok.items()},
+                                {m: np.array([r.probabilities[e] for e in EMOTIONS], dtype=np.float32) for m, r in ok.items()})
             probs = fused.probabilities.astype(np.float64)
             probs = probs / probs.sum()
             best = int(np.argmax(probs))
@@ -295,7 +302,7 @@ class FusionService:
             confidence=confidence,
             probabilities=probabilities,
             contributions=contributions,
-            modalities={m: _modality_result(r) for m, r in ok.items()},
+            modalities={m: r.public() for m, r in ok.items()},
             dropped={m: f"{e['code']}: {e['message']}" for m, e in failed.items()},
             model_version="+".join(versions),
             latency_ms=round((time.perf_counter() - start) * 1000.0, 2),
@@ -328,9 +335,3 @@ def _cancel(response: Any) -> None:
     cancel = getattr(response, "cancel", None)
     if cancel is not None:
         cancel()
-
-
-def _modality_result(answer: dict[str, Any]) -> ModalityResult:
-    fields = {k: answer[k] for k in ("emotion", "confidence", "probabilities", "latency_ms", "decode_ms",
-                                     "preprocess_ms", "model_ms", "batch_size", "model_version")}
-    return ModalityResult(**{**answer.get("info", {}), **fields})

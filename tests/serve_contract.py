@@ -7,11 +7,10 @@ from typing import Any
 import pytest
 
 from models.labels import EMOTIONS
+from serve.schemas import ModalityResult, PredictionResponse
 
-TOP_LEVEL = {"emotion", "confidence", "probabilities", "contributions", "modalities", "dropped", "model_version",
-             "latency_ms"}
-PER_MODALITY = {"emotion", "confidence", "probabilities", "latency_ms", "decode_ms", "preprocess_ms", "model_ms",
-                "batch_size", "model_version"}
+TOP_LEVEL = set(PredictionResponse.model_fields)
+PER_MODALITY = {name for name, field in ModalityResult.model_fields.items() if field.is_required()}
 
 
 def check_contract(body: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ from models.labels import EMOTIONS
 from serve.api import create_app
 from serve.config import AppConfig
 from serve.errors import encoder_error
+from serve.schemas import EncoderAnswer
 from serve.service import FusionService, failure_status
 from tests.serve_contract import check_contract
 
@@ -29,13 +30,13 @@ FACE = (FIXTURES / "face.mp4").read_bytes()
 
 
 def answer(modality: str, emotion: str = "happy", version: str | None = None, **info: Any) -> dict[str, Any]:
-    """What a real encoder returns for a success."""
+    """What a real encoder returns for a success: an :class:`EncoderAnswer` as plain data."""
     probs = {e: (0.94 if e == emotion else 0.01) for e in EMOTIONS}
     rng = np.random.default_rng(len(modality))
-    return {"modality": modality, "embedding": rng.normal(size=256).tolist(), "probabilities": probs,
-            "emotion": emotion, "confidence": 0.94, "latency_ms": 5.0, "decode_ms": 1.0, "preprocess_ms": 0.5,
-            "model_ms": 3.0,
-            "batch_size": 1, "model_version": version or f"{modality}-test", "info": info}
+    return EncoderAnswer(modality=modality, embedding=rng.normal(size=256).tolist(), probabilities=probs,
+                         emotion=emotion, confidence=0.94, latency_ms=5.0, decode_ms=1.0, preprocess_ms=0.5,
+                         model_ms=3.0, batch_size=1, model_version=version or f"{modality}-test",
+                         **info).model_dump(exclude_none=True)
 
 
 class FakeHandle:

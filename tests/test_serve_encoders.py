@@ -18,6 +18,7 @@ import pytest
 from models.checkpoint import DEFAULT_WEIGHTS_DIR
 from models.labels import EMOTIONS
 from serve.encoders import AudioEncoder, VideoEncoder
+from serve.schemas import EncoderAnswer
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -32,6 +33,7 @@ def replica_context(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def check_answer(result: dict[str, Any], modality: str) -> None:
     assert "error" not in result, result
+    EncoderAnswer.model_validate(result)  # the typed answer the ingress validates
     assert result["modality"] == modality
     assert len(result["embedding"]) == 256 and np.isfinite(result["embedding"]).all()
     assert list(result["probabilities"]) == list(EMOTIONS)
@@ -51,7 +53,7 @@ def test_audio_encoder_batches_concurrent_requests() -> None:
     results = asyncio.run(scenario())
     for r in results:
         check_answer(r, "audio")
-        assert r["info"]["duration_s"] == pytest.approx(5.0, abs=0.05)
+        assert r["duration_s"] == pytest.approx(5.0, abs=0.05)
     assert max(r["batch_size"] for r in results) >= 2
     first = results[0]["embedding"]
     assert all(np.allclose(r["embedding"], first, atol=1e-4) for r in results)  # padding does not change answers
@@ -86,7 +88,7 @@ def test_video_encoder_still_image() -> None:
 
     result = asyncio.run(scenario())
     check_answer(result, "video")
-    assert result["info"]["frames"] == 1 and isinstance(result["info"]["face_detected"], bool)
+    assert result["frames"] == 1 and isinstance(result["face_detected"], bool)
 
 
 def test_hot_swap_keeps_in_flight_requests(tmp_path: Path) -> None:
