@@ -26,6 +26,7 @@ import torch
 
 from bench.inputs import TEXTS, MediaInputs
 from models.inference import AudioPipeline, FusionPipeline, Prepared, TextPipeline, VideoPipeline
+from models.labels import MODALITIES
 
 DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 8, 32)
 
@@ -141,7 +142,7 @@ def measure_fusion(device: str = "cpu", min_time_s: float = 1.0) -> dict[str, An
 
 def measure_ceiling(
     media: MediaInputs,
-    modalities: Sequence[str] = ("text", "audio", "video"),
+    modalities: Sequence[str] = MODALITIES,
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
     min_time_s: float = 2.0,
     min_reps: int = 3,

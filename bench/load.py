@@ -20,6 +20,7 @@ import httpx
 
 from bench.inputs import TEXTS, MediaInputs
 from bench.stats import LoadResult
+from models.labels import MODALITIES
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -39,7 +40,7 @@ ENDPOINTS: dict[str, Endpoint] = {
     "text": Endpoint("text", "/api/predict", ("text",), 'JSON {"text"}'),
     "audio": Endpoint("audio", "/predict/audio", ("audio",), "5 s speech WAV"),
     "video": Endpoint("video", "/predict/video", ("video", "audio"), "16-frame face MP4 with audio track"),
-    "fused": Endpoint("fused", "/predict", ("text", "audio", "video"), "text + WAV + MP4 in one multipart"),
+    "fused": Endpoint("fused", "/predict", MODALITIES, "text + WAV + MP4 in one multipart"),
 }
 
 

@@ -3,6 +3,7 @@ masked softmax, and the inference precision (float32, or bfloat16 autocast where
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 from functools import lru_cache
 from typing import Literal
@@ -36,6 +37,14 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {name!r}: no CUDA device is available on this machine (use cpu or auto)")
     return torch.device(name)
+
+
+def device_option(name: str) -> torch.device:
+    """An argparse ``type`` for ``--device``: :func:`resolve_device`, a missing GPU reported as a usage error."""
+    try:
+        return resolve_device(name)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def resolve_precision(precision: Precision, device: torch.device) -> str:

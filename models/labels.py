@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 EMOTIONS: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise")
 NUM_CLASSES = len(EMOTIONS)
 EMOTION_TO_INDEX = {name: i for i, name in enumerate(EMOTIONS)}
-MODALITIES: tuple[str, ...] = ("text", "audio", "video")
+Modality = Literal["text", "audio", "video"]
+MODALITIES: tuple[Modality, ...] = get_args(Modality)
 
 # MELD emotion column -> service class.
 MELD_TO_EMOTION = {

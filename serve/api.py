@@ -18,6 +18,7 @@ from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from models.labels import MODALITIES
 from serve.access import API_KEY_HEADER, BEARER, AccessControl, AccessMiddleware, Client, route_path
 from serve.config import AppConfig
 from serve.errors import EncoderError
@@ -209,7 +210,7 @@ def create_app(service: FusionService, config: AppConfig, static_dir: Path | Non
             raise HTTPException(422, "give at least one of: form field 'text', file 'audio', file 'video'")
         payloads: dict[str, str | bytes]
         payloads, empty = _split(uploads)  # type: ignore[assignment]
-        primary = tuple(m for m in ("text", "audio", "video") if m in uploads or (m == "text" and has_text))
+        primary = tuple(m for m in MODALITIES if m in uploads or (m == "text" and has_text))
         if has_text:
             payloads["text"] = _clean_text(text or "", config)
         if "video" in payloads and "audio" not in uploads:

@@ -24,7 +24,6 @@ from models.common import Precision
 from models.labels import MODALITIES
 from models.media import DecodeLimits
 
-Modality = Literal["text", "audio", "video"]
 Device = Literal["auto", "cpu", "cuda"]
 
 

@@ -6,10 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.labels import EMOTIONS
+from models.labels import EMOTIONS, Modality
 
 Emotion = Literal[EMOTIONS]  # type: ignore[valid-type]
-ModalityName = Literal["text", "audio", "video"]  # models.labels.MODALITIES as a type
 Probabilities = dict[Emotion, float]
 DIGITS = 6  # probabilities and contributions in answers are rounded to this many decimals
 
@@ -52,7 +51,7 @@ class EncoderAnswer(ModalityResult):
 
     model_config = ConfigDict(extra="forbid")
 
-    modality: ModalityName
+    modality: Modality
     embedding: list[float] = Field(min_length=1)
 
     def public(self) -> ModalityResult:
@@ -66,10 +65,10 @@ class PredictionResponse(BaseModel):
     emotion: Emotion
     confidence: float
     probabilities: Probabilities = Field(description="7 calibrated class probabilities, summing to 1")
-    contributions: dict[ModalityName, float] = Field(
+    contributions: dict[Modality, float] = Field(
         description="weight of each modality used, summing to 1 (one modality: its own answer, weight 1)")
-    modalities: dict[ModalityName, ModalityResult]
-    dropped: dict[ModalityName, str] = Field(description="modalities that failed or timed out, with the reason")
+    modalities: dict[Modality, ModalityResult]
+    dropped: dict[Modality, str] = Field(description="modalities that failed or timed out, with the reason")
     model_version: str = Field(description="versions of the encoders used (and of fusion when used), joined by '+'")
     latency_ms: float = Field(description="time spent in the ingress for this request")
 

@@ -13,7 +13,6 @@ import json
 import math
 import re
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -25,6 +24,8 @@ from typing import Any
 import httpx
 import ray
 import yaml
+
+from bench.servers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "emotion-serve.json"
@@ -116,13 +117,6 @@ def parse_prometheus(text: str) -> list[Sample]:
 
     return [Sample(s.name, dict(s.labels), float(s.value))
             for family in text_string_to_metric_families(text) for s in family.samples]
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(predicate: Callable[[], object], timeout_s: float, interval_s: float = 1.0, what: str = "condition"):

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
+from models.labels import MODALITIES
 from serve.access import KEY_FILE_RECHECK_S, AccessControl, ApiKeys, key_id
 from serve.api import create_app
 from serve.config import AccessConfig, ApiKeysConfig, AppConfig
@@ -56,7 +57,7 @@ class Harness:
         self.metrics = RecordingMetrics()
         behaviours = behaviours or {}
         # The video encoder answers "no audio track" for the audio encoder's half of a still image.
-        self.handles = {m: FakeHandle(m, behaviours.get(m)) for m in ("text", "audio", "video")}
+        self.handles = {m: FakeHandle(m, behaviours.get(m)) for m in MODALITIES}
         self.service = FusionService(self.handles, self.config, self.metrics)  # type: ignore[arg-type]
         keys = None
         if self.config.access.api_keys.required:

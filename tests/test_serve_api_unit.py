@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from models.labels import EMOTIONS
+from models.labels import EMOTIONS, MODALITIES
 from serve.api import create_app
 from serve.config import AppConfig
 from serve.errors import encoder_error
@@ -91,7 +91,7 @@ class Harness:
 
 
 def make(config: dict[str, Any] | None = None, static_dir: Path | None = None, **behaviours: Any) -> Harness:
-    handles = {m: FakeHandle(m, behaviours.get(m)) for m in ("text", "audio", "video")}
+    handles = {m: FakeHandle(m, behaviours.get(m)) for m in MODALITIES}
     return Harness(handles, AppConfig.from_args(config), static_dir)
 
 

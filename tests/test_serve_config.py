@@ -8,6 +8,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from models.labels import MODALITIES
 from serve.config import AppConfig, EncoderConfig, EncoderUserConfig
 from serve.metrics import METRIC_NAMES, METRICS, PREFIX
 
@@ -23,7 +24,7 @@ def test_defaults() -> None:
     assert cfg.limits.max_upload_bytes == 50 * 1024 * 1024
     assert cfg.limits.num_frames == 16
     assert cfg.limits.decode_limits().timeout_s == cfg.limits.decode_timeout_s
-    for m in ("text", "audio", "video"):
+    for m in MODALITIES:
         enc = cfg.encoders[m]
         assert enc.max_batch_size <= enc.max_ongoing_requests
         assert enc.timeout_s > 0

@@ -21,6 +21,7 @@ import pytest
 import uvicorn
 from ray.exceptions import ActorDiedError
 
+from models.labels import MODALITIES
 from serve.config import AppConfig
 from serve.service import EncoderHealth, live_replicas, replica_gone
 from tests.test_serve_api_unit import FACE, SPEECH, FakeHandle, Harness, answer, make
@@ -81,7 +82,7 @@ def test_other_errors_are_not_retried() -> None:
 
 
 def counted(config: dict[str, Any] | None = None, **behaviours: Any) -> Harness:
-    handles = {m: Counted(m, behaviours.get(m)) for m in ("text", "audio", "video")}
+    handles = {m: Counted(m, behaviours.get(m)) for m in MODALITIES}
     return Harness(handles, AppConfig.from_args(config))  # type: ignore[arg-type]
 
 

@@ -25,7 +25,7 @@ import uvicorn
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from models.labels import EMOTIONS
+from models.labels import EMOTIONS, MODALITIES
 from models.media import decode_audio, decode_frames
 from serve.access import AccessControl, ApiKeys
 from serve.api import create_app
@@ -235,7 +235,7 @@ class Server:
 def serving(stream: dict[str, Any] | None = None, delay_s: float = 0.0, keys: bool = False
             ) -> Iterator[tuple[Server, dict[str, Counting], Metrics]]:
     config = AppConfig.model_validate({"stream": {"update_interval_s": 0.1, "max_fps": 100, **(stream or {})}})
-    behaviours = {m: Counting(m, delay_s) for m in ("text", "audio", "video")}
+    behaviours = {m: Counting(m, delay_s) for m in MODALITIES}
     handles = {m: FakeHandle(m, b) for m, b in behaviours.items()}
     metrics = Metrics()
     service = FusionService(handles, config, metrics)  # type: ignore[arg-type]

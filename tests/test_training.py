@@ -155,12 +155,14 @@ def test_ema_decay_must_be_below_one(bad: str) -> None:
         train.parse_args(["--modality", "audio", "--ema", bad])
 
 
-def test_training_device_choice() -> None:
-    assert train.resolve_device("cpu") == torch.device("cpu")
-    assert train.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+def test_training_device_choice(capsys: pytest.CaptureFixture[str]) -> None:
+    assert train.parse_args(["--modality", "audio"]).device == torch.device("cpu")
+    assert train.parse_args(["--modality", "audio", "--device", "auto"]).device.type == (
+        "cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(SystemExit, match="no CUDA device"):
-            train.resolve_device("cuda")
+        with pytest.raises(SystemExit):
+            train.parse_args(["--modality", "audio", "--device", "cuda"])
+        assert "no CUDA device" in capsys.readouterr().err
     model = torch.nn.Linear(2, 2)
     assert train.model_device(model) == torch.device("cpu")
 

@@ -172,7 +172,7 @@ def card_table(reports: dict[str, dict[str, Any]]) -> str:
     rows = ["| model | data | n | accuracy | macro-F1 | weighted-F1 | target | met? |", "|---|---|---|---|---|---|---|---|"]
     names = {"meld_dev": "MELD dev", "goemotions_val": "GoEmotions val, single-label comments",
              "actors_17_20": "RAVDESS actors 17-20", "publictest": "FER2013 PublicTest"}
-    for m in ("text", "audio", "video"):
+    for m in MODALITIES:
         r = reports.get(m)
         if r is None:
             continue
@@ -216,7 +216,7 @@ def card_table(reports: dict[str, dict[str, Any]]) -> str:
                  + (f"; failing: {'; '.join(failed)}." if failed else ".")]
     calib = [f"{m} {names.get(set_name, set_name)} {s['ece_uncalibrated']:.3f} -> {s['ece_calibrated']:.3f} "
              f"(T={reports[m]['temperature']}, {_fitted_on(reports[m])})"
-             for m in ("text", "audio", "video") if m in reports for set_name, s in reports[m]["sets"].items()]
+             for m in MODALITIES if m in reports for set_name, s in reports[m]["sets"].items()]
     if calib:
         rows += ["", "Expected calibration error before -> after temperature scaling: " + "; ".join(calib) + "."]
     return "\n".join(rows)

@@ -22,8 +22,8 @@ import yaml
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from models import common
 from models.checkpoint import DEFAULT_WEIGHTS_DIR, load_model, save_model
+from models.common import device_option
 from training.calibration import fit_temperature
 from training.distill import Distiller, load_teachers
 from training.metrics import classification_report
@@ -55,14 +55,6 @@ def predict(task: Task, model: torch.nn.Module | None = None) -> tuple[torch.Ten
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device ``model``'s parameters live on."""
     return next(model.parameters()).device
-
-
-def resolve_device(name: str) -> torch.device:
-    """:func:`models.common.resolve_device`, with a missing GPU turned into a clean exit."""
-    try:
-        return common.resolve_device(name)
-    except ValueError as error:
-        raise SystemExit(f"--device {name}: {error}") from None
 
 
 def train_epoch(task: Task, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -252,7 +244,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[argparse.Act
     e.add_argument("--warmup", type=float, default=0.1, help="share of steps spent warming up")
     e.add_argument("--half", action="store_true", help="store float16 weights")
     e.add_argument("--bf16", action="store_true", help="bfloat16 autocast for training forwards (validation stays float32)")
-    e.add_argument("--device", default="cpu", help="cpu, cuda or auto (cuda when present); batches are built on the CPU")
+    e.add_argument("--device", type=device_option, default="cpu",
+                   help="cpu, cuda or auto (cuda when present); batches are built on the CPU")
     e.add_argument("--ema", type=_decay, default=0.0,
                    help="validate and export an exponential moving average of the weights with this per-step decay, e.g. 0.999 (0 = off)")
     e.add_argument("--init-from", help="start from the weights of a saved model folder (e.g. models/weights/video) instead of from scratch")
@@ -314,7 +307,8 @@ def foreign_options(args: argparse.Namespace, owned: dict[str, list[argparse.Act
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p, owned = build_parser()
-    defaults = {a.dest: a.default for a in p._actions}
+    # as parsed: argparse converts a string default with the option's type
+    defaults = {a.dest: a.type(a.default) if a.type and isinstance(a.default, str) else a.default for a in p._actions}
     known, _ = p.parse_known_args(argv)
     if known.recipe:
         recipe = read_recipe(known.recipe)
@@ -356,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
         audio_augment=tuple(a for a in args.augment.split(",") if a and a != "none"),
     )
     task = TASKS[args.modality](opts)
-    device = resolve_device(args.device)
+    device = args.device
     task.model.to(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
