@@ -1,10 +1,11 @@
-"""Re-run the README's curl examples against a running service and paste their real output.
+"""Re-run the API examples' curl commands (``docs/api.md``) against a running service and paste their real output.
 
     serve run deploy/serve_config.yaml &          # then, once /api/health says ok:
     python deploy/refresh_readme_examples.py      # rewrites the ```json block after each ```bash curl block
 
-Only the REST API section is touched, and only ``bash`` blocks holding a single ``curl`` command that are
-followed by a ``json`` block. Run it from the repository root (the examples upload ``tests/fixtures/*``).
+Only the text between ``docs/api.md``'s ``<!-- section:api -->`` markers is touched, and only ``bash`` blocks
+holding a single ``curl`` command that are followed by a ``json`` block. Run it from the repository root (the
+examples upload ``tests/fixtures/*``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import re
 import subprocess
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 START, END = "<!-- section:api -->", "<!-- /section:api -->"
 EXAMPLE = re.compile(r"(```bash\n(curl [^\n]+)\n```\n\n```json\n)(.*?)(\n```)", re.DOTALL)
 
@@ -38,12 +39,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="localhost:8000", help="host:port of the running service")
     args = parser.parse_args()
-    text = README.read_text()
+    text = DOC.read_text()
     head, rest = text.split(START, 1)
     section, tail = rest.split(END, 1)
     section, count = refresh(section, args.url)
-    README.write_text(head + START + section + END + tail)
-    print(f"refreshed {count} examples in {README}")
+    DOC.write_text(head + START + section + END + tail)
+    print(f"refreshed {count} examples in {DOC}")
 
 
 if __name__ == "__main__":
