@@ -83,7 +83,7 @@ def prepare_for_inference(model: nn.Module, precision: str) -> nn.Module:
     """Lay out a model for fast inference: :func:`cast_for_autocast`, then channels-last conv weights.
 
     oneDNN runs convolutions, batch norm and max pooling in channels-last (NHWC) without the
-    reorders it needs for NCHW, most of all in bfloat16 (measurements: README, "Precision").
+    reorders it needs for NCHW, most of all in bfloat16 (docs/architecture.md, "Precision").
     Results match the plain layout to float rounding. Models without 4-d weights (text) are unchanged.
     """
     cast_for_autocast(model, precision)
