@@ -211,6 +211,11 @@ def card_table(reports: dict[str, dict[str, Any]]) -> str:
             change = f"{check['changed_removing_largest']:.3f} / {check['changed_removing_smallest']:.3f}" if check else ""
             rows.append(f"| {name} | {r['fused']['accuracy']:.3f} ({r['fused']['macro_f1']:.3f}) | {r['product']['accuracy']:.3f} | "
                         f"{r['mean']['accuracy']:.3f} | {best['accuracy']:.3f} ({best_name}) | {overrule} | {contrib} | {change} |")
+        full = f["subsets"]["+".join(MODALITIES)]
+        if "product_overrule_rate" in full:
+            rows += ["", (f"With all three, the product of probabilities overrules two agreeing encoders in "
+                         f"{full['product_overrule_rate']:.3f} of those answers and is right in "
+                         f"{full['product_overrules_right']:.3f} of its overrules.")]
         failed = [k for k, ok in f["checks"].items() if not ok]
         rows += ["", f"Fusion checks: {len(f['checks']) - len(failed)} of {len(f['checks'])} hold"
                  + (f"; failing: {'; '.join(failed)}." if failed else ".")]

@@ -176,6 +176,10 @@ def evaluate_combinations(model: FusionModel, pools: dict[str, Pool], n: int = R
             has_pair = pair_class >= 0
             row["agreeing_pairs"] = int(has_pair.sum())
             row["overrule_rate"] = float((fused[has_pair] != pair_class[has_pair]).mean()) if has_pair.any() else 0.0
+            product = lp[:, cols].sum(1).argmax(1).numpy()
+            overruled = has_pair & (product != pair_class)  # the product's own overrules, for comparison
+            row["product_overrule_rate"] = float(overruled.sum() / max(has_pair.sum(), 1))
+            row["product_overrules_right"] = float((product[overruled] == ys[overruled]).mean()) if overruled.any() else 0.0
         if len(subset) > 1:
             row["contribution_check"] = _contribution_check(model, emb, lp, present, contrib, fused, cols)
         out["subsets"]["+".join(subset)] = row
