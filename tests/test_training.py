@@ -80,7 +80,7 @@ def test_fusion_trains_on_label_matched_triplets(tmp_path: Path, monkeypatch: py
     train.main(["--modality", "fusion", "--layout", "seed", "--data-root", "data", "--out", "fusion",
                 "--weights-dir", str(DEFAULT_WEIGHTS_DIR), "--steps", "20", "--batch-size", "16", "--threads", "1"])
     meta = json.loads((tmp_path / "fusion" / "config.json").read_text())["metadata"]
-    assert meta["recipe"]["steps"] == 20 and meta["recipe"]["trainable"] == "scales"  # tiny set: no cross-validation
+    assert meta["fusion_recipe"]["steps"] == 20 and meta["fusion_recipe"]["trainable"] == "scales"  # tiny set: no CV
     assert 0 <= meta["report_fused_all_accuracy"] <= 1
     assert set(meta["temperatures"]) == {"text", "audio", "video", "text+audio", "text+video", "audio+video", "text+audio+video"}
     sure_happy, unsure = np.full(7, 0.01), np.full(7, 1 / 7)
@@ -439,3 +439,20 @@ def test_video_recipe_writes_its_inference_option() -> None:
     recipe = Path(__file__).resolve().parents[1] / "training" / "recipes" / "video.yaml"
     assert train.parse_args(["--recipe", str(recipe)]).mirror_average is True
     assert train.parse_args(["--modality", "video"]).mirror_average is False
+
+
+@pytest.mark.parametrize("modality", ["text", "audio", "video", "fusion"])
+def test_each_recipe_trains_a_few_steps(modality: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from models.checkpoint import DEFAULT_WEIGHTS_DIR
+
+    recipe = Path(__file__).resolve().parents[1] / "training" / "recipes" / f"{modality}.yaml"
+    _seed_layout(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    small = ["--steps", "20", "--weights-dir", str(DEFAULT_WEIGHTS_DIR)] if modality == "fusion" else [
+        "--epochs", "1", "--holdout", "0"]  # a few steps on the 14 seed-layout examples
+    train.main(["--recipe", str(recipe), "--layout", "seed", "--data-root", "data", "--out", "weights",
+                "--batch-size", "7", "--threads", "1", *small])
+    _, config = load_model(tmp_path / "weights")
+    assert config["model_type"] == modality
+    assert config["metadata"]["recipe"] == str(recipe)  # the weights name the recipe that made them
+    assert "history" not in config["metadata"]

@@ -317,7 +317,8 @@ def train_fusion(args: argparse.Namespace) -> dict[str, Any]:
         "version": f"fusion-{time.strftime('%Y%m%d')}",
         "command": "python -m training.train " + " ".join(sys.argv[1:]),
         "data": "label-matched combinations of data the encoders never trained on; see training/fusion.py",
-        "recipe": dataclasses.asdict(recipe),
+        **({"recipe": str(args.recipe)} if getattr(args, "recipe", None) else {}),
+        "fusion_recipe": dataclasses.asdict(recipe),
         "recipe_cross_validation": scores,
         "encoders": {m: str(read_config(Path(args.weights_dir) / m)["metadata"].get("version", "unversioned"))
                      for m in MODALITIES},
