@@ -11,8 +11,10 @@ from typing import Any
 from bench.load import ENDPOINTS
 from bench.stats import LoadResult, best_ceiling, composite_ceiling, ratio
 
-TARGET_CEILING_RATIO = 0.8
-TARGET_NAIVE_RATIO = 3.0
+TARGET_CEILING_RATIO = 0.4  # issue 23, on the 2-core machine: Serve >= 0.4x the in-process ceiling (text, 32 clients)
+TARGET_NAIVE_RATIO = 1.5  # ... and >= 1.5x the naive single-process server
+TARGET_TEXT_BATCH = 8.0  # the text encoder's mean batch at 32 clients
+TARGET_MEDIA_NAIVE_RATIO = 1.0  # fused /predict and /predict/video at 32 clients: no slower than naive
 TARGET_CONCURRENCY = 32
 README_TABLE_START = "<!-- bench:table -->"
 README_TABLE_END = "<!-- /bench:table -->"
@@ -55,26 +57,50 @@ def build_rows(results: Iterable[LoadResult], ceilings: Mapping[str, float | Non
     return summaries
 
 
-def evaluate_targets(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """The issue's two targets, for text at 32 concurrent clients through the Serve graph."""
-    row = next(
+def _serve_row(rows: Iterable[Mapping[str, Any]], endpoint: str) -> Mapping[str, Any] | None:
+    return next(
         (
             r
             for r in rows
-            if r["target"] == "serve" and r["endpoint"] == "text" and r["concurrency"] == TARGET_CONCURRENCY
+            if r["target"] == "serve" and r["endpoint"] == endpoint and r["concurrency"] == TARGET_CONCURRENCY
         ),
         None,
     )
+
+
+def _at_least(value: float | None, target: float) -> bool | None:
+    return None if value is None else value >= target
+
+
+def evaluate_targets(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """The issue's targets at 32 concurrent clients through the Serve graph.
+
+    Text: throughput over the in-process ceiling and over the naive server, and the text encoder's mean batch;
+    fused ``/predict`` and ``/predict/video``: throughput over the naive server's.
+    """
+    rows = list(rows)
+    row = _serve_row(rows, "text")
     vs_ceiling = row.get("vs_ceiling") if row else None
     vs_naive = row.get("vs_naive") if row else None
-    return {
+    batch = ((row.get("mean_batch_size") or {}).get("text") if row else None) or None
+    out: dict[str, Any] = {
         "text_32_vs_ceiling": vs_ceiling,
         "text_32_vs_ceiling_target": TARGET_CEILING_RATIO,
-        "text_32_vs_ceiling_met": None if vs_ceiling is None else vs_ceiling >= TARGET_CEILING_RATIO,
+        "text_32_vs_ceiling_met": _at_least(vs_ceiling, TARGET_CEILING_RATIO),
         "text_32_vs_naive": vs_naive,
         "text_32_vs_naive_target": TARGET_NAIVE_RATIO,
-        "text_32_vs_naive_met": None if vs_naive is None else vs_naive >= TARGET_NAIVE_RATIO,
+        "text_32_vs_naive_met": _at_least(vs_naive, TARGET_NAIVE_RATIO),
+        "text_32_mean_batch": batch,
+        "text_32_mean_batch_target": TARGET_TEXT_BATCH,
+        "text_32_mean_batch_met": _at_least(batch, TARGET_TEXT_BATCH),
     }
+    for endpoint in ("fused", "video"):
+        media_row = _serve_row(rows, endpoint)
+        value = media_row.get("vs_naive") if media_row else None
+        out[f"{endpoint}_32_vs_naive"] = value
+        out[f"{endpoint}_32_vs_naive_target"] = TARGET_MEDIA_NAIVE_RATIO
+        out[f"{endpoint}_32_vs_naive_met"] = _at_least(value, TARGET_MEDIA_NAIVE_RATIO)
+    return out
 
 
 def _fmt(value: Any, digits: int = 1, suffix: str = "") -> str:
@@ -203,16 +229,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"{meta.get('inputs', {}).get('video', {}).get('name')}, {meta.get('inputs', {}).get('texts')} texts."
         ),
         "",
-        "## Targets (text, 32 concurrent clients)",
+        "## Targets (32 concurrent clients)",
         "",
-        (
-            f"- Serve / in-process batched ceiling: **{_fmt(targets.get('text_32_vs_ceiling'), 2)}** "
-            f"(target ≥ {TARGET_CEILING_RATIO}) — {_met(targets.get('text_32_vs_ceiling_met'))}"
-        ),
-        (
-            f"- Serve / naive server: **{_fmt(targets.get('text_32_vs_naive'), 2)}** "
-            f"(target ≥ {TARGET_NAIVE_RATIO}) — {_met(targets.get('text_32_vs_naive_met'))}"
-        ),
+        *target_lines(targets),
         "",
         *(["Serve encoder settings in this run:", "", *settings, ""] if settings else []),
         "## HTTP results",
@@ -227,6 +246,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "Batch seen: mean size of the encoder forward that served each request, as the answers report it.",
         "",
         *(["## Where the CPU went (ms of CPU per request, by process)", "", *breakdown, ""] if breakdown else []),
+        *profile_section(report.get("profile") or []),
+        *levers_section(report.get("levers")),
         "## In-process ceiling",
         "",
         (
@@ -254,6 +275,115 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if notes:
         parts += ["## Notes", "", *[f"- {n}" for n in notes], ""]
     return "\n".join(parts)
+
+
+def target_lines(targets: Mapping[str, Any]) -> list[str]:
+    """One markdown bullet per target of issue 23."""
+    specs = (
+        ("text_32_vs_ceiling", "text: Serve / in-process batched ceiling", 2, ""),
+        ("text_32_vs_naive", "text: Serve / naive server", 2, ""),
+        ("text_32_mean_batch", "text: the text encoder's mean batch", 1, ""),
+        ("fused_32_vs_naive", "fused `/predict`: Serve / naive server", 2, ""),
+        ("video_32_vs_naive", "`/predict/video`: Serve / naive server", 2, ""),
+    )
+    return [
+        f"- {name}: **{_fmt(targets.get(key), digits)}** (target ≥ {targets.get(f'{key}_target')}) — "
+        f"{_met(targets.get(f'{key}_met'))}"
+        for key, name, digits, _ in specs
+        if f"{key}_target" in targets
+    ]
+
+
+def profile_section(entries: Iterable[Mapping[str, Any]]) -> list[str]:
+    """``bench.profile``'s entries: a text request's CPU by hop and category under load, and its latency split."""
+    entries = [e for e in entries if e.get("under_load") or e.get("single_request")]
+    entries.sort(key=lambda e: e.get("label") != "before")  # "before" first, the rest as recorded
+    if not entries:
+        return []
+    labels = [e["label"] for e in entries]
+    lines = [
+        "## Where a text request's milliseconds go (profiled, `python -m bench.profile`)",
+        "",
+        (
+            "Each column is one `serve run` of the Serve graph, profiled with py-spy while 32 clients load `/api/predict`: "
+            "every hop's CPU per request (from `/proc`) split by what its Python stacks were doing; the CPU its Python "
+            "stacks do not account for is Ray's core-worker threads (C++). py-spy's sampling takes CPU from the same two "
+            "cores, so the req/s quoted here are below bench.run's (the HTTP table). The lower table splits the median "
+            "wall time of one request sent alone."
+        ),
+        "",
+    ]
+    for e in entries:
+        ul = e.get("under_load") or {}
+        lines.append(
+            f"- **{e['label']}**: {e.get('note') or ''} (ingress `{e.get('ingress')}`, measured {e.get('measured_at')}; "
+            f"{_fmt(ul.get('throughput_rps'))} req/s at {ul.get('clients')} clients, p50 {_fmt(ul.get('p50_ms'))} ms, "
+            f"text batch {_fmt((ul.get('mean_batch_size') or {}).get('text'))}, whole server "
+            f"{_fmt(ul.get('server_cpu_ms_per_request'), 2)} ms CPU/request)"
+        )
+    lines += [
+        "",
+        "| hop: what (ms of CPU per request, 32 clients) | " + " | ".join(labels) + " |",
+        "|---|" + "---:|" * len(labels),
+    ]
+    hops: list[str] = []
+    for e in entries:
+        hops += [h for h in ((e.get("under_load") or {}).get("by_hop") or {}) if h not in hops]
+    keys: list[tuple[str, str]] = []
+    for hop in hops:  # each hop, then its categories (from every entry), grouped under it
+        keys.append((hop, ""))
+        for e in entries:
+            split = ((((e.get("under_load") or {}).get("by_hop") or {}).get(hop) or {}).get("split")) or {}
+            keys += [(hop, cat) for cat in split if (hop, cat) not in keys]
+    for hop, cat in keys:
+        cells = []
+        for e in entries:
+            data = ((e.get("under_load") or {}).get("by_hop") or {}).get(hop) or {}
+            value = data.get("cpu_ms_per_request") if not cat else (data.get("split") or {}).get(cat)
+            cells.append(f"**{_fmt(value, 2)}**" if not cat and value is not None else _fmt(value, 2))
+        lines.append(f"| {'**' + hop + '**' if not cat else '&nbsp;&nbsp;' + cat} | " + " | ".join(cells) + " |")
+    totals = [_fmt((e.get("under_load") or {}).get("server_cpu_ms_per_request"), 2) for e in entries]
+    lines.append("| **whole server (every Ray process)** | " + " | ".join(totals) + " |")
+    single = [e for e in entries if e.get("single_request")]
+    if single:
+        lines += [
+            "",
+            "| one request alone: hop (median ms) | " + " | ".join(e["label"] for e in single) + " |",
+            "|---|" + "---:|" * len(single),
+        ]
+        hop_names: list[str] = []
+        for e in single:
+            hop_names += [h for h in e["single_request"].get("hops_ms (medians)", {}) if h not in hop_names]
+        for hop in hop_names:
+            lines.append(
+                f"| {hop} | "
+                + " | ".join(_fmt(e["single_request"].get("hops_ms (medians)", {}).get(hop), 2) for e in single)
+                + " |"
+            )
+        lines.append(
+            "| **client wall time, p50** | "
+            + " | ".join(f"**{_fmt(e['single_request'].get('p50_wall_ms'), 2)}**" for e in single)
+            + " |"
+        )
+    return [*lines, ""]
+
+
+def levers_section(levers: Mapping[str, Any] | None) -> list[str]:
+    """``reports/levers.json``: what each lever did when it was tried (hand-kept record of the runs that chose them)."""
+    rows = (levers or {}).get("rows") or []
+    if not rows:
+        return []
+    lines = [
+        "## Levers tried (issue 23)",
+        "",
+        str(levers.get("method", "")),
+        "",
+        "| lever | endpoint, clients | before | after | kept |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['lever']} | {r['where']} | {r['before']} | {r['after']} | {r['kept']} |")
+    return [*lines, ""]
 
 
 def readme_block(report: Mapping[str, Any]) -> str:

@@ -3,11 +3,14 @@
     python -m bench.run                      # full run, writes reports/bench.{json,md,png}
     python -m bench.run --quick              # a small smoke version (few requests, short timings)
     python -m bench.run --endpoints text --concurrency 1,32 --requests 400
-    python -m bench.run --sweep-batching     # text batching sweep through Serve -> reports/batching_sweep.json
+    python -m bench.sweep                    # text batching sweep through Serve -> reports/batching_sweep.json
+                                             # (python -m bench.run --sweep-batching ... runs the same)
 
 Order of a run: the in-process ceiling (``bench.ceiling``), then the naive server
 (``bench.naive_server``), then the Serve application (``serve run`` of the Serve config on a free
-loopback port). Each server runs alone, so they never compete with each other for the CPU.
+loopback port, behind HAProxy as ``python -m serve.launch`` runs it; ``--ingress proxy`` for Serve's Python
+proxy). Each server runs alone, so they never compete with each other for the CPU. ``reports/bench.md`` also
+quotes the per-hop profile of a text request that ``python -m bench.profile`` wrote (``reports/profile_text.json``).
 """
 
 from __future__ import annotations
@@ -31,13 +34,15 @@ from bench.report import (
     build_rows,
     ceilings_by_endpoint,
     evaluate_targets,
+    plot,
     readme_block,
+    render_markdown,
     results_table,
     update_readme,
     write_reports,
 )
-from bench.servers import CPU_CONFIG, GPU_CONFIG, ManagedServer, deep_merge, naive_server, serve_server
-from bench.stats import LoadResult, best_ceiling, ratio
+from bench.servers import CPU_CONFIG, GPU_CONFIG, INGRESS_MODES, ManagedServer, naive_server, serve_server
+from bench.stats import LoadResult
 
 ALL_TARGETS = ("ceiling", "naive", "serve")
 
@@ -58,11 +63,8 @@ def _names(text: str, allowed: tuple[str, ...] | list[str]) -> list[str]:
     return names
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options; ``--quick`` only changes the defaults of the size options."""
-    p = argparse.ArgumentParser(
-        prog="python -m bench.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``bench.run`` and ``bench.sweep``: what to load, how long, which Serve config."""
     p.add_argument("--quick", action="store_true", help="smoke mode: few requests, short timings, batch sizes 1,8")
     p.add_argument(
         "--targets",
@@ -117,31 +119,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--audio-file", default=None, help="audio payload (default tests/fixtures/speech.wav)")
     p.add_argument("--video-file", default=None, help="video payload (default tests/fixtures/face.mp4)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "reports", help="output folder (default reports/)")
-    p.add_argument("--update-readme", action="store_true", help="quote the new table in README.md's bench section")
-    sweep = p.add_argument_group("batching sweep (--sweep-batching)")
-    sweep.add_argument(
-        "--sweep-batching",
+    p.add_argument(
+        "--open-access",
         action="store_true",
-        help="sweep the text encoder's batching settings through Serve instead of the full run",
+        help="run Serve without API keys and per-client limits (the GPU config has both; the load generator sends no "
+        "key and its clients share one address)",
     )
-    sweep.add_argument("--sweep-endpoint", choices=tuple(ENDPOINTS), default="text")
-    sweep.add_argument("--sweep-batch-sizes", type=_ints, default=None, help="max_batch_size values (default 8,16,32)")
-    sweep.add_argument(
-        "--sweep-waits", type=_floats, default=None, help="batch_wait_timeout_s values (default 0.002,0.01,0.03)"
+    p.add_argument(
+        "--ingress",
+        choices=INGRESS_MODES,
+        default="haproxy",
+        help="haproxy: Serve behind HAProxy, as python -m serve.launch runs it (default); proxy: Serve's Python proxy",
     )
-    sweep.add_argument(
-        "--sweep-replicas",
-        type=_ints,
-        default=None,
-        help="replica counts of the swept encoder (default: as in the config)",
-    )
-    sweep.add_argument(
-        "--sweep-threads",
-        type=_ints,
-        default=None,
-        help="torch_threads per replica of the swept encoder (default: as in the config)",
-    )
-    args = p.parse_args(argv)
+
+
+def apply_defaults(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> argparse.Namespace:
+    """Fill the size options left unset; ``--quick`` only changes these defaults."""
     quick = args.quick
     defaults = {
         "concurrency": [1, 8, 32],
@@ -149,13 +142,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "duration": 5.0 if quick else 30.0,
         "batch_sizes": [1, 8] if quick else [1, 8, 32],
         "ceiling_time": 0.2 if quick else 3.0,
-        "sweep_batch_sizes": [8, 32] if quick else [8, 16, 32],
-        "sweep_waits": [0.01] if quick else [0.002, 0.01, 0.03],  # x 3 batch sizes: 9 Serve restarts
+        **(extra or {}),
     }
     for key, value in defaults.items():
-        if getattr(args, key) is None:
+        if getattr(args, key, None) is None:
             setattr(args, key, value)
     return args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options of ``python -m bench.run``."""
+    p = argparse.ArgumentParser(
+        prog="python -m bench.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_common_args(p)
+    p.add_argument("--update-readme", action="store_true", help="quote the new table in README.md's bench section")
+    p.add_argument("--stem", default="bench", help="report file names: <out>/<stem>.{json,md,png} (default bench)")
+    p.add_argument(
+        "--render-only",
+        action="store_true",
+        help="measure nothing: rewrite <out>/<stem>.md and .png from <out>/<stem>.json, with the current profile "
+        "(python -m bench.profile) and levers record",
+    )
+    p.add_argument(
+        "--sweep-batching",
+        action="store_true",
+        help="run the batching sweep instead (same as python -m bench.sweep, whose options then apply)",
+    )
+    p.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="profile entries to quote in bench.md (default reports/profile_text.json when it exists; "
+        "written by python -m bench.profile)",
+    )
+    return apply_defaults(p.parse_args(argv))
 
 
 def serve_env(args: argparse.Namespace) -> dict[str, str]:
@@ -169,9 +190,22 @@ def serve_env(args: argparse.Namespace) -> dict[str, str]:
     return out
 
 
+OPEN_ACCESS: dict[str, Any] = {
+    "access": {
+        "api_keys": {"required": False},
+        "per_client": {"requests_per_minute": None, "max_concurrent_uploads": None},
+    }
+}
+
+
 def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Config overrides asked for on the command line (applied on top of the Serve config)."""
-    return {"app": {"logging_config": {"enable_access_log": False}}} if args.no_access_log else {}
+    out: dict[str, Any] = {}
+    if args.no_access_log:
+        out["app"] = {"logging_config": {"enable_access_log": False}}
+    if getattr(args, "open_access", False):
+        out["args"] = OPEN_ACCESS
+    return out
 
 
 def resolve_device(choice: str) -> str:
@@ -328,10 +362,16 @@ def measure_ceiling_phase(
 
 
 def base_meta(
-    args: argparse.Namespace, argv: list[str] | None, device: str, media: MediaInputs, config: Path
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    device: str,
+    media: MediaInputs,
+    config: Path,
+    prog: str = "python -m bench.run",
 ) -> dict[str, Any]:
     """Run metadata shared by the benchmark and the sweep."""
-    command = "python -m bench.run" + ("" if not (argv or sys.argv[1:]) else " " + shlex.join(argv or sys.argv[1:]))
+    given = sys.argv[1:] if argv is None else argv
+    command = prog + ("" if not given else " " + shlex.join(given))
     return {
         "command": command,
         "started_at": now_iso(),
@@ -349,6 +389,7 @@ def base_meta(
             "ceiling_batch_sizes": args.batch_sizes,
             "ceiling_min_time_s": args.ceiling_time,
             "quick": args.quick,
+            "ingress": args.ingress,
         },
     }
 
@@ -393,7 +434,12 @@ def run_benchmark(args: argparse.Namespace, argv: list[str] | None = None) -> di
                 if env or overrides:
                     notes.append(f"Serve ran with extra environment {env} and config overrides {overrides}")
                 results += run_server_phase(
-                    lambda: serve_server(config, log_dir, overrides, env=env), "serve", media, args, notes, servers
+                    lambda: serve_server(config, log_dir, overrides, env=env, ingress=args.ingress),
+                    "serve",
+                    media,
+                    args,
+                    notes,
+                    servers,
                 )
             else:
                 notes.append(f"Serve config {config} not found: the Serve graph was not measured")
@@ -409,8 +455,10 @@ def run_benchmark(args: argparse.Namespace, argv: list[str] | None = None) -> di
             "ceiling_by_endpoint": ceil_ep,
             "results": rows,
             "targets": evaluate_targets(rows),
+            "profile": load_profile(args.profile),
+            "levers": load_levers(),
         }
-        paths = write_reports(report, args.out, results)
+        paths = write_reports(report, args.out, results, stem=args.stem)
         log("wrote " + ", ".join(str(p) for p in paths.values()))
         if args.update_readme:
             ok = update_readme(REPO_ROOT / "README.md", readme_block(report))
@@ -420,131 +468,52 @@ def run_benchmark(args: argparse.Namespace, argv: list[str] | None = None) -> di
     return report
 
 
-def sweep_points(args: argparse.Namespace, config: dict[str, Any]) -> list[dict[str, Any]]:
-    """Grid of encoder settings to try: batch size x wait x (replicas) x (torch threads)."""
-    modality = ENDPOINTS[args.sweep_endpoint].modalities[0]
-    apps = config.get("applications") or [{}]
-    encoder_args = ((apps[0].get("args") or {}).get("encoders") or {}).get(modality) or {}
-    base_ongoing = int(encoder_args.get("max_ongoing_requests", 16))
-    points = []
-    for replicas in args.sweep_replicas or [None]:
-        for threads in args.sweep_threads or [None]:
-            for bs in args.sweep_batch_sizes:
-                for wait in args.sweep_waits:
-                    settings: dict[str, Any] = {
-                        "max_batch_size": bs,
-                        "batch_wait_timeout_s": wait,
-                        "max_ongoing_requests": max(base_ongoing, bs),
-                    }
-                    if threads is not None:
-                        settings["torch_threads"] = threads
-                    point: dict[str, Any] = {
-                        "encoder": modality,
-                        **settings,
-                        "replicas": replicas,
-                        "overrides": {"args": {"encoders": {modality: settings}}},
-                    }
-                    if replicas is not None:
-                        name = f"{modality.capitalize()}Encoder"
-                        point["overrides"]["deployments"] = {
-                            name: {
-                                "autoscaling_config": {
-                                    "min_replicas": replicas,
-                                    "max_replicas": replicas,
-                                    "initial_replicas": replicas,
-                                }
-                            }
-                        }
-                    points.append(point)
-    return points
+def load_profile(path: Path | None) -> list[dict[str, Any]]:
+    """Entries of ``bench.profile``'s JSON (``reports/profile_text.json`` by default), or none."""
+    path = path if path is not None else REPO_ROOT / "reports" / "profile_text.json"
+    try:
+        return list(json.loads(path.read_text()).get("entries", []))
+    except (OSError, ValueError, AttributeError):
+        return []
 
 
-def run_sweep(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Any]:
-    """Restart Serve for each point of the grid and load one endpoint at the highest concurrency."""
-    import yaml
-
-    device = resolve_device(args.device)
-    config_path = serve_config_path(args, device)
-    if not config_path.is_file():
-        raise SystemExit(f"Serve config {config_path} not found")
-    media = load_media(args.audio_file, args.video_file)
-    meta = base_meta(args, argv, device, media, config_path)
-    meta["notes"] = [n for n in [busy_note(meta["machine"])] if n]
-    meta["serve_env"], meta["serve_overrides"] = serve_env(args), serve_overrides(args)
-    endpoint = ENDPOINTS[args.sweep_endpoint]
-    clients = max(args.concurrency)
-    ceiling = measure_ceiling_phase(media, list(endpoint.modalities), args, device)
-    ceiling_rps = ceilings_by_endpoint(ceiling["rows"]).get(endpoint.key)
-    base_config = yaml.safe_load(config_path.read_text())
-    points = sweep_points(args, base_config)
-    log(f"sweep: {len(points)} points on {endpoint.path} at {clients} clients")
-    measured = []
-    for n, point in enumerate(points):
-        tag = f"sweep-{n}"
-        overrides = deep_merge(serve_overrides(args), point["overrides"])
-        server = serve_server(config_path, args.out / "logs", overrides, tag=tag, env=serve_env(args))
-        entry = {k: v for k, v in point.items() if k != "overrides"}
-        try:
-            server.start()
-            server.wait_ready(args.ready_timeout)
-            warmup = args.warmup if args.warmup is not None else clients
-            result = measure_cell(server, endpoint, media, clients, warmup, args, "serve")
-            summary = result.summary()
-            summary["vs_ceiling"] = ratio(summary["throughput_rps"], ceiling_rps)
-            entry.update(summary)
-            log(
-                f"point {n}: bs={point['max_batch_size']} wait={point['batch_wait_timeout_s']} "
-                f"replicas={point['replicas']} -> {summary['throughput_rps']} req/s p99 {summary['p99_ms']} ms"
-            )
-        except (RuntimeError, TimeoutError, OSError) as exc:
-            entry["error"] = str(exc).splitlines()[0]
-            log(f"point {n} FAILED: {entry['error']}")
-        finally:
-            server.stop()
-        measured.append(entry)
-    ok = [e for e in measured if e.get("throughput_rps")]
-    best = max(ok, key=lambda e: e["throughput_rps"]) if ok else None
-    meta["finished_at"] = now_iso()
-    sweep = {
-        "meta": meta,
-        "endpoint": endpoint.path,
-        "concurrency": clients,
-        "ceiling_rps": ceiling_rps,
-        "best_ceiling_items_per_s": {m: best_ceiling(ceiling["rows"], m) for m in endpoint.modalities},
-        "points": measured,
-        "best": best,
-        "recommendation": None
-        if best is None
-        else {
-            k: best[k]
-            for k in ("max_batch_size", "batch_wait_timeout_s", "max_ongoing_requests", "replicas")
-            if k in best
-        }
-        | ({"torch_threads": best["torch_threads"]} if "torch_threads" in best else {}),
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "batching_sweep.json"
-    path.write_text(json.dumps(sweep, indent=2) + "\n")
-    log(f"wrote {path}")
-    for e in measured:
-        print(
-            f"bs={e.get('max_batch_size'):>3} wait={e.get('batch_wait_timeout_s'):<6} replicas={e.get('replicas')} "
-            f"threads={e.get('torch_threads', '-')}: {e.get('throughput_rps', 'failed')} req/s "
-            f"p50 {e.get('p50_ms')} p99 {e.get('p99_ms')} ms x ceiling {e.get('vs_ceiling')}"
-        )
-    return sweep
+def load_levers(path: Path = REPO_ROOT / "reports" / "levers.json") -> dict[str, Any] | None:
+    """The record of levers tried for issue 23 (``reports/levers.json``), quoted in bench.md; None without it."""
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m bench.run``."""
+    """Entry point of ``python -m bench.run`` (``--sweep-batching`` hands over to ``python -m bench.sweep``)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    args = parse_args(argv)
-    if args.sweep_batching:
-        run_sweep(args, argv)
-    else:
-        run_benchmark(args, argv)
+    given = sys.argv[1:] if argv is None else list(argv)
+    if "--sweep-batching" in given:
+        from bench.sweep import main as sweep_main
+
+        return sweep_main([a for a in given if a != "--sweep-batching"])
+    args = parse_args(given)
+    if args.render_only:
+        render_only(args)
+        return 0
+    run_benchmark(args, given)
     return 0
+
+
+def render_only(args: argparse.Namespace) -> dict[str, Path]:
+    """Rewrite the markdown and plot of an earlier run from its JSON (whose profile and levers are refreshed)."""
+    source = args.out / f"{args.stem}.json"
+    report = json.loads(source.read_text())
+    report["profile"] = load_profile(args.profile)
+    report["levers"] = load_levers()
+    source.write_text(json.dumps(report, indent=2) + "\n")
+    paths = {"md": args.out / f"{args.stem}.md", "png": args.out / f"{args.stem}.png"}
+    paths["md"].write_text(render_markdown(report))
+    plot(report, paths["png"])
+    log(f"rewrote {paths['md']} and {paths['png']} from {source}")
+    return paths
 
 
 if __name__ == "__main__":

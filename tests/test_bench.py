@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -12,6 +14,7 @@ import pytest
 from bench.inputs import TEXTS, MediaInputs
 from bench.load import ENDPOINTS, check_loopback, inspect_answer, missing_modalities, request_factory
 from bench.machine import cpu_delta_by_label, summarize_gpu_samples
+from bench.profile import NATIVE, classify, parse_collapsed, split_cpu
 from bench.report import (
     README_TABLE_END,
     README_TABLE_START,
@@ -22,9 +25,12 @@ from bench.report import (
     update_readme,
     write_reports,
 )
-from bench.run import parse_args, sweep_points
+from bench.run import main as bench_main
+from bench.run import parse_args, serve_overrides
 from bench.servers import deep_merge, serve_config_for_bench
 from bench.stats import LoadResult, best_ceiling, composite_ceiling, percentile, ratio
+from bench.sweep import parse_args as sweep_parse_args
+from bench.sweep import sweep_points
 
 
 @pytest.mark.parametrize("q", [0, 1, 25, 50, 95, 99, 100])
@@ -196,9 +202,7 @@ def test_serve_config_rewrite() -> None:
 
 
 def test_sweep_points_keep_batch_within_ongoing() -> None:
-    args = parse_args(
-        ["--sweep-batching", "--sweep-batch-sizes", "8,64", "--sweep-waits", "0.005,0.02", "--sweep-replicas", "1,2"]
-    )
+    args = sweep_parse_args(["--sweep-batch-sizes", "8,64", "--sweep-waits", "0.005,0.02", "--sweep-replicas", "1,2"])
     config = {"applications": [{"args": {"encoders": {"text": {"max_ongoing_requests": 32}}}}]}
     points = sweep_points(args, config)
     assert len(points) == 8
@@ -255,3 +259,173 @@ def test_cpu_delta_survives_replaced_processes() -> None:
     assert cpu_delta_by_label(before, after) == pytest.approx(
         {"serve": 0.5, "ray::ServeReplica:app:TextEncoder": 3.0, "ray::ProxyActor": 1.0}
     )
+
+
+def test_bench_run_sweep_batching_hands_over_to_bench_sweep(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[list[str]] = []
+    monkeypatch.setattr("bench.sweep.main", lambda argv: seen.append(argv) or 0)
+    assert bench_main(["--sweep-batching", "--quick", "--sweep-waits", "0.01"]) == 0
+    assert seen == [["--quick", "--sweep-waits", "0.01"]]
+    quick = sweep_parse_args(["--quick"])
+    assert quick.sweep_batch_sizes == [8, 32] and quick.sweep_waits == [0.01] and quick.requests == 16
+
+
+def test_open_access_and_stem_options() -> None:
+    args = parse_args(["--open-access", "--stem", "bench_gpu", "--ingress", "proxy"])
+    assert args.stem == "bench_gpu" and args.ingress == "proxy"
+    access = serve_overrides(args)["args"]["access"]
+    assert access["api_keys"]["required"] is False and access["per_client"]["requests_per_minute"] is None
+    assert parse_args([]).ingress == "haproxy" and serve_overrides(parse_args([])) == {}
+
+
+def test_profile_stacks_are_split_by_hop() -> None:
+    assert classify("run (asyncio/base_events.py:1);forward (torch/nn/modules/module.py:1)").startswith("forward")
+    assert classify("a (uvicorn/protocols/http/httptools_impl.py:1);b (pydantic/main.py:2)").startswith("pydantic")
+    assert classify("x (foo.py:1)") == "other Python"
+    samples = parse_collapsed("a (uvicorn/server.py:1) 30\nb (torch/x.py:2);c (torch/y.py:3) 10\nbad line\n")
+    assert samples == {"HTTP server (uvicorn)": 30, "forward (tokenise + model)": 10}
+    # 40 samples at 100 Hz over 100 requests = 4 ms of Python per request, of 10 ms CPU: 6 ms is native
+    split = split_cpu(10.0, samples, 100, 1.0, 100)
+    assert split["HTTP server (uvicorn)"] == 3.0 and split["forward (tokenise + model)"] == 1.0 and split[NATIVE] == 6.0
+
+
+GPU_SH = Path(__file__).resolve().parents[1] / "bench" / "gpu.sh"
+
+
+def _gpu_sh(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(GPU_SH), *args], check=False, capture_output=True, text=True, timeout=60)
+
+
+def test_gpu_script_dry_run_prints_the_run() -> None:
+    r = _gpu_sh("--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "pip install -q -r requirements.txt" in r.stdout
+    bench = next(line for line in r.stdout.splitlines() if line.startswith("bench: "))
+    assert "-m bench.run --device cuda --config deploy/serve_config.gpu.yaml --open-access" in bench
+    assert "--concurrency 1,8,32,128" in bench and "--stem bench_gpu --out reports" in bench
+    assert "reports/bench_gpu.md" in r.stdout and "time limit: 480s" in r.stdout
+    r = _gpu_sh(
+        "--dry-run",
+        "--no-install",
+        "--clients",
+        "1,32",
+        "--out",
+        "/tmp/gpu run",
+        "--endpoints",
+        "text",
+        "--duration",
+        "2.5",
+        "--time-limit",
+        "300",
+    )
+    assert r.returncode == 0, r.stderr
+    assert "install:" not in r.stdout
+    assert "--concurrency 1,32 --endpoints text --duration 2.5" in r.stdout and "--out /tmp/gpu run" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--clients", "0,8"],
+        ["--clients", "8,"],
+        ["--clients"],
+        ["--endpoints", "text,images"],
+        ["--duration", "fast"],
+        ["--time-limit", "8m"],
+        ["--bogus"],
+    ],
+)
+def test_gpu_script_rejects_bad_arguments(args: list[str]) -> None:
+    r = _gpu_sh("--dry-run", *args)
+    assert r.returncode == 2 and "usage: bash bench/gpu.sh" in r.stderr
+
+
+def test_gpu_script_needs_a_gpu_unless_dry_run(tmp_path: Path) -> None:
+    fake = tmp_path / "nvidia-smi"  # an nvidia-smi that lists no GPU, first on PATH
+    fake.write_text("#!/bin/sh\nexit 9\n")
+    fake.chmod(0o755)
+    r = subprocess.run(
+        ["bash", str(GPU_SH), "--no-install"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"},
+    )
+    assert r.returncode == 3 and "no NVIDIA GPU" in r.stderr
+    assert _gpu_sh("--help").returncode == 0
+
+
+def test_launcher_env_adds_haproxy_and_keeps_overrides() -> None:
+    from serve.launch import FAST_INGRESS_ENV, launch_env
+
+    env = launch_env(base={"PATH": "/bin", "RAY_SERVE_ENABLE_HA_PROXY": "0"})
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "0"  # the caller's setting wins
+    assert (
+        env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]
+        == FAST_INGRESS_ENV["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]
+    )
+    assert launch_env(plain_proxy=True, base={"PATH": "/bin"}) == {"PATH": "/bin"}
+
+
+def test_targets_cover_batch_and_media_endpoints() -> None:
+    rows = [
+        {
+            "target": "serve",
+            "endpoint": "text",
+            "concurrency": 32,
+            "vs_ceiling": 0.5,
+            "vs_naive": 2.0,
+            "mean_batch_size": {"text": 9.5},
+        },
+        {"target": "serve", "endpoint": "video", "concurrency": 32, "vs_naive": 0.98},
+        {"target": "serve", "endpoint": "fused", "concurrency": 32, "vs_naive": 1.05},
+    ]
+    t = evaluate_targets(rows)
+    assert t["text_32_vs_ceiling_met"] and t["text_32_vs_naive_met"] and t["text_32_mean_batch_met"]
+    assert t["fused_32_vs_naive_met"] is True and t["video_32_vs_naive_met"] is False
+    assert t["text_32_vs_ceiling_target"] == 0.4 and t["text_32_vs_naive_target"] == 1.5
+
+
+def test_profile_and_levers_sections_render() -> None:
+    from bench.report import levers_section, profile_section
+
+    entry = {
+        "label": "after",
+        "note": "shipped",
+        "ingress": "haproxy",
+        "under_load": {
+            "clients": 32,
+            "throughput_rps": 250.0,
+            "mean_batch_size": {"text": 10.0},
+            "server_cpu_ms_per_request": 9.0,
+            "by_hop": {"ingress": {"cpu_ms_per_request": 2.0, "split": {"HTTP server (uvicorn)": 0.5}}},
+        },
+        "single_request": {"p50_wall_ms": 14.0, "hops_ms (medians)": {"forward (tokenise + model)": 9.0}},
+    }
+    md = "\n".join(profile_section([entry]))
+    assert "| **ingress** | **2.00** |" in md and "HTTP server (uvicorn) | 0.50 |" in md
+    assert "| forward (tokenise + model) | 9.00 |" in md and "**14.00**" in md
+    assert profile_section([]) == [] and levers_section(None) == []
+    levers = {"method": "m", "rows": [{"lever": "x", "where": "y", "before": "1", "after": "2", "kept": "yes"}]}
+    assert "| x | y | 1 | 2 | yes |" in "\n".join(levers_section(levers))
+
+
+def test_render_only_rewrites_markdown_from_json(tmp_path: Path) -> None:
+    results = _fake_results()
+    rows = build_rows(results, ceilings_by_endpoint(_ceiling_rows()))
+    report = {
+        "meta": {"command": "python -m bench.run", "finished_at": "then", "machine": {"cpu_count": 2}},
+        "ceiling": {"rows": _ceiling_rows()},
+        "ceiling_by_endpoint": {},
+        "results": rows,
+        "targets": evaluate_targets(rows),
+    }
+    write_reports(report, tmp_path, results)
+    (tmp_path / "bench.md").write_text("stale")
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"entries": [{"label": "after", "single_request": {"p50_wall_ms": 12.5}}]}))
+    assert bench_main(["--render-only", "--out", str(tmp_path), "--profile", str(profile)]) == 0
+    md = (tmp_path / "bench.md").read_text()
+    assert "| serve | `/api/predict` | 32 |" in md and "**12.50**" in md
+    assert json.loads((tmp_path / "bench.json").read_text())["profile"][0]["label"] == "after"

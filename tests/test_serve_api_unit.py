@@ -57,8 +57,13 @@ class FakeHandle:
         async def go() -> Any:
             if self.method == "info":
                 return {"loaded": True, "version": f"{self.modality}-test", "device": "cpu"}
-            self.payloads.append(args[0])
-            result = self.behaviour(args[0])
+            if self.method == "encode_many":  # the ingress coalesced several requests into one call
+                return [await one(payload) for payload in args[0]]
+            return await one(args[0])
+
+        async def one(payload: Any) -> Any:
+            self.payloads.append(payload)
+            result = self.behaviour(payload)
             return await result if asyncio.iscoroutine(result) else result
         return go()
 

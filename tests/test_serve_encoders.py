@@ -59,6 +59,21 @@ def test_audio_encoder_batches_concurrent_requests() -> None:
     assert all(np.allclose(r["embedding"], first, atol=1e-4) for r in results)  # padding does not change answers
 
 
+def test_encode_many_answers_each_item_in_order_from_shared_forwards() -> None:
+    async def scenario() -> list[dict[str, Any]]:
+        enc = AudioEncoder.func_or_class({"encoder": {"max_batch_size": 4}})
+        await enc.reconfigure({"max_batch_size": 4, "batch_wait_timeout_s": 0.2})
+        speech = (FIXTURES / "speech.wav").read_bytes()
+        return await enc.encode_many([speech, b"", speech, speech])  # one call from the ingress, four requests
+
+    results = asyncio.run(scenario())
+    assert len(results) == 4 and results[1]["error"]["code"] == "empty_media"  # a bad item fails alone
+    for r in (results[0], results[2], results[3]):
+        check_answer(r, "audio")
+    assert max(r["batch_size"] for r in (results[0], results[2], results[3])) >= 2
+    assert asyncio.run(AudioEncoder.func_or_class().encode_many("not a list"))[0]["error"]["code"] == "bad_payload"
+
+
 def test_bad_input_is_an_error_dict_not_an_exception() -> None:
     async def scenario() -> dict[str, dict[str, Any]]:
         enc = AudioEncoder.func_or_class()
