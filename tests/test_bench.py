@@ -160,7 +160,8 @@ def test_write_reports_and_readme(tmp_path: Path) -> None:
     )
     assert update_readme(readme, readme_block(report))
     text = readme.read_text()
-    assert "old" not in text and "| naive | `/api/predict` | 1 |" in text and text.endswith("<!-- /section:bench -->\n")
+    assert "old" not in text and text.endswith("<!-- /section:bench -->\n")
+    assert "| `/api/predict` | 1 |" in text  # one row per endpoint: Serve next to the naive server
     (tmp_path / "bare.md").write_text("no markers\n")
     assert not update_readme(tmp_path / "bare.md", "x")
 
