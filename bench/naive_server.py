@@ -99,8 +99,10 @@ class NaiveModels:
             ((name, only),) = results.items()
             probs, contributions = only.probabilities, {name: 1.0}
         else:
-            fused = self.fusion.fuse({name: res.embedding for name, res in results.items()},
-                                     {name: res.probabilities for name, res in results.items()})
+            fused = self.fusion.fuse(
+                {name: res.embedding for name, res in results.items()},
+                {name: res.probabilities for name, res in results.items()},
+            )
             probs, contributions = fused.probabilities, fused.contributions
         best = int(probs.argmax())
         return {

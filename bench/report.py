@@ -166,7 +166,8 @@ def results_table(rows: Iterable[Mapping[str, Any]]) -> str:
     for r in rows:
         gpu = r.get("gpu") or {}
         lines.append(
-            f"| {r['target']} | `{r.get('path', r['endpoint'])}` | {r['concurrency']} | {r['requests_ok']}/{r['errors']} "
+            f"| {r['target']} | `{r.get('path', r['endpoint'])}` | {r['concurrency']} "
+            f"| {r['requests_ok']}/{r['errors']} "
             f"| {_fmt(r['throughput_rps'])} | {_fmt(r['p50_ms'])} | {_fmt(r['p95_ms'])} | {_fmt(r['p99_ms'])} "
             f"| {_fmt(r.get('vs_ceiling'), 2)} | {_fmt(r.get('vs_naive'), 2)} "
             f"| {_fmt(r.get('server_cpu_ms_per_request'), 1)} "
@@ -305,9 +306,11 @@ def profile_section(entries: Iterable[Mapping[str, Any]]) -> list[str]:
         "## Where a text request's milliseconds go (profiled, `python -m bench.profile`)",
         "",
         (
-            "Each column is one `serve run` of the Serve graph, profiled with py-spy while 32 clients load `/api/predict`: "
+            "Each column is one `serve run` of the Serve graph, profiled with py-spy while 32 clients load "
+            "`/api/predict`: "
             "every hop's CPU per request (from `/proc`) split by what its Python stacks were doing; the CPU its Python "
-            "stacks do not account for is Ray's core-worker threads (C++). py-spy's sampling takes CPU from the same two "
+            "stacks do not account for is Ray's core-worker threads (C++). py-spy's sampling takes CPU from the "
+            "same two "
             "cores, so the req/s quoted here are below bench.run's (the HTTP table). The lower table splits the median "
             "wall time of one request sent alone."
         ),
@@ -316,7 +319,8 @@ def profile_section(entries: Iterable[Mapping[str, Any]]) -> list[str]:
     for e in entries:
         ul = e.get("under_load") or {}
         lines.append(
-            f"- **{e['label']}**: {e.get('note') or ''} (ingress `{e.get('ingress')}`, measured {e.get('measured_at')}; "
+            f"- **{e['label']}**: {e.get('note') or ''} "
+            f"(ingress `{e.get('ingress')}`, measured {e.get('measured_at')}; "
             f"{_fmt(ul.get('throughput_rps'))} req/s at {ul.get('clients')} clients, p50 {_fmt(ul.get('p50_ms'))} ms, "
             f"text batch {_fmt((ul.get('mean_batch_size') or {}).get('text'))}, whole server "
             f"{_fmt(ul.get('server_cpu_ms_per_request'), 2)} ms CPU/request)"

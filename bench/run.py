@@ -209,7 +209,7 @@ def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def resolve_device(choice: str) -> str:
-    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; ``cuda`` without one stops with a clear message."""
+    """:func:`models.common.resolve_device` as a name, imported late (the load generator stays free of torch)."""
     from models.common import resolve_device as resolve
 
     try:

@@ -115,7 +115,7 @@ class ManagedServer:
         log.close()
 
     def wait_ready(self, timeout_s: float, path: str = "/api/health") -> None:
-        """Poll ``GET path`` until it answers 200 with status ok; raise with the log tail if the process dies or time runs out."""
+        """Poll ``GET path`` until it answers 200 with status ok; raise with the log tail on death or timeout."""
         deadline = time.monotonic() + timeout_s
         with httpx.Client(base_url=self.base_url, timeout=5.0, trust_env=False) as client:
             while time.monotonic() < deadline:

@@ -107,15 +107,27 @@ def build_mix() -> list[tuple[str, str, str, dict[str, Any], float]]:
         ("text", "POST", "/api/predict", {"json": {"text": "I am so happy to see you again!"}}, 30),
         ("audio", "POST", "/predict/audio", _multipart("file", "speech.wav", speech, "audio/wav"), 12),
         ("video", "POST", "/predict/video", _multipart("file", "face.mp4", face, "video/mp4"), 6),
-        ("fused", "POST", "/predict", {"data": {"text": "This is terrible."},
-                                       "files": {"audio": ("speech.wav", speech, "audio/wav"),
-                                                 "video": ("face.mp4", face, "video/mp4")}}, 6),
+        (
+            "fused",
+            "POST",
+            "/predict",
+            {
+                "data": {"text": "This is terrible."},
+                "files": {"audio": ("speech.wav", speech, "audio/wav"), "video": ("face.mp4", face, "video/mp4")},
+            },
+            6,
+        ),
         ("health", "GET", "/api/health", {}, 5),
         ("blank_text", "POST", "/api/predict", {"json": {"text": "   "}}, 5),
         ("missing_field", "POST", "/api/predict", {"json": {"txt": "hi"}}, 3),
         ("corrupt_video", "POST", "/predict/video", _multipart("file", "corrupt.mp4", corrupt, "video/mp4"), 3),
-        ("text_as_audio", "POST", "/predict/audio", _multipart("file", "notes.txt", b"hello, not audio", "text/plain"),
-         3),
+        (
+            "text_as_audio",
+            "POST",
+            "/predict/audio",
+            _multipart("file", "notes.txt", b"hello, not audio", "text/plain"),
+            3,
+        ),
         ("too_large", "POST", "/predict/audio", _multipart("file", "big.wav", big, "audio/wav"), 1),
         ("wrong_method", "GET", "/api/predict", {}, 2),
     ]
@@ -168,8 +180,15 @@ def longest_gaps(records: list[Record], t0: float, t1: float) -> dict[str, float
     return gaps
 
 
-def summarize(run: Run, t0: float, t1: float, kills: list[dict[str, Any]], memory_start: dict[str, Any],
-              memory_end: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+def summarize(
+    run: Run,
+    t0: float,
+    t1: float,
+    kills: list[dict[str, Any]],
+    memory_start: dict[str, Any],
+    memory_end: dict[str, Any],
+    settings: dict[str, Any],
+) -> dict[str, Any]:
     records = run.records
     by_status = Counter(str(r.status) if r.status is not None else "no_answer" for r in records)
     by_kind: dict[str, Counter[str]] = defaultdict(Counter)
@@ -187,16 +206,24 @@ def summarize(run: Run, t0: float, t1: float, kills: list[dict[str, Any]], memor
         "answers_by_status": dict(sorted(by_status.items())),
         "answers_by_kind": {k: dict(sorted(v.items())) for k, v in sorted(by_kind.items())},
         "lost_requests": len(lost),
-        "lost": [{"kind": r.kind, "at_s": round(r.start - t0, 2), "status": r.status, "error": r.error}
-                 for r in lost[:50]],
+        "lost": [
+            {"kind": r.kind, "at_s": round(r.start - t0, 2), "status": r.status, "error": r.error} for r in lost[:50]
+        ],
         "longest_gap_without_answer_s": longest_gaps(records, t0, t1),
         "kills": kills,
         "replica_memory_mb": {"start": memory_start, "end": memory_end, "growth_mb": growth},
     }
 
 
-def soak(base_url: str, duration_s: float, clients: int, kill: bool, seed: int = 0,
-         timeout_s: float = 120.0, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+def soak(
+    base_url: str,
+    duration_s: float,
+    clients: int,
+    kill: bool,
+    seed: int = 0,
+    timeout_s: float = 120.0,
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Drive the service at ``base_url`` (already up) and return the report."""
     rng = random.Random(seed)
     mix = build_mix()
@@ -205,8 +232,10 @@ def soak(base_url: str, duration_s: float, clients: int, kill: bool, seed: int =
     replicas_at_start = {d: len(v) for d, v in memory_start.items()}
     t0 = time.monotonic()
     stop_at = t0 + duration_s
-    threads = [threading.Thread(target=client_loop, args=(base_url, mix, stop_at, run, seed + i, timeout_s),
-                                daemon=True) for i in range(clients)]
+    threads = [
+        threading.Thread(target=client_loop, args=(base_url, mix, stop_at, run, seed + i, timeout_s), daemon=True)
+        for i in range(clients)
+    ]
     for t in threads:
         t.start()
     kills: list[dict[str, Any]] = []
@@ -227,16 +256,30 @@ def soak(base_url: str, duration_s: float, clients: int, kill: bool, seed: int =
                 watch_recovery()
                 time.sleep(1.0)
             pid = kill_one(deployment, rng)
-            kills.append({"deployment": deployment, "pid": pid, "at_s": round(time.monotonic() - t0, 1),
-                          "replicas_before": replicas_at_start.get(deployment), "back_after_s": None})
+            kills.append(
+                {
+                    "deployment": deployment,
+                    "pid": pid,
+                    "at_s": round(time.monotonic() - t0, 1),
+                    "replicas_before": replicas_at_start.get(deployment),
+                    "back_after_s": None,
+                }
+            )
         while time.monotonic() < stop_at and any(k["back_after_s"] is None for k in kills):
             watch_recovery()
             time.sleep(1.0)
     for t in threads:
         t.join()
     t1 = time.monotonic()
-    return summarize(run, t0, t1, kills, memory_start, replica_memory(),
-                     {**(settings or {}), "duration_s": duration_s, "clients": clients, "kills": kill})
+    return summarize(
+        run,
+        t0,
+        t1,
+        kills,
+        memory_start,
+        replica_memory(),
+        {**(settings or {}), "duration_s": duration_s, "clients": clients, "kills": kill},
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -255,15 +298,29 @@ def main(argv: list[str] | None = None) -> None:
         wait_replicas = time.monotonic() + 300
         while time.monotonic() < wait_replicas and any(not replica_pids(d) for d in DEPLOYMENTS):
             time.sleep(2)
-        report = soak(server.base_url, args.duration, args.clients, not args.no_kills,
-                      settings={"config": str(args.config.relative_to(REPO_ROOT)) if args.config.is_absolute()
-                                else str(args.config), "upload_limit_mb": UPLOAD_LIMIT_MB,
-                                "command": "python -m bench.soak " + " ".join(sys.argv[1:] if argv is None else argv)})
+        report = soak(
+            server.base_url,
+            args.duration,
+            args.clients,
+            not args.no_kills,
+            settings={
+                "config": str(args.config.relative_to(REPO_ROOT)) if args.config.is_absolute() else str(args.config),
+                "upload_limit_mb": UPLOAD_LIMIT_MB,
+                "command": "python -m bench.soak " + " ".join(sys.argv[1:] if argv is None else argv),
+            },
+        )
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: report[k] for k in ("requests_sent", "answers_by_status", "lost_requests",
-                                              "longest_gap_without_answer_s")}, indent=2))
+    print(
+        json.dumps(
+            {
+                k: report[k]
+                for k in ("requests_sent", "answers_by_status", "lost_requests", "longest_gap_without_answer_s")
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

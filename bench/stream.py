@@ -1,6 +1,6 @@
-"""Live-stream benchmark: N concurrent ``/ws/stream`` clients, each sending a face video's frames and audio in real time.
+"""Live-stream benchmark: N concurrent ``/ws/stream`` clients, each sending a face video's frames and audio live.
 
-    python -m bench.stream                       # 1, 4 and 16 streams, 20 s each, against `serve run deploy/serve_config.yaml`
+    python -m bench.stream              # 1, 4 and 16 streams, 20 s each, against `serve run deploy/serve_config.yaml`
     python -m bench.stream --url http://127.0.0.1:8000 --streams 1,4 --duration 10   # an already running service
 
 Every client replays ``tests/fixtures/face.mp4`` (looped) at its own frame rate: each frame as a JPEG message and
@@ -57,7 +57,9 @@ def load_media(path: Path = FIXTURE_VIDEO, jpeg_quality: int = 85) -> StreamMedi
     frames = []
     for raw in reader:
         rgb = np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3)
-        ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
+        ok, encoded = cv2.imencode(
+            ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]
+        )
         if ok:
             frames.append(encoded.tobytes())
     samples = decode_audio(path.read_bytes(), SAMPLE_RATE)
@@ -92,9 +94,15 @@ class StreamResult:
         return [t for t, m in self.messages if m.get("type") == "update"]
 
 
-async def stream_media(url: str, media: StreamMedia, duration_s: float, tail_s: float = 1.0,
-                       garbage_at_s: float | None = None, garbage: bytes = FRAME + b"not a jpeg",
-                       headers: dict[str, str] | None = None) -> StreamResult:
+async def stream_media(
+    url: str,
+    media: StreamMedia,
+    duration_s: float,
+    tail_s: float = 1.0,
+    garbage_at_s: float | None = None,
+    garbage: bytes = FRAME + b"not a jpeg",
+    headers: dict[str, str] | None = None,
+) -> StreamResult:
     """Send ``media`` (looped) in real time for ``duration_s``, keep reading for ``tail_s``, then close.
 
     With ``garbage_at_s``, the message ``garbage`` is sent at that time instead of going on (the server should
@@ -126,7 +134,7 @@ async def stream_media(url: str, media: StreamMedia, duration_s: float, tail_s: 
                     break
                 frame = i % len(media.frames)
                 offset = (frame * chunk) % max(len(media.pcm) - chunk, 1)
-                await ws.send(AUDIO + media.pcm[offset: offset + chunk])
+                await ws.send(AUDIO + media.pcm[offset : offset + chunk])
                 await ws.send(FRAME + media.frames[frame])
                 i += 1
                 await asyncio.sleep(max(0.0, start + i / media.fps - time.monotonic()))
@@ -165,8 +173,9 @@ def summarize(results: list[StreamResult], streams: int, duration_s: float) -> d
         "updates_per_s_per_stream_mean": round(float(np.mean(per_stream)), 3) if per_stream else None,
         "updates_per_s_per_stream_min": round(min(per_stream), 3) if per_stream else None,
         "share_audio_and_video": round(both / total, 3) if total else None,
-        "server_closes": sorted({f"{r.close_code} {r.close_reason}" for r in results
-                                 if r.close_code not in (None, 1000)}),
+        "server_closes": sorted(
+            {f"{r.close_code} {r.close_reason}" for r in results if r.close_code not in (None, 1000)}
+        ),
         "example_update": next((r.updates[-1] for r in results if r.updates), None),
     }
 
@@ -182,28 +191,44 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Live stream benchmark (`python -m bench.stream`)",
         "",
-        (f"{m.get('cpu_count')} CPU cores ({m.get('cpu_model')}), GPU: {', '.join(m.get('gpu') or []) or 'none'}; "
-        f"commit {m.get('commit')}{' (dirty)' if m.get('commit_dirty') else ''}; {report['started']}."),
+        (
+            f"{m.get('cpu_count')} CPU cores ({m.get('cpu_model')}), GPU: {', '.join(m.get('gpu') or []) or 'none'}; "
+            f"commit {m.get('commit')}{' (dirty)' if m.get('commit_dirty') else ''}; {report['started']}."
+        ),
         "",
-        (f"Each stream sends `{report['media']['file']}` (looped) in real time: {report['media']['fps']:g} JPEG "
-        f"frames/s and 16 kHz PCM audio, for {report['duration_s']:g} s; the server predicts every "
-        f"{report['update_interval_s']:g} s (window: 3 s of audio, 8 frames). `update_ms` is measured by the server "
-        "from the window snapshot to the update."),
+        (
+            f"Each stream sends `{report['media']['file']}` (looped) in real time: {report['media']['fps']:g} JPEG "
+            f"frames/s and 16 kHz PCM audio, for {report['duration_s']:g} s; the server predicts every "
+            f"{report['update_interval_s']:g} s (window: 3 s of audio, 8 frames). "
+            "`update_ms` is measured by the server "
+            "from the window snapshot to the update."
+        ),
         "",
-        ("| streams | update latency p50 | p95 | updates/s per stream (mean) | (min) | updates | errors | "
-        "audio+video used |"),
+        (
+            "| streams | update latency p50 | p95 | updates/s per stream (mean) | (min) | updates | errors | "
+            "audio+video used |"
+        ),
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["levels"]:
-        lines.append(f"| {r['streams']} | {r['update_ms_p50']} ms | {r['update_ms_p95']} ms | "
-                     f"{r['updates_per_s_per_stream_mean']} | {r['updates_per_s_per_stream_min']} | {r['updates']} | "
-                     f"{r['errors']} | {r['share_audio_and_video']:.0%} |" if r["updates"] else
-                     f"| {r['streams']} | - | - | 0 | 0 | 0 | {r['errors']} | - |")
+        lines.append(
+            f"| {r['streams']} | {r['update_ms_p50']} ms | {r['update_ms_p95']} ms | "
+            f"{r['updates_per_s_per_stream_mean']} | {r['updates_per_s_per_stream_min']} | {r['updates']} | "
+            f"{r['errors']} | {r['share_audio_and_video']:.0%} |"
+            if r["updates"]
+            else f"| {r['streams']} | - | - | 0 | 0 | 0 | {r['errors']} | - |"
+        )
     closes = [c for r in report["levels"] for c in r["server_closes"]]
     if closes:
         lines += ["", "Server closes: " + "; ".join(sorted(set(closes)))]
-    lines += ["", ("An update still running at the next tick skips that tick, so under load the rate per stream drops "
-              "below 1/s rather than latency growing without bound."), ""]
+    lines += [
+        "",
+        (
+            "An update still running at the next tick skips that tick, so under load the rate per stream drops "
+            "below 1/s rather than latency growing without bound."
+        ),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -238,9 +263,16 @@ def main(argv: list[str] | None = None) -> int:
         report: dict[str, Any] = {
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "machine": machine_info(),
-            "media": {"file": str(args.video_file.relative_to(REPO_ROOT) if args.video_file.is_relative_to(REPO_ROOT)
-                                  else args.video_file), "fps": media.fps, "frames": len(media.frames),
-                      "audio_s": len(media.pcm) / 2 / SAMPLE_RATE},
+            "media": {
+                "file": str(
+                    args.video_file.relative_to(REPO_ROOT)
+                    if args.video_file.is_relative_to(REPO_ROOT)
+                    else args.video_file
+                ),
+                "fps": media.fps,
+                "frames": len(media.frames),
+                "audio_s": len(media.pcm) / 2 / SAMPLE_RATE,
+            },
             "duration_s": args.duration,
             "update_interval_s": StreamConfig().update_interval_s,
             "levels": [],

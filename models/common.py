@@ -90,8 +90,9 @@ def prepare_for_inference(model: nn.Module, precision: str) -> nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
-def forward_in_precision(model: nn.Module, inputs: tuple[torch.Tensor, ...], precision: str,
-                         device: torch.device) -> tuple[torch.Tensor, ...]:
+def forward_in_precision(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], precision: str, device: torch.device
+) -> tuple[torch.Tensor, ...]:
     """``model(*inputs)`` on ``device`` under :func:`inference_autocast`; the outputs come back in float32."""
     with inference_autocast(precision, device):
         outputs = model(*(x.to(device) for x in inputs))

@@ -67,8 +67,13 @@ class _Pipeline:
 
     modality: str
 
-    def __init__(self, weights_dir: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                 device: str = "cpu", precision: Precision = "auto") -> None:
+    def __init__(
+        self,
+        weights_dir: str | Path | None = None,
+        overrides: dict[str, Any] | None = None,
+        device: str = "cpu",
+        precision: Precision = "auto",
+    ) -> None:
         directory = Path(weights_dir) if weights_dir else DEFAULT_WEIGHTS_DIR / self.modality
         self.model, self.checkpoint = load_model(directory, overrides)
         self.device = resolve_device(device)
@@ -92,8 +97,13 @@ class TextPipeline(_Pipeline):
 
     modality = "text"
 
-    def __init__(self, weights_dir: str | Path | None = None, backbone: str | None = None, device: str = "cpu",
-                 precision: Precision = "auto") -> None:
+    def __init__(
+        self,
+        weights_dir: str | Path | None = None,
+        backbone: str | None = None,
+        device: str = "cpu",
+        precision: Precision = "auto",
+    ) -> None:
         super().__init__(weights_dir, {"backbone": backbone} if backbone else None, device, precision)
         cfg = self.model.config
         self.preprocessor = TextPreprocessor(cfg.backbone, cfg.max_length)
@@ -121,8 +131,13 @@ class AudioPipeline(_Pipeline):
 
     modality = "audio"
 
-    def __init__(self, weights_dir: str | Path | None = None, device: str = "cpu",
-                 limits: DecodeLimits = DEFAULT_LIMITS, precision: Precision = "auto") -> None:
+    def __init__(
+        self,
+        weights_dir: str | Path | None = None,
+        device: str = "cpu",
+        limits: DecodeLimits = DEFAULT_LIMITS,
+        precision: Precision = "auto",
+    ) -> None:
         super().__init__(weights_dir, None, device, precision)
         features = self.checkpoint.get("metadata", {}).get("features", {})
         self.extractor = LogMelExtractor(AudioFeatureConfig(**features))
@@ -149,8 +164,14 @@ class VideoPipeline(_Pipeline):
 
     modality = "video"
 
-    def __init__(self, weights_dir: str | Path | None = None, device: str = "cpu", num_frames: int = 16,
-                 limits: DecodeLimits = DEFAULT_LIMITS, precision: Precision = "auto") -> None:
+    def __init__(
+        self,
+        weights_dir: str | Path | None = None,
+        device: str = "cpu",
+        num_frames: int = 16,
+        limits: DecodeLimits = DEFAULT_LIMITS,
+        precision: Precision = "auto",
+    ) -> None:
         super().__init__(weights_dir, None, device, precision)
         self.cropper = FaceCropper(FaceConfig(face_size=self.model.config.face_size))
         self.num_frames = num_frames
@@ -201,8 +222,10 @@ class FusionPipeline(_Pipeline):
         """
         unknown = set(embeddings) - set(self.modalities)
         if not embeddings or unknown or set(probabilities) != set(embeddings):
-            raise ValueError(f"need a non-empty subset of {list(self.modalities)} with embeddings and probabilities, "
-                             f"got {sorted(embeddings)} and {sorted(probabilities)}")
+            raise ValueError(
+                f"need a non-empty subset of {list(self.modalities)} with embeddings and probabilities, "
+                f"got {sorted(embeddings)} and {sorted(probabilities)}"
+            )
         m, dim = len(self.modalities), self.model.config.embed_dim
         stacked, log_probs = torch.zeros(1, m, dim), torch.zeros(1, m, NUM_CLASSES)
         present = torch.zeros(1, m, dtype=torch.bool)

@@ -30,8 +30,18 @@ def synth_media(kind: str) -> bytes:
     if kind == "audio":
         args = ["-f", "lavfi", "-i", "sine=frequency=220:duration=5:sample_rate=16000", "-f", "wav"]
     else:
-        args = ["-f", "lavfi", "-i", "testsrc=size=320x240:rate=24:duration=2", "-pix_fmt", "yuv420p", "-f", "mp4",
-                "-movflags", "frag_keyframe+empty_moov"]
+        args = [
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=320x240:rate=24:duration=2",
+            "-pix_fmt",
+            "yuv420p",
+            "-f",
+            "mp4",
+            "-movflags",
+            "frag_keyframe+empty_moov",
+        ]
     cmd = [ffmpeg_exe(), "-v", "error", *args, "pipe:"]
     return subprocess.run(cmd, capture_output=True, check=True, timeout=60).stdout
 
@@ -80,8 +90,12 @@ def main(argv: list[str] | None = None) -> None:
         r["meets_target"] = r["p50_ms"] <= TARGETS_MS[name]
     report = {
         "what": "single-sample latency, decode + preprocessing + forward, in-process (models/inference.py)",
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.is_available()},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.is_available(),
+        },
         "command": "python -m models.latency",
         "results": results,
     }

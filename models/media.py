@@ -130,9 +130,8 @@ def decode_audio(data: bytes, sample_rate: int = 16000, limits: DecodeLimits = D
     if wave_data is not None:
         return _checked_wave(wave_data, sample_rate)
     with _TempMedia(data) as path:
-        stream = (
-            ffmpeg.input(path, t=limits.max_audio_seconds)
-            .output("pipe:", map="0:a:0", format="f32le", acodec="pcm_f32le", ac=1, ar=sample_rate)
+        stream = ffmpeg.input(path, t=limits.max_audio_seconds).output(
+            "pipe:", map="0:a:0", format="f32le", acodec="pcm_f32le", ac=1, ar=sample_rate
         )
         max_bytes = int(limits.max_audio_seconds * sample_rate * 4) + 65536
         raw, _ = _run_ffmpeg(stream, limits.timeout_s, max_bytes)
@@ -182,16 +181,13 @@ def decode_frames(data: bytes, num_frames: int = 16, limits: DecodeLimits = DEFA
     side = limits.max_frame_side
     scale = f"scale=w='min({side},iw)':h='min({side},ih)':force_original_aspect_ratio=decrease:force_divisible_by=2"
     with _TempMedia(data) as path:
-        stream = (
-            ffmpeg.input(path, t=limits.max_video_seconds)
-            .output(
-                "pipe:",
-                map="0:v:0",
-                vf=scale,
-                format="rawvideo",
-                pix_fmt="gray",
-                **{"frames:v": limits.max_decoded_frames, "fps_mode": "passthrough"},
-            )
+        stream = ffmpeg.input(path, t=limits.max_video_seconds).output(
+            "pipe:",
+            map="0:v:0",
+            vf=scale,
+            format="rawvideo",
+            pix_fmt="gray",
+            **{"frames:v": limits.max_decoded_frames, "fps_mode": "passthrough"},
         )
         max_bytes = limits.max_decoded_frames * side * side + 65536
         raw, stderr = _run_ffmpeg(stream, limits.timeout_s, max_bytes)

@@ -45,7 +45,7 @@ def route_path(scope: Scope) -> str:
     """The request path relative to the application's route prefix (Serve's ``root_path``)."""
     path, root = scope.get("path", ""), scope.get("root_path", "")
     if root and path.startswith(root):
-        path = path[len(root):] or "/"
+        path = path[len(root) :] or "/"
     return path
 
 
@@ -70,8 +70,12 @@ def parse_keys(text: str, source: str) -> tuple[bytes, ...]:
 class ApiKeys:
     """The accepted keys, as digests: from an environment variable (read once) and a file (re-read on change)."""
 
-    def __init__(self, config: ApiKeysConfig, environ: Mapping[str, str] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: ApiKeysConfig,
+        environ: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         environ = os.environ if environ is None else environ
         self._env_digests = parse_keys(environ.get(config.env, ""), f"${config.env}") if config.env else ()
         self._file = Path(config.file).expanduser() if config.file else None
@@ -80,8 +84,9 @@ class ApiKeys:
         if self._file is not None and self._file_stamp is not None:
             self._file_digests = parse_keys(self._file.read_text(), str(self._file))
         elif self._file is not None:
-            logger.warning("API key file %s does not exist; it is looked for again every %g s",
-                           self._file, KEY_FILE_RECHECK_S)
+            logger.warning(
+                "API key file %s does not exist; it is looked for again every %g s", self._file, KEY_FILE_RECHECK_S
+            )
         self._clock = clock
         self._checked_at = clock()
         self.sources = " and ".join(s for s in (f"${config.env}" if config.env else "", str(self._file or "")) if s)
@@ -128,8 +133,9 @@ class ApiKeys:
             logger.warning("API key file %s not reloaded: %s", self._file, exc)
             return
         self._file_digests, self._file_stamp = digests, stamp
-        logger.info("API key file %s reloaded: %d keys (%s)", self._file, len(digests),
-                    ", ".join(key_id(d) for d in digests))
+        logger.info(
+            "API key file %s reloaded: %d keys (%s)", self._file, len(digests), ", ".join(key_id(d) for d in digests)
+        )
 
 
 class RateLimiter:
@@ -208,16 +214,23 @@ class Rejection:
 class AccessControl:
     """The access policy of one ingress replica: who the caller is, and whether it may go ahead now."""
 
-    def __init__(self, config: AccessConfig, metrics: Metrics, keys: ApiKeys | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: AccessConfig,
+        metrics: Metrics,
+        keys: ApiKeys | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.limits = config.per_client
         self.metrics = metrics
         self.keys: ApiKeys | None = None
         if config.api_keys.required:
             self.keys = keys if keys is not None else ApiKeys(config.api_keys, clock=clock)
             if not self.keys.digests:  # fail closed, and loudly: the replica does not start
-                raise ValueError(f"API keys are required but none were found in {self.keys.sources or 'no source'}"
-                                 " (set access.api_keys.env / access.api_keys.file)")
+                raise ValueError(
+                    f"API keys are required but none were found in {self.keys.sources or 'no source'}"
+                    " (set access.api_keys.env / access.api_keys.file)"
+                )
             logger.info("API keys required: %d keys (%s)", len(self.keys.digests), ", ".join(self.keys.ids()))
         per_minute = self.limits.requests_per_minute
         self.rate = RateLimiter(per_minute, self.limits.burst, clock) if per_minute else None
@@ -236,12 +249,17 @@ class AccessControl:
         credentials = await BEARER(conn)
         presented = credentials.credentials if credentials else await API_KEY_HEADER(conn)
         if not presented:
-            return Rejection(401, "an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
-                             "unauthorized", {"WWW-Authenticate": "Bearer"})
+            return Rejection(
+                401,
+                "an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+                "unauthorized",
+                {"WWW-Authenticate": "Bearer"},
+            )
         digest = self.keys.match(presented)
         if digest is None:
-            return Rejection(401, "the API key is not valid", "unauthorized",
-                             {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+            return Rejection(
+                401, "the API key is not valid", "unauthorized", {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+            )
         name = key_id(digest)
         return Client(bucket=name, label=name)
 
@@ -264,21 +282,33 @@ class AccessControl:
             wait = self.rate.take(client.bucket)
             if wait > 0:
                 retry = max(1, math.ceil(wait))
-                return Rejection(429, f"too many requests from this client (at most "
-                                 f"{self.limits.requests_per_minute:g} per minute, bursts of {self.limits.burst}); "
-                                 f"retry in {retry} s", "rate_limited", {"Retry-After": str(retry)}, client.label)
+                return Rejection(
+                    429,
+                    f"too many requests from this client (at most "
+                    f"{self.limits.requests_per_minute:g} per minute, bursts of {self.limits.burst}); "
+                    f"retry in {retry} s",
+                    "rate_limited",
+                    {"Retry-After": str(retry)},
+                    client.label,
+                )
         if upload and self.uploads is not None and not self.uploads.acquire(client.bucket):
-            return Rejection(429, f"too many uploads in progress from this client (at most {self.uploads.limit} at "
-                             "once); retry when one has finished", "too_many_uploads", {"Retry-After": "1"},
-                             client.label)
+            return Rejection(
+                429,
+                f"too many uploads in progress from this client (at most {self.uploads.limit} at "
+                "once); retry when one has finished",
+                "too_many_uploads",
+                {"Retry-After": "1"},
+                client.label,
+            )
         return client
 
 
 class AccessMiddleware:
     """Apply :class:`AccessControl` to ``paths`` before the body is read; ``upload_paths`` count as uploads."""
 
-    def __init__(self, app: ASGIApp, access: AccessControl, paths: Collection[str],
-                 upload_paths: Collection[str] = ()) -> None:
+    def __init__(
+        self, app: ASGIApp, access: AccessControl, paths: Collection[str], upload_paths: Collection[str] = ()
+    ) -> None:
         self.app = app
         self.access = access
         self.paths = frozenset(paths)

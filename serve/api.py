@@ -62,8 +62,9 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, record_status)
         finally:
             self.metrics.inc("emotion_requests_total", endpoint=endpoint, status=str(status))
-            self.metrics.observe("emotion_request_latency_ms", (time.perf_counter() - start) * 1000.0,
-                                 endpoint=endpoint)
+            self.metrics.observe(
+                "emotion_request_latency_ms", (time.perf_counter() - start) * 1000.0, endpoint=endpoint
+            )
 
 
 class MethodGuardMiddleware:
@@ -91,8 +92,9 @@ class MethodGuardMiddleware:
         if scope["type"] == "http":
             methods = self.allowed().get(route_path(scope))
             if methods and scope["method"] not in methods:
-                response = JSONResponse({"detail": "Method Not Allowed"}, status_code=405,
-                                        headers={"Allow": ", ".join(sorted(methods))})
+                response = JSONResponse(
+                    {"detail": "Method Not Allowed"}, status_code=405, headers={"Allow": ", ".join(sorted(methods))}
+                )
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -123,13 +125,17 @@ async def _read_upload(upload: UploadFile | None, field: str) -> bytes | None:
 def _split(uploads: dict[str, bytes]) -> tuple[dict[str, bytes], dict[str, EncoderError]]:
     """Separate empty uploads (known failures) from real payloads."""
     payloads = {m: d for m, d in uploads.items() if d}
-    empty = {m: EncoderError(code="empty_media", message="the uploaded file is empty", status=400)
-             for m, d in uploads.items() if not d}
+    empty = {
+        m: EncoderError(code="empty_media", message="the uploaded file is empty", status=400)
+        for m, d in uploads.items()
+        if not d
+    }
     return payloads, empty
 
 
-def create_app(service: FusionService, config: AppConfig, static_dir: Path | None = STATIC_DIR,
-               access: AccessControl | None = None) -> FastAPI:
+def create_app(
+    service: FusionService, config: AppConfig, static_dir: Path | None = STATIC_DIR, access: AccessControl | None = None
+) -> FastAPI:
     """The ingress's FastAPI app (API routes first, then the static web page at ``/``).
 
     ``access`` defaults to the policy of ``config.access`` (keys read from their environment variable or file).
@@ -141,16 +147,21 @@ def create_app(service: FusionService, config: AppConfig, static_dir: Path | Non
     app = FastAPI(
         title="Multimodal emotion recognition",
         description="Text, speech and face video -> one of 7 emotions, calibrated probabilities and "
-                    "per-modality contributions. Served by Ray Serve.",
+        "per-modality contributions. Served by Ray Serve.",
         version="1.0",
     )
     app.add_middleware(MethodGuardMiddleware, api=app)
     app.add_middleware(UploadLimitMiddleware, max_bytes=config.limits.max_upload_bytes)
     app.add_middleware(AccessMiddleware, access=access, paths=PREDICT_PATHS, upload_paths=UPLOAD_PATHS)
     if config.access.cors_origins:  # none: browsers allow the page's own origin only
-        app.add_middleware(CORSMiddleware, allow_origins=list(config.access.cors_origins),
-                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "X-API-Key", "Content-Type"],
-                           expose_headers=["Retry-After"], max_age=600)
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.access.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+            expose_headers=["Retry-After"],
+            max_age=600,
+        )
     app.add_middleware(RequestMetricsMiddleware, metrics=service.metrics)
 
     @app.exception_handler(PredictionFailed)
@@ -167,8 +178,14 @@ def create_app(service: FusionService, config: AppConfig, static_dir: Path | Non
 
     def predict_route(path: str) -> Any:
         """``@app.post`` for a prediction endpoint: the response model and the documented error answers."""
-        return app.post(path, response_model=PredictionResponse, response_model_exclude_none=True,
-                        responses=ERROR_RESPONSES, tags=["predict"], dependencies=security)
+        return app.post(
+            path,
+            response_model=PredictionResponse,
+            response_model_exclude_none=True,
+            responses=ERROR_RESPONSES,
+            tags=["predict"],
+            dependencies=security,
+        )
 
     @predict_route("/api/predict")
     async def predict_text(body: TextRequest) -> PredictionResponse:
@@ -177,7 +194,10 @@ def create_app(service: FusionService, config: AppConfig, static_dir: Path | Non
 
     @predict_route("/predict/audio")
     async def predict_audio(
-        file: Annotated[UploadFile, File(description="any ffmpeg-readable audio, or a video (its audio track)", json_schema_extra=NON_EMPTY)],
+        file: Annotated[
+            UploadFile,
+            File(description="any ffmpeg-readable audio, or a video (its audio track)", json_schema_extra=NON_EMPTY),
+        ],
     ) -> PredictionResponse:
         """Emotion of speech."""
         data = await _read_upload(file, "audio") or b""
@@ -186,7 +206,9 @@ def create_app(service: FusionService, config: AppConfig, static_dir: Path | Non
 
     @predict_route("/predict/video")
     async def predict_video(
-        file: Annotated[UploadFile, File(description="a video, or a still image (a 1-frame video)", json_schema_extra=NON_EMPTY)],
+        file: Annotated[
+            UploadFile, File(description="a video, or a still image (a 1-frame video)", json_schema_extra=NON_EMPTY)
+        ],
     ) -> PredictionResponse:
         """Emotion of a face video; its audio track, if usable, is used too (else listed in ``dropped``)."""
         data = await _read_upload(file, "video") or b""
@@ -199,12 +221,17 @@ def create_app(service: FusionService, config: AppConfig, static_dir: Path | Non
     async def predict(
         text: Annotated[str | None, Form(description="text (blank counts as absent)")] = None,
         audio: Annotated[UploadFile | None, File(description="speech audio")] = None,
-        video: Annotated[UploadFile | None, File(description="face video or image; its audio track is used "
-                                                             "when no separate audio is given")] = None,
+        video: Annotated[
+            UploadFile | None,
+            File(description="face video or image; its audio track is used when no separate audio is given"),
+        ] = None,
     ) -> PredictionResponse:
         """Fused emotion of any non-empty subset of text, audio and video."""
-        uploads = {m: d for m, d in (("audio", await _read_upload(audio, "audio")),
-                                     ("video", await _read_upload(video, "video"))) if d is not None}
+        uploads = {
+            m: d
+            for m, d in (("audio", await _read_upload(audio, "audio")), ("video", await _read_upload(video, "video")))
+            if d is not None
+        }
         has_text = text is not None and text.strip() != ""
         if not has_text and not uploads:
             raise HTTPException(422, "give at least one of: form field 'text', file 'audio', file 'video'")
@@ -247,12 +274,18 @@ def _describe_fused_form(app: FastAPI) -> None:
             if body is not None:
                 props = body["properties"]
                 for name in ("audio", "video"):
-                    props[name] = {"type": "string", "contentMediaType": "application/octet-stream",
-                                   "title": props[name].get("title", name.title()),
-                                   "description": props[name].get("description", "")}
+                    props[name] = {
+                        "type": "string",
+                        "contentMediaType": "application/octet-stream",
+                        "title": props[name].get("title", name.title()),
+                        "description": props[name].get("description", ""),
+                    }
                 props["text"] = {"type": "string", "title": "Text", "description": props["text"].get("description", "")}
-                body["anyOf"] = [{"required": ["audio"]}, {"required": ["video"]},
-                                 {"required": ["text"], "properties": {"text": {"pattern": r"\S"}}}]
+                body["anyOf"] = [
+                    {"required": ["audio"]},
+                    {"required": ["video"]},
+                    {"required": ["text"], "properties": {"text": {"pattern": r"\S"}}},
+                ]
             operation = spec.get("paths", {}).get("/predict", {}).get("post")
             if operation is not None and "requestBody" in operation:
                 operation["requestBody"]["required"] = True  # no body at all names no modality either

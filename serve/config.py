@@ -52,8 +52,11 @@ class LimitsConfig(_Strict):
     """Input limits applied by the ingress and by the decoders."""
 
     max_upload_mb: float = Field(50.0, gt=0, description="request body limit, enforced while reading")
-    max_text_chars: int = Field(20_000, gt=0, description="longer texts are rejected (422); the model window "
-                                                          "(128 tokens) truncates, and says so")
+    max_text_chars: int = Field(
+        20_000,
+        gt=0,
+        description="longer texts are rejected (422); the model window (128 tokens) truncates, and says so",
+    )
     num_frames: int = Field(16, ge=1, le=64, description="frames sampled uniformly from a video")
     decode_timeout_s: float = Field(20.0, gt=0, description="wall-clock limit of one ffmpeg decode")
     max_media_seconds: float = Field(30.0, gt=0, description="audio/video beyond this is not decoded")
@@ -64,8 +67,11 @@ class LimitsConfig(_Strict):
 
     def decode_limits(self) -> DecodeLimits:
         """The matching :class:`models.media.DecodeLimits`."""
-        return DecodeLimits(timeout_s=self.decode_timeout_s, max_audio_seconds=self.max_media_seconds,
-                            max_video_seconds=self.max_media_seconds)
+        return DecodeLimits(
+            timeout_s=self.decode_timeout_s,
+            max_audio_seconds=self.max_media_seconds,
+            max_video_seconds=self.max_media_seconds,
+        )
 
 
 class EncoderConfig(_Strict):
@@ -73,23 +79,35 @@ class EncoderConfig(_Strict):
 
     timeout_s: float = Field(30.0, gt=0, description="the ingress drops the modality after this")
     max_batch_size: int = Field(8, ge=1, description="@serve.batch size; kept <= max_ongoing_requests")
-    batch_wait_timeout_s: float = Field(0.0, ge=0, description="how long a batch waits to fill up (adds this to a "
-                                        "lone request); with 0 a batch takes what queued while the last forward ran")
+    batch_wait_timeout_s: float = Field(
+        0.0,
+        ge=0,
+        description="how long a batch waits to fill up (adds this to a "
+        "lone request); with 0 a batch takes what queued while the last forward ran",
+    )
     max_ongoing_requests: int = Field(16, ge=1, description="Serve's per-replica concurrency cap")
-    calls_per_replica: int = Field(2, ge=0, description="handle calls the ingress keeps in flight per live replica "
-                                   "of this encoder; requests beyond wait in the ingress and leave together as one "
-                                   "call (up to max_batch_size items). 0: one call per request, no coalescing")
+    calls_per_replica: int = Field(
+        2,
+        ge=0,
+        description="handle calls the ingress keeps in flight per live replica "
+        "of this encoder; requests beyond wait in the ingress and leave together as one "
+        "call (up to max_batch_size items). 0: one call per request, no coalescing",
+    )
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per replica")
     prepare_threads: int = Field(2, ge=1, description="threads decoding/preprocessing in parallel per replica")
     device: Device = "auto"
-    precision: Precision = Field("auto", description="auto = bfloat16 autocast where the CPU/GPU has native bf16 "
-                                                      "(as in evaluation), else float32")
+    precision: Precision = Field(
+        "auto",
+        description="auto = bfloat16 autocast where the CPU/GPU has native bf16 (as in evaluation), else float32",
+    )
 
     @model_validator(mode="after")
     def _batch_fits(self) -> EncoderConfig:
         if self.max_batch_size > self.max_ongoing_requests:
-            raise ValueError(f"max_batch_size ({self.max_batch_size}) must be <= max_ongoing_requests "
-                             f"({self.max_ongoing_requests}), or batches can never fill")
+            raise ValueError(
+                f"max_batch_size ({self.max_batch_size}) must be <= max_ongoing_requests "
+                f"({self.max_ongoing_requests}), or batches can never fill"
+            )
         return self
 
 
@@ -119,29 +137,40 @@ class ApiKeysConfig(_Strict):
     """
 
     required: bool = Field(False, description="prediction endpoints answer 401 without a valid key")
-    env: str | None = Field("EMOTION_API_KEYS", pattern=r"^[A-Z_][A-Z0-9_]*$",
-                            description="name of an environment variable holding keys, comma or whitespace "
-                                        "separated (the variable's name, not a key)")
-    file: str | None = Field(None, description="file with one key per line (# comments), e.g. a mounted "
-                                               "Kubernetes Secret; re-read when it changes")
+    env: str | None = Field(
+        "EMOTION_API_KEYS",
+        pattern=r"^[A-Z_][A-Z0-9_]*$",
+        description="name of an environment variable holding keys, comma or whitespace "
+        "separated (the variable's name, not a key)",
+    )
+    file: str | None = Field(
+        None,
+        description="file with one key per line (# comments), e.g. a mounted "
+        "Kubernetes Secret; re-read when it changes",
+    )
 
 
 class ClientLimitsConfig(_Strict):
     """Per-client limits of one ingress replica (a client is an API key, or an address when keys are off)."""
 
-    requests_per_minute: float | None = Field(None, gt=0, description="sustained prediction requests per client; "
-                                                                      "None: no rate limit")
+    requests_per_minute: float | None = Field(
+        None, gt=0, description="sustained prediction requests per client; None: no rate limit"
+    )
     burst: int = Field(10, ge=1, description="requests a client may send at once before the rate applies")
-    max_concurrent_uploads: int | None = Field(None, ge=1, description="media requests (/predict, /predict/audio, "
-                                                                       "/predict/video) in flight per client")
+    max_concurrent_uploads: int | None = Field(
+        None, ge=1, description="media requests (/predict, /predict/audio, /predict/video) in flight per client"
+    )
 
 
 class AccessConfig(_Strict):
     """Who may call the prediction endpoints, from which web origins, and how much."""
 
     api_keys: ApiKeysConfig = Field(default_factory=ApiKeysConfig)
-    cors_origins: tuple[str, ...] = Field((), description="origins other than the page's own allowed to call the "
-                                                          "API from a browser, e.g. https://app.example.org")
+    cors_origins: tuple[str, ...] = Field(
+        (),
+        description="origins other than the page's own allowed to call the "
+        "API from a browser, e.g. https://app.example.org",
+    )
     per_client: ClientLimitsConfig = Field(default_factory=ClientLimitsConfig)
 
     @field_validator("cors_origins")
@@ -156,22 +185,29 @@ class AccessConfig(_Strict):
 class StreamConfig(_Strict):
     """Live streams on ``/ws/stream`` (:mod:`serve.stream`): window, update interval and per-replica bounds."""
 
-    update_interval_s: float = Field(1.0, ge=0.1, le=60, description="how often a stream's window is predicted "
-                                                                     "(an update still running skips ticks)")
+    update_interval_s: float = Field(
+        1.0, ge=0.1, le=60, description="how often a stream's window is predicted (an update still running skips ticks)"
+    )
     audio_window_s: float = Field(3.0, gt=0, le=30, description="seconds of 16 kHz PCM audio kept per stream")
     min_audio_s: float = Field(0.5, gt=0, description="less buffered audio than this is not sent to the encoder")
     max_frames: int = Field(8, ge=1, le=64, description="JPEG frames kept per stream (the most recent)")
     frame_max_age_s: float = Field(3.0, gt=0, description="frames older than this leave the window")
-    max_fps: float = Field(15.0, gt=0, description="frames arriving faster than this (on average; short bursts "
-                                                   "pass) are dropped")
+    max_fps: float = Field(
+        15.0, gt=0, description="frames arriving faster than this (on average; short bursts pass) are dropped"
+    )
     max_connections: int = Field(32, ge=1, description="open streams per ingress replica; more are closed (1013)")
-    max_buffer_bytes: int = Field(4 * 1024 * 1024, ge=65536, description="bytes buffered per stream (audio, frames, "
-                                                                          "text); the oldest frames are dropped first")
-    max_message_bytes: int = Field(1024 * 1024, ge=1024, description="largest client message; larger ones close "
-                                                                      "the stream (1009)")
+    max_buffer_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=65536,
+        description="bytes buffered per stream (audio, frames, text); the oldest frames are dropped first",
+    )
+    max_message_bytes: int = Field(
+        1024 * 1024, ge=1024, description="largest client message; larger ones close the stream (1009)"
+    )
     idle_timeout_s: float = Field(30.0, gt=0, description="a stream that sends nothing for this long is closed (4408)")
-    send_timeout_s: float = Field(10.0, gt=0, description="an update the client does not take within this closes "
-                                                          "the stream")
+    send_timeout_s: float = Field(
+        10.0, gt=0, description="an update the client does not take within this closes the stream"
+    )
 
 
 class AppConfig(_Strict):

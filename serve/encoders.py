@@ -80,8 +80,9 @@ def _batch_method() -> Callable[..., Any]:
         return await self._forward(jobs)
 
     defaults = EncoderUserConfig()  # replaced by the deployment's own settings in ``reconfigure``
-    return serve.batch(max_batch_size=defaults.max_batch_size,
-                       batch_wait_timeout_s=defaults.batch_wait_timeout_s)(encode_batch)
+    return serve.batch(max_batch_size=defaults.max_batch_size, batch_wait_timeout_s=defaults.batch_wait_timeout_s)(
+        encode_batch
+    )
 
 
 class _Encoder:
@@ -97,12 +98,18 @@ class _Encoder:
         self.limits = cfg.limits
         threads = cfg.encoder.torch_threads
         torch.set_num_threads(threads)
-        self._prepare_pool = ThreadPoolExecutor(cfg.encoder.prepare_threads, thread_name_prefix=f"{self.modality}-prep",
-                                                initializer=torch.set_num_threads, initargs=(1,))
-        self._model_pool = ThreadPoolExecutor(1, thread_name_prefix=f"{self.modality}-model",
-                                              initializer=torch.set_num_threads, initargs=(threads,))
-        self._user_config = EncoderUserConfig(max_batch_size=cfg.encoder.max_batch_size,
-                                              batch_wait_timeout_s=cfg.encoder.batch_wait_timeout_s)
+        self._prepare_pool = ThreadPoolExecutor(
+            cfg.encoder.prepare_threads,
+            thread_name_prefix=f"{self.modality}-prep",
+            initializer=torch.set_num_threads,
+            initargs=(1,),
+        )
+        self._model_pool = ThreadPoolExecutor(
+            1, thread_name_prefix=f"{self.modality}-model", initializer=torch.set_num_threads, initargs=(threads,)
+        )
+        self._user_config = EncoderUserConfig(
+            max_batch_size=cfg.encoder.max_batch_size, batch_wait_timeout_s=cfg.encoder.batch_wait_timeout_s
+        )
         self._pipeline: Pipeline | None = None
         self._pipeline_key: tuple[Any, ...] | None = None
         self._load_lock: asyncio.Lock | None = None
@@ -118,12 +125,18 @@ class _Encoder:
 
     async def reconfigure(self, user_config: dict[str, Any] | None) -> None:
         """Apply batching settings and, when weights/backbone/revision changed, hot-swap the pipeline."""
-        defaults = {"max_batch_size": self.encoder_config.max_batch_size,
-                    "batch_wait_timeout_s": self.encoder_config.batch_wait_timeout_s}
+        defaults = {
+            "max_batch_size": self.encoder_config.max_batch_size,
+            "batch_wait_timeout_s": self.encoder_config.batch_wait_timeout_s,
+        }
         cfg = EncoderUserConfig.model_validate({**defaults, **(user_config or {})})
         if cfg.max_batch_size > self.encoder_config.max_ongoing_requests:
-            logger.warning("%s: max_batch_size %d > max_ongoing_requests %d; batches will not fill",
-                           self.modality, cfg.max_batch_size, self.encoder_config.max_ongoing_requests)
+            logger.warning(
+                "%s: max_batch_size %d > max_ongoing_requests %d; batches will not fill",
+                self.modality,
+                cfg.max_batch_size,
+                self.encoder_config.max_ongoing_requests,
+            )
         await self._load(cfg)
         self.encode_batch.set_max_batch_size(cfg.max_batch_size)
         self.encode_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
@@ -156,8 +169,11 @@ class _Encoder:
         """Encode one payload; returns the result dict or ``{"error": {...}}``."""
         start = time.perf_counter()
         if not isinstance(payload, self.payload_type):
-            return encoder_error("bad_payload", f"{self.modality} expects {self.payload_type.__name__}, "
-                                                f"got {type(payload).__name__}", 422)
+            return encoder_error(
+                "bad_payload",
+                f"{self.modality} expects {self.payload_type.__name__}, got {type(payload).__name__}",
+                422,
+            )
         try:
             pipeline = await self._current()
             if self.prepare_inline:
@@ -269,8 +285,12 @@ class TextEncoder(_Encoder):
     prepare_inline = True  # whitespace normalisation only; tokenisation is batched in encode
 
     def _build(self, cfg: EncoderUserConfig) -> TextPipeline:
-        return TextPipeline(cfg.weights_dir, backbone=cfg.backbone, device=self.encoder_config.device,
-                            precision=self.encoder_config.precision)
+        return TextPipeline(
+            cfg.weights_dir,
+            backbone=cfg.backbone,
+            device=self.encoder_config.device,
+            precision=self.encoder_config.precision,
+        )
 
 
 @serve.deployment(name="AudioEncoder")
@@ -281,8 +301,12 @@ class AudioEncoder(_Encoder):
     payload_type = bytes
 
     def _build(self, cfg: EncoderUserConfig) -> AudioPipeline:
-        return AudioPipeline(cfg.weights_dir, device=self.encoder_config.device, limits=self.limits.decode_limits(),
-                             precision=self.encoder_config.precision)
+        return AudioPipeline(
+            cfg.weights_dir,
+            device=self.encoder_config.device,
+            limits=self.limits.decode_limits(),
+            precision=self.encoder_config.precision,
+        )
 
 
 @serve.deployment(name="VideoEncoder")
@@ -293,8 +317,13 @@ class VideoEncoder(_Encoder):
     payload_type = bytes
 
     def _build(self, cfg: EncoderUserConfig) -> VideoPipeline:
-        return VideoPipeline(cfg.weights_dir, device=self.encoder_config.device, num_frames=self.limits.num_frames,
-                             limits=self.limits.decode_limits(), precision=self.encoder_config.precision)
+        return VideoPipeline(
+            cfg.weights_dir,
+            device=self.encoder_config.device,
+            num_frames=self.limits.num_frames,
+            limits=self.limits.decode_limits(),
+            precision=self.encoder_config.precision,
+        )
 
 
 ENCODERS: dict[str, Any] = {"text": TextEncoder, "audio": AudioEncoder, "video": VideoEncoder}

@@ -24,8 +24,13 @@ from serve.service import FusionService
 class FusionIngress:
     """Fans requests out to ``TextEncoder``/``AudioEncoder``/``VideoEncoder`` and fuses their embeddings."""
 
-    def __init__(self, text: DeploymentHandle, audio: DeploymentHandle, video: DeploymentHandle,
-                 config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        text: DeploymentHandle,
+        audio: DeploymentHandle,
+        video: DeploymentHandle,
+        config: dict[str, Any] | None = None,
+    ) -> None:
         self.config = AppConfig.from_args(config)
         torch.set_num_threads(self.config.ingress_torch_threads)
         self.service = FusionService({"text": text, "audio": audio, "video": video}, self.config)

@@ -54,17 +54,25 @@ def _cases() -> dict[str, Callable[[httpx.Client], httpx.Response]]:
         "video": lambda c: c.post("/predict/video", files={"file": ("face_noaudio.mp4", video, "video/mp4")}),
         "video+audio track": lambda c: c.post("/predict/video", files={"file": ("face.mp4", video_av, "video/mp4")}),
         "fused text+audio+video": lambda c: c.post(
-            "/predict", data={"text": TEXT},
-            files={"audio": ("speech.wav", speech, "audio/wav"), "video": ("face_noaudio.mp4", video, "video/mp4")}),
+            "/predict",
+            data={"text": TEXT},
+            files={"audio": ("speech.wav", speech, "audio/wav"), "video": ("face_noaudio.mp4", video, "video/mp4")},
+        ),
     }
 
 
-ENDPOINTS = {"text": "POST /api/predict", "audio": "POST /predict/audio", "video": "POST /predict/video",
-             "video+audio track": "POST /predict/video", "fused text+audio+video": "POST /predict"}
+ENDPOINTS = {
+    "text": "POST /api/predict",
+    "audio": "POST /predict/audio",
+    "video": "POST /predict/video",
+    "video+audio track": "POST /predict/video",
+    "fused text+audio+video": "POST /predict",
+}
 
 
-def measure(client: httpx.Client, send: Callable[[httpx.Client], httpx.Response], n: int,
-            warmup: int) -> dict[str, Any]:
+def measure(
+    client: httpx.Client, send: Callable[[httpx.Client], httpx.Response], n: int, warmup: int
+) -> dict[str, Any]:
     """Send ``warmup`` then ``n`` sequential requests; summarise client and encoder timings."""
     for _ in range(warmup):
         send(client).raise_for_status()
@@ -92,8 +100,9 @@ def measure(client: httpx.Client, send: Callable[[httpx.Client], httpx.Response]
     }
 
 
-def run(url: str, n: int, warmup: int, client: httpx.Client | None = None,
-        cases: list[str] | None = None) -> dict[str, Any]:
+def run(
+    url: str, n: int, warmup: int, client: httpx.Client | None = None, cases: list[str] | None = None
+) -> dict[str, Any]:
     """Measure every case (or those named in ``cases``) against the service at ``url`` (or ``client``)."""
     with client or httpx.Client(base_url=url, timeout=60) as http:
         health = http.get("/api/health").json()
@@ -107,20 +116,30 @@ def run(url: str, n: int, warmup: int, client: httpx.Client | None = None,
                 target = TARGETS_MS[name]
                 results[name]["target_p50_ms"] = target
                 results[name]["meets_target"] = results[name]["p50_ms"] <= target
-            print(f"{name:24s} p50 {results[name]['p50_ms']:7.1f} ms  p95 {results[name]['p95_ms']:7.1f} ms"
-                  + (f"  (target {TARGETS_MS[name]:.0f} ms)" if name in TARGETS_MS else ""), flush=True)
+            print(
+                f"{name:24s} p50 {results[name]['p50_ms']:7.1f} ms  p95 {results[name]['p95_ms']:7.1f} ms"
+                + (f"  (target {TARGETS_MS[name]:.0f} ms)" if name in TARGETS_MS else ""),
+                flush=True,
+            )
         load_after = os.getloadavg()
     return {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "url": url,
         "method": f"{n} sequential single requests per case over HTTP after {warmup} warm-up requests; "
-                  "client wall time (includes HTTP, proxy, ingress and encoder)",
-        "inputs": {"text": f"{len(TEXT)} characters", "audio": "tests/fixtures/speech.wav (5 s, 16 kHz)",
-                   "video": "tests/fixtures/face_noaudio.mp4 (3 s, 24 frames -> 16 sampled, 192x192)",
-                   "video+audio track": "tests/fixtures/face.mp4", "fused": "text + speech.wav + face_noaudio.mp4"},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "load_average_before": [round(x, 2) for x in load_before],
-                    "load_average_after": [round(x, 2) for x in load_after]},
+        "client wall time (includes HTTP, proxy, ingress and encoder)",
+        "inputs": {
+            "text": f"{len(TEXT)} characters",
+            "audio": "tests/fixtures/speech.wav (5 s, 16 kHz)",
+            "video": "tests/fixtures/face_noaudio.mp4 (3 s, 24 frames -> 16 sampled, 192x192)",
+            "video+audio track": "tests/fixtures/face.mp4",
+            "fused": "text + speech.wav + face_noaudio.mp4",
+        },
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in load_after],
+        },
         "models": {m: s.get("version") for m, s in health.get("models", {}).items()},
         "results": results,
     }

@@ -66,7 +66,7 @@ def _descendants(root: int) -> set[int]:
     for entry in Path("/proc").glob("[0-9]*"):
         try:
             stat = (entry / "stat").read_text()
-            ppid = int(stat[stat.rfind(")") + 2:].split()[1])
+            ppid = int(stat[stat.rfind(")") + 2 :].split()[1])
         except (OSError, ValueError, IndexError):
             continue
         parents.setdefault(ppid, []).append(int(entry.name))
@@ -84,7 +84,7 @@ def _start_time(pid: int) -> str | None:
     """Start time of ``pid`` (field 22 of its stat): tells a process from a later one that reused its id."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat[stat.rfind(")") + 2:].split()[19]
+        return stat[stat.rfind(")") + 2 :].split()[19]
     except (OSError, IndexError):
         return None
 
@@ -117,8 +117,9 @@ def default_sigint() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serve.launch", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m serve.launch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("config", nargs="?", type=Path, default=DEFAULT_CONFIG, help="Serve config file")
     parser.add_argument("--plain-proxy", action="store_true", help="Ray Serve's Python proxy (no HAProxy)")
     parser.add_argument("--grace", type=float, default=60.0, help="seconds to wait for a clean shutdown")
@@ -145,8 +146,13 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(args.plain_proxy), start_new_session=True,
-                            preexec_fn=default_sigint)  # noqa: PLW1509 - no threads here yet
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=launch_env(args.plain_proxy),
+        start_new_session=True,
+        preexec_fn=default_sigint,  # noqa: PLW1509 - no threads here yet
+    )
     names: dict[int, str] = {}
     while proc.poll() is None:
         for pid in _descendants(proc.pid):
@@ -165,8 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     time.sleep(1.0)  # let Ray's own shutdown finish what it can
     killed = kill_leftovers(seen)
     if killed:
-        print(f"killed {len(killed)} process(es) left behind: " + ", ".join(f"{pid} ({names.get(pid, '?')})"
-                                                                        for pid in killed), file=sys.stderr)
+        print(
+            f"killed {len(killed)} process(es) left behind: "
+            + ", ".join(f"{pid} ({names.get(pid, '?')})" for pid in killed),
+            file=sys.stderr,
+        )
     return proc.returncode or 0
 
 

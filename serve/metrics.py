@@ -17,7 +17,25 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "emotion_"
 LATENCY_BOUNDARIES_MS: tuple[float, ...] = (
-    1, 2, 5, 10, 20, 30, 50, 80, 100, 150, 200, 300, 500, 800, 1000, 2000, 5000, 10000, 30000,
+    1,
+    2,
+    5,
+    10,
+    20,
+    30,
+    50,
+    80,
+    100,
+    150,
+    200,
+    300,
+    500,
+    800,
+    1000,
+    2000,
+    5000,
+    10000,
+    30000,
 )
 BATCH_BOUNDARIES: tuple[float, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
@@ -34,39 +52,81 @@ class MetricSpec:
 
 
 METRICS: tuple[MetricSpec, ...] = (
-    MetricSpec("emotion_encoder_decode_ms", "histogram",
-               "ffmpeg decode time of one input inside an encoder (text: validation) (ms)", ("modality",), LATENCY_BOUNDARIES_MS),
-    MetricSpec("emotion_encoder_model_ms", "histogram",
-               "Batched model forward time seen by one input (ms)", ("modality",), LATENCY_BOUNDARIES_MS),
-    MetricSpec("emotion_encoder_latency_ms", "histogram",
-               "End-to-end time of one input inside an encoder: decode, batch wait, forward (ms)", ("modality",),
-               LATENCY_BOUNDARIES_MS),
-    MetricSpec("emotion_encoder_batch_size", "histogram",
-               "Size of each batched forward", ("modality",), BATCH_BOUNDARIES),
-    MetricSpec("emotion_requests_total", "counter",
-               "HTTP requests by endpoint and status code", ("endpoint", "status")),
-    MetricSpec("emotion_request_latency_ms", "histogram",
-               "HTTP request latency at the ingress (ms)", ("endpoint",), LATENCY_BOUNDARIES_MS),
-    MetricSpec("emotion_predictions_total", "counter",
-               "Predictions by emotion and modality (modality 'fused' is the top-level answer)",
-               ("emotion", "modality")),
-    MetricSpec("emotion_dropped_modalities_total", "counter",
-               "Modalities dropped from a request, by reason code", ("modality", "reason")),
-    MetricSpec("emotion_access_decisions_total", "counter",
-               "Prediction requests by access decision (allowed, unauthorized, rate_limited, too_many_uploads) and "
-               "client (a key id such as key-1a2b3c4d, never the key; 'anonymous' without a valid key)",
-               ("decision", "client")),
-    MetricSpec("emotion_stream_open", "gauge",
-               "Live streams (/ws/stream) open on this ingress replica", ()),
-    MetricSpec("emotion_stream_updates_total", "counter",
-               "Live-stream updates pushed, by outcome (update: a prediction; error: no modality of the window "
-               "could be used)", ("outcome",)),
-    MetricSpec("emotion_stream_update_latency_ms", "histogram",
-               "Live-stream update latency from the window snapshot: per modality its encoder's answer, 'fused' "
-               "the whole update (ms)", ("modality",), LATENCY_BOUNDARIES_MS),
-    MetricSpec("emotion_stream_closes_total", "counter",
-               "Live streams closed by the server, by reason (bad_frame, too_big, idle, unauthorized, busy, ...) "
-               "or 'client' when the client closed", ("reason",)),
+    MetricSpec(
+        "emotion_encoder_decode_ms",
+        "histogram",
+        "ffmpeg decode time of one input inside an encoder (text: validation) (ms)",
+        ("modality",),
+        LATENCY_BOUNDARIES_MS,
+    ),
+    MetricSpec(
+        "emotion_encoder_model_ms",
+        "histogram",
+        "Batched model forward time seen by one input (ms)",
+        ("modality",),
+        LATENCY_BOUNDARIES_MS,
+    ),
+    MetricSpec(
+        "emotion_encoder_latency_ms",
+        "histogram",
+        "End-to-end time of one input inside an encoder: decode, batch wait, forward (ms)",
+        ("modality",),
+        LATENCY_BOUNDARIES_MS,
+    ),
+    MetricSpec(
+        "emotion_encoder_batch_size", "histogram", "Size of each batched forward", ("modality",), BATCH_BOUNDARIES
+    ),
+    MetricSpec(
+        "emotion_requests_total", "counter", "HTTP requests by endpoint and status code", ("endpoint", "status")
+    ),
+    MetricSpec(
+        "emotion_request_latency_ms",
+        "histogram",
+        "HTTP request latency at the ingress (ms)",
+        ("endpoint",),
+        LATENCY_BOUNDARIES_MS,
+    ),
+    MetricSpec(
+        "emotion_predictions_total",
+        "counter",
+        "Predictions by emotion and modality (modality 'fused' is the top-level answer)",
+        ("emotion", "modality"),
+    ),
+    MetricSpec(
+        "emotion_dropped_modalities_total",
+        "counter",
+        "Modalities dropped from a request, by reason code",
+        ("modality", "reason"),
+    ),
+    MetricSpec(
+        "emotion_access_decisions_total",
+        "counter",
+        "Prediction requests by access decision (allowed, unauthorized, rate_limited, too_many_uploads) and "
+        "client (a key id such as key-1a2b3c4d, never the key; 'anonymous' without a valid key)",
+        ("decision", "client"),
+    ),
+    MetricSpec("emotion_stream_open", "gauge", "Live streams (/ws/stream) open on this ingress replica", ()),
+    MetricSpec(
+        "emotion_stream_updates_total",
+        "counter",
+        "Live-stream updates pushed, by outcome (update: a prediction; error: no modality of the window could be used)",
+        ("outcome",),
+    ),
+    MetricSpec(
+        "emotion_stream_update_latency_ms",
+        "histogram",
+        "Live-stream update latency from the window snapshot: per modality its encoder's answer, 'fused' "
+        "the whole update (ms)",
+        ("modality",),
+        LATENCY_BOUNDARIES_MS,
+    ),
+    MetricSpec(
+        "emotion_stream_closes_total",
+        "counter",
+        "Live streams closed by the server, by reason (bad_frame, too_big, idle, unauthorized, busy, ...) "
+        "or 'client' when the client closed",
+        ("reason",),
+    ),
 )
 METRIC_NAMES: tuple[str, ...] = tuple(m.name for m in METRICS)
 SPECS: dict[str, MetricSpec] = {m.name: m for m in METRICS}
@@ -90,8 +150,9 @@ class Metrics:
             elif spec.kind == "gauge":
                 metric = serve_metrics.Gauge(spec.name, description=spec.description, tag_keys=spec.tag_keys)
             else:
-                metric = serve_metrics.Histogram(spec.name, description=spec.description,
-                                                 boundaries=list(spec.boundaries), tag_keys=spec.tag_keys)
+                metric = serve_metrics.Histogram(
+                    spec.name, description=spec.description, boundaries=list(spec.boundaries), tag_keys=spec.tag_keys
+                )
             self._objects[name] = metric
         return metric
 

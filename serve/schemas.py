@@ -17,8 +17,13 @@ class TextRequest(BaseModel):
     """Body of ``POST /api/predict``."""
 
     # The pattern is documented, and checked by the route (422 "text is empty", a readable reason).
-    text: str = Field(..., min_length=1, description="at least one non-blank character",
-                      json_schema_extra={"pattern": r"\S"}, examples=["I can't believe we finally won the match!"])
+    text: str = Field(
+        ...,
+        min_length=1,
+        description="at least one non-blank character",
+        json_schema_extra={"pattern": r"\S"},
+        examples=["I can't believe we finally won the match!"],
+    )
 
 
 class ModalityResult(BaseModel):
@@ -66,7 +71,8 @@ class PredictionResponse(BaseModel):
     confidence: float
     probabilities: Probabilities = Field(description="7 calibrated class probabilities, summing to 1")
     contributions: dict[Modality, float] = Field(
-        description="weight of each modality used, summing to 1 (one modality: its own answer, weight 1)")
+        description="weight of each modality used, summing to 1 (one modality: its own answer, weight 1)"
+    )
     modalities: dict[Modality, ModalityResult]
     dropped: dict[Modality, str] = Field(description="modalities that failed or timed out, with the reason")
     model_version: str = Field(description="versions of the encoders used (and of fusion when used), joined by '+'")
@@ -88,8 +94,10 @@ class HealthResponse(BaseModel):
     status: Literal["ok", "degraded"]
     api_key_required: bool = Field(False, description="prediction endpoints need an API key")
     models: dict[str, ModelStatus] | None = Field(
-        None, description="each model's status and version; null when a key is required and none valid was sent "
-                          "(then status is liveness only)")
+        None,
+        description="each model's status and version; null when a key is required and none valid was sent "
+        "(then status is liveness only)",
+    )
 
 
 class ErrorResponse(BaseModel):
@@ -103,7 +111,7 @@ class ValidationErrorItem(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    loc: list[str | int] = Field(description="where: e.g. [\"body\", \"text\"]")
+    loc: list[str | int] = Field(description='where: e.g. ["body", "text"]')
     msg: str
     type: str
 
@@ -120,11 +128,18 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     401: {"model": ErrorResponse, "description": "API key missing or not valid (when the service requires one)"},
     413: {"model": ErrorResponse, "description": "request body over the upload limit"},
     415: {"model": ErrorResponse, "description": "unsupported content type"},
-    422: {"model": ValidationErrorResponse, "description": "the request does not fit the schema, or its text is "
-                                                          "blank or too long, or it names no modality"},
-    429: {"model": ErrorResponse, "description": "this client's request rate or concurrent uploads are over "
-                                                 "the limit; retry after the Retry-After header's seconds"},
-    503: {"model": ErrorResponse, "description": "no modality could be used because its encoder has no live "
-                                                 "replica or failed"},
+    422: {
+        "model": ValidationErrorResponse,
+        "description": "the request does not fit the schema, or its text is blank or too long, or it names no modality",
+    },
+    429: {
+        "model": ErrorResponse,
+        "description": "this client's request rate or concurrent uploads are over "
+        "the limit; retry after the Retry-After header's seconds",
+    },
+    503: {
+        "model": ErrorResponse,
+        "description": "no modality could be used because its encoder has no live replica or failed",
+    },
     504: {"model": ErrorResponse, "description": "no encoder answered in time"},
 }

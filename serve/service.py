@@ -67,8 +67,13 @@ async def _resolve(response: Any) -> Any:
 
 
 # Errors that mean "the replica is gone or unreachable", not "the input was bad": worth another replica.
-REPLICA_GONE: tuple[type[BaseException], ...] = (ActorDiedError, ActorUnavailableError, RayActorError,
-                                                  ReplicaUnavailableError, DeploymentUnavailableError)
+REPLICA_GONE: tuple[type[BaseException], ...] = (
+    ActorDiedError,
+    ActorUnavailableError,
+    RayActorError,
+    ReplicaUnavailableError,
+    DeploymentUnavailableError,
+)
 RETRIES = 2  # extra attempts of an encoder call whose replica died
 PROBE_INTERVAL_S = 1.0  # how long a dead encoder is skipped when its replicas cannot be counted
 WATCH_INTERVAL_S = 0.2  # how often a waiting call checks that its encoder still has a live replica
@@ -244,9 +249,15 @@ def failure_status(failed: Mapping[str, EncoderError], primary: tuple[str, ...])
 class FusionService:
     """Fan-out, fusion and bookkeeping for one ingress replica."""
 
-    def __init__(self, handles: Mapping[str, Handle], config: AppConfig, metrics: Metrics | None = None,
-                 retries: int = RETRIES, health: EncoderHealth | None = None,
-                 watch_interval_s: float = WATCH_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        handles: Mapping[str, Handle],
+        config: AppConfig,
+        metrics: Metrics | None = None,
+        retries: int = RETRIES,
+        health: EncoderHealth | None = None,
+        watch_interval_s: float = WATCH_INTERVAL_S,
+    ) -> None:
         self.handles = dict(handles)
         self.config = config
         self.metrics = metrics or Metrics()
@@ -259,8 +270,9 @@ class FusionService:
 
     async def load_fusion(self, user_config: dict[str, Any] | None = None) -> None:
         """Load (or hot-swap) the fusion module: built fully, then one reference assignment."""
-        cfg = IngressUserConfig.model_validate({"fusion_weights": self.config.models.fusion_weights,
-                                                **(user_config or {})})
+        cfg = IngressUserConfig.model_validate(
+            {"fusion_weights": self.config.models.fusion_weights, **(user_config or {})}
+        )
         key = (cfg.fusion_weights, cfg.revision)
         if self.fusion is not None and key == self._fusion_key:
             return
@@ -269,8 +281,12 @@ class FusionService:
 
     # ---- prediction -----------------------------------------------------------------------------
 
-    async def predict(self, payloads: Mapping[str, str | bytes], primary: tuple[str, ...] | None = None,
-                      prefailed: Mapping[str, EncoderError] | None = None) -> PredictionResponse:
+    async def predict(
+        self,
+        payloads: Mapping[str, str | bytes],
+        primary: tuple[str, ...] | None = None,
+        prefailed: Mapping[str, EncoderError] | None = None,
+    ) -> PredictionResponse:
         """Run ``{modality: payload}`` through the encoders and combine what succeeded.
 
         ``primary`` names the modalities the client asked for (a video's audio track is secondary);
@@ -349,8 +365,9 @@ class FusionService:
             return handle.remote(payload)
         coalescer = self._coalescers.get(modality)
         if coalescer is None or coalescer.handle is not handle:
-            coalescer = self._coalescers[modality] = CallCoalescer(handle, enc.calls_per_replica, enc.max_batch_size,
-                                                                   enc.max_ongoing_requests)
+            coalescer = self._coalescers[modality] = CallCoalescer(
+                handle, enc.calls_per_replica, enc.max_batch_size, enc.max_ongoing_requests
+            )
         return coalescer.submit(payload)
 
     def _may_call(self, modality: str, handle: Handle) -> bool:
@@ -384,11 +401,12 @@ class FusionService:
         why = f" ({type(cause).__name__})" if cause is not None else ""
         return encoder_error("unavailable", f"the {modality} encoder has no live replica{why}", 503)
 
-    def _combine(self, ok: dict[str, EncoderAnswer], failed: Mapping[str, EncoderError],
-                 start: float) -> PredictionResponse:
+    def _combine(
+        self, ok: dict[str, EncoderAnswer], failed: Mapping[str, EncoderError], start: float
+    ) -> PredictionResponse:
         versions = [r.model_version for r in ok.values()]
         if len(ok) == 1:  # one modality: its encoder's own calibrated answer, as is
-            (m, only), = ok.items()
+            ((m, only),) = ok.items()
             emotion, confidence = only.emotion, only.confidence
             probabilities = {e: only.probabilities[e] for e in EMOTIONS}
             contributions = {m: 1.0}
@@ -396,8 +414,10 @@ class FusionService:
             fusion = self.fusion
             if fusion is None:
                 raise RuntimeError("fusion module not loaded")
-            fused = fusion.fuse({m: np.asarray(r.embedding, dtype=np.float32) for m, r in ok.items()},
-                                {m: np.array([r.probabilities[e] for e in EMOTIONS], dtype=np.float32) for m, r in ok.items()})
+            fused = fusion.fuse(
+                {m: np.asarray(r.embedding, dtype=np.float32) for m, r in ok.items()},
+                {m: np.array([r.probabilities[e] for e in EMOTIONS], dtype=np.float32) for m, r in ok.items()},
+            )
             probs = fused.probabilities.astype(np.float64)
             probs = probs / probs.sum()
             best = int(np.argmax(probs))
@@ -426,16 +446,20 @@ class FusionService:
         async def ask(m: str) -> ModelStatus:
             try:
                 info = await asyncio.wait_for(_resolve(self.handles[m].options(method_name="info").remote()), timeout)
-                return ModelStatus(loaded=bool(info.get("loaded")), version=info.get("version"),
-                                   device=info.get("device"))
+                return ModelStatus(
+                    loaded=bool(info.get("loaded")), version=info.get("version"), device=info.get("device")
+                )
             except Exception as exc:  # noqa: BLE001 - health reports failures, it does not raise
                 return ModelStatus(loaded=False, error=f"{type(exc).__name__}: {str(exc)[:200]}")
 
         statuses = await asyncio.gather(*(ask(m) for m in MODALITIES))
         models = dict(zip(MODALITIES, statuses, strict=True))
         fusion = self.fusion
-        models["fusion"] = ModelStatus(loaded=fusion is not None, version=fusion.version if fusion else None,
-                                       device=str(fusion.device) if fusion else None)
+        models["fusion"] = ModelStatus(
+            loaded=fusion is not None,
+            version=fusion.version if fusion else None,
+            device=str(fusion.device) if fusion else None,
+        )
         status = "ok" if all(s.loaded for s in models.values()) else "degraded"
         return HealthResponse(status=status, models=models)
 

@@ -36,7 +36,8 @@ error, 1013 too many streams on this replica or rate limited (retry later), 4408
 
 Bounds: at most ``stream.max_connections`` streams per ingress replica; at most ``stream.max_buffer_bytes``
 buffered per stream (the oldest frames go first); frames over ``stream.max_fps`` (on average; bursts of
-``max(2, max_fps / 4)`` frames pass) are dropped (counted in ``dropped_frames``). Each stream is its own pair of tasks: a bad frame closes that stream only.
+``max(2, max_fps / 4)`` frames pass) are dropped (counted in ``dropped_frames``). Each stream is its own pair of
+tasks: a bad frame closes that stream only.
 
 When API keys are required (``access.api_keys``), send the key as ``Authorization: Bearer <key>``,
 ``X-API-Key: <key>``, or, from a browser (which cannot set WebSocket headers), the query parameter
@@ -164,8 +165,9 @@ class StreamWindow:
     def add_frame(self, jpeg: bytes, now: float) -> bool:
         """Keep a frame that arrived at ``now``; False (and counted) when dropped for rate or room."""
         if self._tokens_at is not None:
-            self._frame_tokens = min(self.frame_burst,
-                                     self._frame_tokens + (now - self._tokens_at) * self.config.max_fps)
+            self._frame_tokens = min(
+                self.frame_burst, self._frame_tokens + (now - self._tokens_at) * self.config.max_fps
+            )
         self._tokens_at = now
         if self._frame_tokens < 1.0:
             self.dropped_frames += 1
@@ -228,9 +230,13 @@ class StreamWindow:
             return None
         start = min(starts) if starts else now
         end = max(ends) if ends else now
-        span = WindowSpan(start_s=round(max(start, 0.0), 3), end_s=round(end, 3),
-                          audio_s=round(audio_s if "audio" in payloads else 0.0, 3),
-                          frames=len(self._frames), text="text" in payloads)
+        span = WindowSpan(
+            start_s=round(max(start, 0.0), 3),
+            end_s=round(end, 3),
+            audio_s=round(audio_s if "audio" in payloads else 0.0, 3),
+            frames=len(self._frames),
+            text="text" in payloads,
+        )
         return Snapshot(payloads, span)
 
     # ---- the protocol: one client message into the window ----------------------------------------------
@@ -259,12 +265,16 @@ class StreamWindow:
                 self.add_audio(body, now)
         elif kind == FRAME:
             if not (body.startswith(JPEG_SOI) and body.rstrip(b"\x00").endswith(JPEG_EOI)):
-                raise StreamClosed(INVALID, "frame is not a JPEG image (no FFD8FF start or FFD9 end marker)",
-                                   "bad_frame")
+                raise StreamClosed(
+                    INVALID, "frame is not a JPEG image (no FFD8FF start or FFD9 end marker)", "bad_frame"
+                )
             self.add_frame(body, now)
         else:
-            raise StreamClosed(UNSUPPORTED, f"unknown binary message type 0x{kind:02x} (0x01 audio PCM16, "
-                                            "0x02 JPEG frame)", "unsupported")
+            raise StreamClosed(
+                UNSUPPORTED,
+                f"unknown binary message type 0x{kind:02x} (0x01 audio PCM16, 0x02 JPEG frame)",
+                "unsupported",
+            )
 
     def _apply_text(self, text: str) -> None:
         if len(text) > self.config.max_message_bytes:
@@ -286,8 +296,9 @@ class StreamWindow:
         elif kind == "clear":
             self.clear()
         else:
-            raise StreamClosed(UNSUPPORTED, f"unknown message type {str(kind)[:40]!r} (expected 'text' or 'clear')",
-                               "unsupported")
+            raise StreamClosed(
+                UNSUPPORTED, f"unknown message type {str(kind)[:40]!r} (expected 'text' or 'clear')", "unsupported"
+            )
 
 
 # ---- timing each modality of an update ------------------------------------------------------------------
@@ -348,8 +359,13 @@ class _TimedHandle:
 class StreamSession:
     """One accepted stream: a receive loop filling the window and an update loop predicting it."""
 
-    def __init__(self, websocket: WebSocket, service: FusionService, config: AppConfig,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        websocket: WebSocket,
+        service: FusionService,
+        config: AppConfig,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.ws = websocket
         self.service = service
         self.config = config.stream
@@ -383,10 +399,17 @@ class StreamSession:
 
     def _ready(self) -> dict[str, Any]:
         c = self.config
-        return {"type": "ready", "protocol": PROTOCOL_VERSION, "sample_rate": SAMPLE_RATE,
-                "update_interval_s": c.update_interval_s, "audio_window_s": c.audio_window_s,
-                "max_frames": c.max_frames, "max_fps": c.max_fps, "max_message_bytes": c.max_message_bytes,
-                "idle_timeout_s": c.idle_timeout_s}
+        return {
+            "type": "ready",
+            "protocol": PROTOCOL_VERSION,
+            "sample_rate": SAMPLE_RATE,
+            "update_interval_s": c.update_interval_s,
+            "audio_window_s": c.audio_window_s,
+            "max_frames": c.max_frames,
+            "max_fps": c.max_fps,
+            "max_message_bytes": c.max_message_bytes,
+            "idle_timeout_s": c.idle_timeout_s,
+        }
 
     async def _receive(self) -> None:
         """Read client messages into the window; returns when the client disconnects."""
@@ -443,8 +466,12 @@ class StreamSession:
             metrics.observe("emotion_stream_update_latency_ms", ms, modality=modality)
         metrics.observe("emotion_stream_update_latency_ms", update_ms, modality="fused")
         metrics.inc("emotion_stream_updates_total", outcome=body["type"])
-        body.update(seq=self.seq, window=asdict(snapshot.span), update_ms=round(update_ms, 2),
-                    dropped_frames=self.window.dropped_frames)
+        body.update(
+            seq=self.seq,
+            window=asdict(snapshot.span),
+            update_ms=round(update_ms, 2),
+            dropped_frames=self.window.dropped_frames,
+        )
         return body
 
     async def _send(self, message: dict[str, Any]) -> None:
@@ -452,8 +479,9 @@ class StreamSession:
             async with asyncio.timeout(self.config.send_timeout_s):
                 await self.ws.send_text(json.dumps(message))
         except TimeoutError:
-            raise StreamClosed(POLICY, f"updates not read for {self.config.send_timeout_s:g} s",
-                               "slow_client") from None
+            raise StreamClosed(
+                POLICY, f"updates not read for {self.config.send_timeout_s:g} s", "slow_client"
+            ) from None
         except Exception as exc:  # the connection is gone (disconnect, broken pipe)
             raise _ClientGone() from exc
 
@@ -505,13 +533,22 @@ class StreamManager:
         if isinstance(who, Rejection):
             if who.status == 401:
                 missing = "required" in who.detail
-                reason = (f"an API key is required: ?{API_KEY_PARAM}=<key>, 'Authorization: Bearer <key>' or "
-                          "'X-API-Key: <key>'") if missing else who.detail
+                reason = (
+                    (
+                        f"an API key is required: ?{API_KEY_PARAM}=<key>, 'Authorization: Bearer <key>' or "
+                        "'X-API-Key: <key>'"
+                    )
+                    if missing
+                    else who.detail
+                )
                 return StreamClosed(POLICY, reason, "unauthorized")
             return StreamClosed(TRY_LATER, _short(who.detail), "rate_limited")
         if self.open >= self.config.stream.max_connections:
-            return StreamClosed(TRY_LATER, f"too many live streams on this replica (at most "
-                                           f"{self.config.stream.max_connections}); retry later", "busy")
+            return StreamClosed(
+                TRY_LATER,
+                f"too many live streams on this replica (at most {self.config.stream.max_connections}); retry later",
+                "busy",
+            )
         return None
 
     async def handle(self, ws: WebSocket) -> None:

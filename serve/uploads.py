@@ -44,8 +44,9 @@ DRAIN_TIMEOUT_S = 30.0
 class UploadLimitMiddleware:
     """Answer 413 for request bodies over ``max_bytes``, checking while the body is read."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, drain_bytes: int | None = None,
-                 drain_timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, drain_bytes: int | None = None, drain_timeout_s: float = DRAIN_TIMEOUT_S
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.drain_bytes = 4 * max_bytes if drain_bytes is None else drain_bytes
@@ -58,8 +59,13 @@ class UploadLimitMiddleware:
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
             drain = not _expects_continue(scope) and declared <= self.drain_bytes
-            await _send_413(send, BodyTooLarge(self.max_bytes).detail, receive if drain else None,
-                            self.drain_bytes, self.drain_timeout_s)
+            await _send_413(
+                send,
+                BodyTooLarge(self.max_bytes).detail,
+                receive if drain else None,
+                self.drain_bytes,
+                self.drain_timeout_s,
+            )
             return
 
         received = 0
@@ -124,13 +130,26 @@ async def _drain(receive: Receive, limit: int, timeout_s: float) -> int:
     return drained
 
 
-async def _send_413(send: Send, detail: str, receive: Receive | None = None, drain_bytes: int = 0,
-                    drain_timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+async def _send_413(
+    send: Send,
+    detail: str,
+    receive: Receive | None = None,
+    drain_bytes: int = 0,
+    drain_timeout_s: float = DRAIN_TIMEOUT_S,
+) -> None:
     """Send the 413; with ``receive``, discard the unread body before ending the response (see the module doc)."""
     body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     if receive is None:
         await send({"type": "http.response.body", "body": body})
         return

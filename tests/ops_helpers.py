@@ -115,8 +115,11 @@ def parse_prometheus(text: str) -> list[Sample]:
     """All samples of a Prometheus text exposition."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    return [Sample(s.name, dict(s.labels), float(s.value))
-            for family in text_string_to_metric_families(text) for s in family.samples]
+    return [
+        Sample(s.name, dict(s.labels), float(s.value))
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    ]
 
 
 def wait_for(predicate: Callable[[], object], timeout_s: float, interval_s: float = 1.0, what: str = "condition"):
@@ -168,11 +171,14 @@ def send_all_kinds(base_url: str) -> dict[str, httpx.Response]:
             "text": http.post("/api/predict", json={"text": "I am so happy to see you again!"}),
             "audio": http.post("/predict/audio", files={"file": ("speech.wav", speech, "audio/wav")}),
             "video": http.post("/predict/video", files={"file": ("face.mp4", face, "video/mp4")}),
-            "fused": http.post("/predict", data={"text": "This is terrible."},
-                               files={"audio": ("speech.wav", speech, "audio/wav"),
-                                      "video": ("face.mp4", face, "video/mp4")}),
-            "video_no_audio": http.post("/predict/video",
-                                        files={"file": ("face_noaudio.mp4", silent_face, "video/mp4")}),
+            "fused": http.post(
+                "/predict",
+                data={"text": "This is terrible."},
+                files={"audio": ("speech.wav", speech, "audio/wav"), "video": ("face.mp4", face, "video/mp4")},
+            ),
+            "video_no_audio": http.post(
+                "/predict/video", files={"file": ("face_noaudio.mp4", silent_face, "video/mp4")}
+            ),
             "empty_text": http.post("/api/predict", json={"text": "   "}),
         }
     return answers
@@ -209,8 +215,12 @@ class PanelQuery:
 def dashboard_queries(path: Path = DASHBOARD) -> list[PanelQuery]:
     """Every panel target of the dashboard, with its panel title and refId."""
     doc = json.loads(path.read_text())
-    return [PanelQuery(p["title"], t["refId"], t["expr"], bool(t.get("instant")))
-            for p in doc["panels"] for t in p.get("targets", []) if t.get("expr")]
+    return [
+        PanelQuery(p["title"], t["refId"], t["expr"], bool(t.get("instant")))
+        for p in doc["panels"]
+        for t in p.get("targets", [])
+        if t.get("expr")
+    ]
 
 
 def dashboard_variables(path: Path = DASHBOARD) -> dict[str, dict[str, Any]]:
@@ -260,9 +270,15 @@ class Prometheus:
         self.started = time.time()
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
-                [binary, f"--config.file={config_file}", f"--storage.tsdb.path={workdir / 'data'}",
-                 f"--web.listen-address=127.0.0.1:{port}"],
-                stdout=log, stderr=subprocess.STDOUT)
+                [
+                    binary,
+                    f"--config.file={config_file}",
+                    f"--storage.tsdb.path={workdir / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         wait_for(self._ready, 60, 0.5, f"Prometheus ready (log: {self.log})")
 
     def _ready(self) -> bool:
@@ -318,8 +334,13 @@ def local_serve_app(args: dict[str, Any], name: str) -> Iterator[str]:
     if ray.is_initialized():
         serve.shutdown()
         ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level="WARNING",
+        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
+    )
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -41,8 +41,30 @@ def image_png(pixels: np.ndarray) -> bytes:
 
 def still_video(image_path: Path, seconds: float = 1.0, fps: int = 16, size: int = 240) -> bytes:
     """An MP4 that shows one image (scaled up, padded to 320x240) for ``seconds``, with a tone track."""
-    return _ffmpeg([
-        "-loop", "1", "-i", str(image_path), "-f", "lavfi", "-i", f"sine=frequency=300:duration={seconds}",
-        "-t", str(seconds), "-r", str(fps), "-vf", f"scale={size}:{size},pad=320:240:(ow-iw)/2:(oh-ih)/2",
-        "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", "-f", "mp4", "-movflags", "frag_keyframe+empty_moov",
-    ])
+    return _ffmpeg(
+        [
+            "-loop",
+            "1",
+            "-i",
+            str(image_path),
+            "-f",
+            "lavfi",
+            "-i",
+            f"sine=frequency=300:duration={seconds}",
+            "-t",
+            str(seconds),
+            "-r",
+            str(fps),
+            "-vf",
+            f"scale={size}:{size},pad=320:240:(ow-iw)/2:(oh-ih)/2",
+            "-pix_fmt",
+            "yuv420p",
+            "-c:a",
+            "aac",
+            "-shortest",
+            "-f",
+            "mp4",
+            "-movflags",
+            "frag_keyframe+empty_moov",
+        ]
+    )

@@ -152,6 +152,7 @@ def test_untrained_fusion_is_the_product_of_experts(fusion: FusionModel) -> None
 
 def test_two_agreeing_encoders_outvote_a_sure_third(fusion: FusionModel) -> None:
     """Text and audio both say sad (50 %); video says happy at 90 %: the product picks happy, the fusion sad."""
+
     def probs(top: int, p: float) -> torch.Tensor:
         row = torch.full((NUM_CLASSES,), (1 - p) / (NUM_CLASSES - 1))
         row[top] = p

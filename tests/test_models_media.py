@@ -37,8 +37,8 @@ def test_plain_wav_is_read_in_process_with_ffmpeg_s_samples(width: int, monkeypa
 
     from models import media
 
-    samples = np.random.default_rng(width).integers(0, 256 ** width, 8000, dtype=np.int64)
-    raw = (samples - (0 if width == 1 else 256 ** width // 2)).astype({1: np.uint8, 2: "<i2", 4: "<i4"}[width])
+    samples = np.random.default_rng(width).integers(0, 256**width, 8000, dtype=np.int64)
+    raw = (samples - (0 if width == 1 else 256**width // 2)).astype({1: np.uint8, 2: "<i2", 4: "<i4"}[width])
     buf = io.BytesIO()
     with wavelib.open(buf, "wb") as w:
         w.setnchannels(1)

@@ -110,8 +110,10 @@ def test_fused_label_matched_triplets(text: TextPipeline, audio: AudioPipeline, 
     audio_right = fused_right = 0
     for clip in clips:
         speech = audio.encode([audio.prepare(clip.read_bytes())])[0]
-        fused = fusion.fuse({"text": said.embedding, "audio": speech.embedding, "video": shown.embedding},
-                            {"text": said.probabilities, "audio": speech.probabilities, "video": shown.probabilities})
+        fused = fusion.fuse(
+            {"text": said.embedding, "audio": speech.embedding, "video": shown.embedding},
+            {"text": said.probabilities, "audio": speech.probabilities, "video": shown.probabilities},
+        )
         assert set(fused.contributions) == {"text", "audio", "video"}
         assert sum(fused.contributions.values()) == pytest.approx(1.0, abs=1e-5)
         assert fused.probabilities.sum() == pytest.approx(1.0, abs=1e-5)

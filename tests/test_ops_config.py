@@ -101,8 +101,16 @@ def test_dashboard_groups_only_by_labels_the_metrics_have() -> None:
 def test_dashboard_shows_the_required_views() -> None:
     doc = json.loads(DASHBOARD.read_text())
     titles = " | ".join(p["title"].lower() for p in doc["panels"])
-    for needed in ("latency per modality", "throughput", "error rate", "replicas per deployment", "batch size",
-                   "emotion mix", "deployment processing latency", "http requests"):
+    for needed in (
+        "latency per modality",
+        "throughput",
+        "error rate",
+        "replicas per deployment",
+        "batch size",
+        "emotion mix",
+        "deployment processing latency",
+        "http requests",
+    ):
         assert needed in titles, needed
     exprs = " ".join(dashboard_exprs())
     for q in ("0.5", "0.95", "0.99"):
@@ -232,8 +240,11 @@ def test_rayservice_has_a_gpu_worker_group() -> None:
     assert cluster["rayVersion"] == ray.__version__
     assert cluster["enableInTreeAutoscaling"] is True
     groups = cluster["workerGroupSpecs"]
-    gpu_groups = [g for g in groups
-                  if any("nvidia.com/gpu" in c["resources"]["limits"] for c in g["template"]["spec"]["containers"])]
+    gpu_groups = [
+        g
+        for g in groups
+        if any("nvidia.com/gpu" in c["resources"]["limits"] for c in g["template"]["spec"]["containers"])
+    ]
     assert gpu_groups
     group = gpu_groups[0]
     assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"] and group["maxReplicas"] > 1
@@ -242,8 +253,11 @@ def test_rayservice_has_a_gpu_worker_group() -> None:
 def test_gpu_serve_config_uses_fractional_gpus() -> None:
     """Each encoder in the GPU config asks for a fraction of a GPU (so the worker group above can host them)."""
     config = _validate_serve_config(SERVE_GPU)
-    gpus = {d["name"]: d.get("ray_actor_options", {}).get("num_gpus", 0)
-            for app in config["applications"] for d in app.get("deployments", [])}
+    gpus = {
+        d["name"]: d.get("ray_actor_options", {}).get("num_gpus", 0)
+        for app in config["applications"]
+        for d in app.get("deployments", [])
+    }
     for name in ("TextEncoder", "AudioEncoder", "VideoEncoder"):
         assert 0 < gpus.get(name, 0) <= 1, f"{name}: num_gpus {gpus.get(name)}"
 
@@ -278,8 +292,12 @@ def test_hot_update_goes_through_deployment_user_config_not_args() -> None:
 def _encoder_resources() -> tuple[float, float]:
     """CPUs and GPUs that one replica of each encoder asks for in the GPU config."""
     config = _validate_serve_config(SERVE_GPU)
-    opts = [d.get("ray_actor_options", {}) for app in config["applications"] for d in app.get("deployments", [])
-            if d["name"] in ("TextEncoder", "AudioEncoder", "VideoEncoder")]
+    opts = [
+        d.get("ray_actor_options", {})
+        for app in config["applications"]
+        for d in app.get("deployments", [])
+        if d["name"] in ("TextEncoder", "AudioEncoder", "VideoEncoder")
+    ]
     assert len(opts) == 3
     return sum(o.get("num_cpus", 1) for o in opts), sum(o.get("num_gpus", 0) for o in opts)
 

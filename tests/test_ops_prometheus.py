@@ -57,19 +57,29 @@ from tests.ops_helpers import (
     wait_for,
 )
 
-NO_PROMETHEUS = "Debian's Prometheus is not installed: `apt-get install -y prometheus` (tests/run_all.sh does it as root)"
+NO_PROMETHEUS = (
+    "Debian's Prometheus is not installed: `apt-get install -y prometheus` (tests/run_all.sh does it as root)"
+)
 INTERVAL_S = 2  # scrape, rule evaluation and Ray's metrics export period in this test (production: 10 s)
 ROUNDS = 2  # the first round creates the series, the second moves them: rate() and quantiles need both
 SETTLE_S = 60  # how long the exported counts may take to reach Prometheus
 ALERTS = PROMETHEUS_DIR / "alerts.yml"
 # Alerts a healthy service must not even have pending; the latency one depends on this shared machine's speed.
-QUIET_ALERTS = ("EmotionEndpointErrorRatioHigh", "EmotionModalityDroppedOften", "EmotionEncoderNoHealthyReplica",
-                "EmotionAutoscalerPinnedAtMax")
+QUIET_ALERTS = (
+    "EmotionEndpointErrorRatioHigh",
+    "EmotionModalityDroppedOften",
+    "EmotionEncoderNoHealthyReplica",
+    "EmotionAutoscalerPinnedAtMax",
+)
 # Queries that read 0 on a healthy, idle service (no 5xx, no exception in a replica, nothing queued): every other
 # one must show a non-zero value, so a rate over a counter that never moves fails too.
-ZERO_WHEN_HEALTHY = {("Error rate (share of requests)", "A"), ("Requests per deployment (Serve replicas)", "B"),
-                     ("Queued requests at handles", "A"), ("Queued requests at handles", "B"),
-                     ("Open live streams", "A")}  # every live stream has ended
+ZERO_WHEN_HEALTHY = {
+    ("Error rate (share of requests)", "A"),
+    ("Requests per deployment (Serve replicas)", "B"),
+    ("Queued requests at handles", "A"),
+    ("Queued requests at handles", "B"),
+    ("Open live streams", "A"),
+}  # every live stream has ended
 LATENCY_PANEL = "Encoder latency per modality (p50/p95/p99)"
 THROUGHPUT_PANEL = "Encoder throughput per modality"
 VIDEO_REQUESTS = 3
@@ -101,7 +111,7 @@ def test_promtool_unit_tests_fire_and_resolve_every_alert() -> None:
     for name in {r["alert"] for r in _rules() if "alert" in r}:
         mine = sorted((c for c in cases if c["alertname"] == name), key=lambda c: _minutes(c["eval_time"]))
         fired = [i for i, c in enumerate(mine) if c["exp_alerts"]]
-        assert fired and any(not c["exp_alerts"] for c in mine[fired[0] + 1:]), f"{name}: no fire-then-resolve case"
+        assert fired and any(not c["exp_alerts"] for c in mine[fired[0] + 1 :]), f"{name}: no fire-then-resolve case"
 
 
 def _rules() -> list[dict]:
@@ -138,14 +148,19 @@ def _encoded(answers: dict[str, httpx.Response]) -> Counter[str]:
 def _encoder_counts(live: Live, at: float | None = None) -> Counter[str]:
     """Per modality, the encoder latency histogram's count as Prometheus has it."""
     series = live.prometheus.query(
-        f'sum by (modality) (ray_emotion_encoder_latency_ms_count{{application="{live.app_name}"}})', at)
+        f'sum by (modality) (ray_emotion_encoder_latency_ms_count{{application="{live.app_name}"}})', at
+    )
     return Counter({s["metric"]["modality"]: round(float(s["value"][1])) for s in series})
 
 
 def _settle(live: Live) -> None:
     """Wait until Prometheus has scraped every encoder observation the responses account for."""
-    wait_for(lambda: _encoder_counts(live) == live.encoded, SETTLE_S, 1,
-             f"Prometheus to hold the encoder counts {dict(live.encoded)}")
+    wait_for(
+        lambda: _encoder_counts(live) == live.encoded,
+        SETTLE_S,
+        1,
+        f"Prometheus to hold the encoder counts {dict(live.encoded)}",
+    )
 
 
 def _sd_targets(sd_file: Path) -> set[str]:
@@ -177,9 +192,16 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         env.setenv("PYTHONPATH", str(REPO), prepend=os.pathsep)  # workers import serve.app:build_app
         env.setenv("HF_HUB_OFFLINE", "1")
         env.setenv("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=free_port(), _metrics_export_port=free_port(), logging_level="WARNING",
-                 _system_config={"metrics_report_interval_ms": INTERVAL_S * 1000})
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=free_port(),
+            _metrics_export_port=free_port(),
+            logging_level="WARNING",
+            _system_config={"metrics_report_interval_ms": INTERVAL_S * 1000},
+        )
         try:
             node = ray._private.worker._global_node
             sd_file = Path(node.get_session_dir_path()) / ray_constants.PROMETHEUS_SERVICE_DISCOVERY_FILE
@@ -190,13 +212,18 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             client = serve_api.serve_start(http_options=config["http_options"], proxy_location="HeadOnly")
             client.deploy_apps(ServeDeploySchema.model_validate(config))
             base_url = f"http://127.0.0.1:{config['http_options']['port']}"
-            wait_for(lambda: getattr(serve.status().applications.get(app_name), "status", None) == "RUNNING",
-                     300, 2, "application RUNNING")
+            wait_for(
+                lambda: getattr(serve.status().applications.get(app_name), "status", None) == "RUNNING",
+                300,
+                2,
+                "application RUNNING",
+            )
             wait_for(lambda: health_ok(base_url), 60, 1, "/api/health ok")
             # Ray rewrites the file every 5 s; the node's exporter is listed once the node has registered it.
             wait_for(lambda: node_target in _sd_targets(sd_file), 60, 1, f"{node_target} in {sd_file}")
-            prometheus = Prometheus(prometheus_test_config(sd_file, f"{INTERVAL_S}s"),
-                                    tmp_path_factory.mktemp("prometheus"))
+            prometheus = Prometheus(
+                prometheus_test_config(sd_file, f"{INTERVAL_S}s"), tmp_path_factory.mktemp("prometheus")
+            )
             svc = Live(base_url, app_name, sd_file, node_target, prometheus, Counter())
             for _ in range(ROUNDS):
                 answers = send_all_kinds(base_url)
@@ -236,8 +263,9 @@ def _variables(live: Live, window_s: float) -> dict[str, str]:
 def test_prometheus_finds_the_service_through_rays_service_discovery_file(live: Live) -> None:
     def targets() -> list[dict]:
         active = live.prometheus.api("targets", state="active")["activeTargets"]
-        return active if any(t["labels"]["instance"] == live.node_target and t["health"] == "up" for t in active) \
-            else []
+        return (
+            active if any(t["labels"]["instance"] == live.node_target and t["health"] == "up" for t in active) else []
+        )
 
     active = wait_for(targets, 30, 1, f"{live.node_target} scraped")
     assert {t["labels"]["instance"] for t in active} == _sd_targets(live.sd_file)
@@ -262,8 +290,11 @@ def _dashboard_results(live: Live) -> dict[tuple[str, str], tuple[str, list[floa
 
 def _without_data(results: dict[tuple[str, str], tuple[str, list[float]]]) -> list[str]:
     """Queries with no finite value, or only zeros where traffic should show."""
-    return [f"{panel} [{ref}]: {expr} -> {finite}" for (panel, ref), (expr, finite) in results.items()
-            if not finite or ((panel, ref) not in ZERO_WHEN_HEALTHY and not any(finite))]
+    return [
+        f"{panel} [{ref}]: {expr} -> {finite}"
+        for (panel, ref), (expr, finite) in results.items()
+        if not finite or ((panel, ref) not in ZERO_WHEN_HEALTHY and not any(finite))
+    ]
 
 
 def test_every_dashboard_query_returns_data(live: Live) -> None:
@@ -301,7 +332,9 @@ def test_alert_signals_have_data_and_the_healthy_service_fires_none(live: Live) 
         wait_for(lambda: not signals_without_data(), 5 * INTERVAL_S, INTERVAL_S, "every recorded signal")
     except AssertionError:
         pytest.fail(f"recorded signals without a finite value: {signals_without_data()}")
-    replicas = live.prometheus.query(f'application_deployment:serve_replicas_healthy:sum{{application="{live.app_name}"}}')
+    replicas = live.prometheus.query(
+        f'application_deployment:serve_replicas_healthy:sum{{application="{live.app_name}"}}'
+    )
     assert {s["metric"]["deployment"] for s in replicas} >= {"TextEncoder", "AudioEncoder", "VideoEncoder"}
     assert all(float(s["value"][1]) >= 1 for s in replicas), replicas
     active = [a for a in live.prometheus.api("alerts")["alerts"] if a["labels"]["alertname"] in QUIET_ALERTS]
@@ -315,8 +348,10 @@ def test_video_traffic_moves_the_video_latency_series_only(live: Live) -> None:
     time.sleep(2 * INTERVAL_S)  # samples before the video traffic inside the window that ends after it
     face = (FIXTURES / "face.mp4").read_bytes()
     with httpx.Client(base_url=live.base_url, timeout=120) as http:
-        answers = {f"video{i}": http.post("/predict/video", files={"file": ("face.mp4", face, "video/mp4")})
-                   for i in range(VIDEO_REQUESTS)}
+        answers = {
+            f"video{i}": http.post("/predict/video", files={"file": ("face.mp4", face, "video/mp4")})
+            for i in range(VIDEO_REQUESTS)
+        }
     assert all(r.status_code == 200 for r in answers.values()), answers
     live.encoded += _encoded(answers)
     _settle(live)
@@ -335,6 +370,8 @@ def test_video_traffic_moves_the_video_latency_series_only(live: Live) -> None:
         assert finite_values([series["video"]]), (query.ref, series)  # the video line is drawn from the new traffic
         assert "text" not in series or not finite_values([series["text"]]), (query.ref, series)  # text: no new point
     (throughput,) = [q for q in dashboard_queries() if q.panel == THROUGHPUT_PANEL]
-    rates = {s["metric"]["modality"]: float(s["value"][1])
-             for s in live.prometheus.query(grafana_substitute(throughput.expr, values), t_b)}
+    rates = {
+        s["metric"]["modality"]: float(s["value"][1])
+        for s in live.prometheus.query(grafana_substitute(throughput.expr, values), t_b)
+    }
     assert rates["video"] > 0 and rates.get("text", 0.0) == 0.0, rates

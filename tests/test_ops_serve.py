@@ -141,9 +141,14 @@ def service() -> Iterator[Service]:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), saved_env["PYTHONPATH"]]))
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "include_dashboard": False, "metrics_export_port": free_port(),
-    })
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 2,
+            "include_dashboard": False,
+            "metrics_export_port": free_port(),
+        },
+    )
     cluster.add_node(num_cpus=2, metrics_export_port=free_port())
     ray.init(address=cluster.address, logging_level="WARNING")
     try:
@@ -151,12 +156,20 @@ def service() -> Iterator[Service]:
         config = _app_config(base, http_port)
         client = serve_api.serve_start(http_options=config["http_options"], proxy_location="HeadOnly")
         svc = Service(f"http://127.0.0.1:{http_port}", config["applications"][0]["name"], config, client)
-        svc.metrics_urls = [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
-                            for n in ray.nodes() if n["Alive"]]
+        svc.metrics_urls = [
+            f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics" for n in ray.nodes() if n["Alive"]
+        ]
         assert len(svc.metrics_urls) == 2
         svc.deploy(config)
-        wait_for(lambda: serve.status().applications.get(svc.app_name) is not None
-                 and serve.status().applications[svc.app_name].status == "RUNNING", 300, 2, "application RUNNING")
+        wait_for(
+            lambda: (
+                serve.status().applications.get(svc.app_name) is not None
+                and serve.status().applications[svc.app_name].status == "RUNNING"
+            ),
+            300,
+            2,
+            "application RUNNING",
+        )
         wait_for(lambda: health_ok(svc.base_url), 60, 1, "/api/health ok")
         yield svc
     finally:
@@ -190,21 +203,26 @@ def test_metrics_exported(service: Service) -> None:
     app = service.app_name
     expected: list[tuple[str, dict[str, str]]] = []
     for modality, deployment in ENCODERS.items():
-        for name in ("emotion_encoder_decode_ms", "emotion_encoder_model_ms", "emotion_encoder_latency_ms",
-                     "emotion_encoder_batch_size"):
-            expected.append((f"ray_{name}_count", {"modality": modality, "deployment": deployment,
-                                                   "application": app}))
+        for name in (
+            "emotion_encoder_decode_ms",
+            "emotion_encoder_model_ms",
+            "emotion_encoder_latency_ms",
+            "emotion_encoder_batch_size",
+        ):
+            expected.append((f"ray_{name}_count", {"modality": modality, "deployment": deployment, "application": app}))
     for endpoint in ("/api/predict", "/predict", "/predict/audio", "/predict/video", "/api/health"):
-        expected.append(("ray_emotion_requests_total", {"endpoint": endpoint, "status": "200",
-                                                        "deployment": "FusionIngress"}))
+        expected.append(
+            ("ray_emotion_requests_total", {"endpoint": endpoint, "status": "200", "deployment": "FusionIngress"})
+        )
         expected.append(("ray_emotion_request_latency_ms_count", {"endpoint": endpoint}))
     expected.append(("ray_emotion_requests_total", {"endpoint": "/api/predict", "status": "422"}))
     for modality in ("text", "audio", "video", "fused"):
         expected.append(("ray_emotion_predictions_total", {"modality": modality, "deployment": "FusionIngress"}))
     expected.append(("ray_emotion_dropped_modalities_total", {"modality": "audio"}))
     for modality in ("audio", "video", "fused"):
-        expected.append(("ray_emotion_stream_update_latency_ms_count", {"modality": modality,
-                                                                        "deployment": "FusionIngress"}))
+        expected.append(
+            ("ray_emotion_stream_update_latency_ms_count", {"modality": modality, "deployment": "FusionIngress"})
+        )
     expected.append(("ray_emotion_stream_updates_total", {"outcome": "update"}))
     expected.append(("ray_emotion_stream_closes_total", {"reason": "client"}))
     # Every Ray Serve built-in the dashboard queries (steady-state ones) must be exported too.
@@ -213,8 +231,11 @@ def test_metrics_exported(service: Service) -> None:
 
     def missing() -> list[tuple[str, dict[str, str]]]:
         samples = service.scrape()
-        return [(n, labels) for n, labels in expected
-                if not (_total(samples, n, **labels) > 0 or (n in builtins and any(s.name == n for s in samples)))]
+        return [
+            (n, labels)
+            for n, labels in expected
+            if not (_total(samples, n, **labels) > 0 or (n in builtins and any(s.name == n for s in samples)))
+        ]
 
     try:
         wait_for(lambda: not missing(), METRICS_TIMEOUT_S, 3, "metrics")
@@ -223,8 +244,18 @@ def test_metrics_exported(service: Service) -> None:
 
     samples = service.scrape()
     # Every documented metric is there with exactly its documented labels (+ Serve's and Ray's own).
-    ray_labels = {"Component", "NodeAddress", "SessionName", "Version", "WorkerId", "JobId", "le",
-                  "otel_scope_name", "otel_scope_schema_url", "otel_scope_version"}
+    ray_labels = {
+        "Component",
+        "NodeAddress",
+        "SessionName",
+        "Version",
+        "WorkerId",
+        "JobId",
+        "le",
+        "otel_scope_name",
+        "otel_scope_schema_url",
+        "otel_scope_version",
+    }
     for spec in METRICS:
         series = [s for s in samples if s.name in exported_series(spec.name, spec.kind)]
         assert series, spec.name
@@ -252,8 +283,13 @@ def _new_text_weights(tmp_path: Path) -> tuple[str, str]:
     return str(target), version
 
 
-async def _load(base_url: str, stop: asyncio.Event, concurrency: int, results: list[tuple[int, str, float]],
-                text: str = "I did not expect that at all!") -> None:
+async def _load(
+    base_url: str,
+    stop: asyncio.Event,
+    concurrency: int,
+    results: list[tuple[int, str, float]],
+    text: str = "I did not expect that at all!",
+) -> None:
     """``concurrency`` clients posting text until ``stop``; records (status, text model version, send time)."""
 
     async def client(http: httpx.AsyncClient) -> None:

@@ -79,8 +79,9 @@ def test_every_prediction_endpoint_needs_a_valid_key(live: Live, path: str) -> N
     with httpx.Client(base_url=live.base_url, timeout=120) as http:
         missing = http.post(path, **PREDICTIONS[path])
         wrong = http.post(path, headers={"X-API-Key": secrets.token_urlsafe(24)}, **PREDICTIONS[path])
-        right_header = bearer(KEYS["alice"]) if path in ("/api/predict", "/predict/audio") else {"X-API-Key":
-                                                                                                   KEYS["alice"]}
+        right_header = (
+            bearer(KEYS["alice"]) if path in ("/api/predict", "/predict/audio") else {"X-API-Key": KEYS["alice"]}
+        )
         right = http.post(path, headers=right_header, **PREDICTIONS[path])
     assert missing.status_code == 401 and "API key is required" in missing.json()["detail"]
     assert wrong.status_code == 401 and wrong.json()["detail"] == "the API key is not valid"
@@ -103,11 +104,13 @@ def test_health_without_a_key_reveals_no_model_versions(live: Live) -> None:
 def test_a_burst_over_one_keys_limit_gets_429_while_another_key_is_served(live: Live) -> None:
     async def burst() -> tuple[list[httpx.Response], list[httpx.Response]]:
         async with httpx.AsyncClient(base_url=live.base_url, timeout=120) as http:
+
             def post(key: str, i: int) -> Any:
                 return http.post("/api/predict", headers=bearer(key), json={"text": f"Again and again, {i} times."})
 
-            answers = await asyncio.gather(*(post(KEYS["bob"], i) for i in range(10)),
-                                           *(post(KEYS["carol"], i) for i in range(2)))
+            answers = await asyncio.gather(
+                *(post(KEYS["bob"], i) for i in range(10)), *(post(KEYS["carol"], i) for i in range(2))
+            )
             return list(answers[:10]), list(answers[10:])
 
     bob, carol = asyncio.run(burst())
@@ -125,8 +128,10 @@ def test_the_page_asks_for_the_key_then_analyses_text(live: Live) -> None:
     from tests.test_web_ui import CHROMIUM, CHROMIUM_ARGS, RESULT_TIMEOUT_MS, analyze
 
     if not os.path.exists(CHROMIUM):
-        pytest.skip(f"Chromium not found at {CHROMIUM}: install Debian's browser with `apt-get install -y chromium` "
-                    "(or set CHROMIUM_PATH) to run the web UI tests")
+        pytest.skip(
+            f"Chromium not found at {CHROMIUM}: install Debian's browser with `apt-get install -y chromium` "
+            "(or set CHROMIUM_PATH) to run the web UI tests"
+        )
     expect = sync_api.expect
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)

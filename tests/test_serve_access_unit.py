@@ -50,8 +50,12 @@ class Clock:
 class Harness:
     """The ingress app with fake encoders, its recorded metrics and a fake clock."""
 
-    def __init__(self, access: dict[str, Any] | None = None, environ: dict[str, str] | None = None,
-                 behaviours: dict[str, Callable[[Any], Any]] | None = None) -> None:
+    def __init__(
+        self,
+        access: dict[str, Any] | None = None,
+        environ: dict[str, str] | None = None,
+        behaviours: dict[str, Callable[[Any], Any]] | None = None,
+    ) -> None:
         self.config = AppConfig.from_args({"access": access or {}})
         self.clock = Clock()
         self.metrics = RecordingMetrics()
@@ -61,8 +65,9 @@ class Harness:
         self.service = FusionService(self.handles, self.config, self.metrics)  # type: ignore[arg-type]
         keys = None
         if self.config.access.api_keys.required:
-            keys = ApiKeys(self.config.access.api_keys, environ=environ or {"EMOTION_API_KEYS": f"{ALICE},{BOB}"},
-                           clock=self.clock)
+            keys = ApiKeys(
+                self.config.access.api_keys, environ=environ or {"EMOTION_API_KEYS": f"{ALICE},{BOB}"}, clock=self.clock
+            )
         self.access = AccessControl(self.config.access, self.metrics, keys=keys, clock=self.clock)
         self.app = create_app(self.service, self.config, static_dir=None, access=self.access)
 
@@ -74,6 +79,7 @@ class Harness:
         async def go() -> httpx.Response:
             async with self.client(address) as http:
                 return await http.request(method, url, **kwargs)
+
         return asyncio.run(go())
 
     def encoder_calls(self) -> int:
@@ -110,11 +116,22 @@ def test_keys_are_off_by_default_and_health_shows_the_models() -> None:
 
 @pytest.mark.parametrize("path", list(ENDPOINTS))
 def test_every_prediction_endpoint_needs_a_valid_key(path: str) -> None:
-    h = Harness(KEYS_ON, behaviours={"audio": lambda p: answer("audio") if p == SPEECH else
-                                     {"error": {"code": "no_audio_stream", "message": "no audio", "status": 400}}})
-    for headers, why in (({}, "an API key is required"), ({"X-API-Key": "not-the-key-0000000000"}, "not valid"),
-                         (bearer("wrong-but-long-enough-key"), "not valid"), ({"Authorization": f"Basic {ALICE}"},
-                                                                                 "an API key is required")):
+    h = Harness(
+        KEYS_ON,
+        behaviours={
+            "audio": lambda p: (
+                answer("audio")
+                if p == SPEECH
+                else {"error": {"code": "no_audio_stream", "message": "no audio", "status": 400}}
+            )
+        },
+    )
+    for headers, why in (
+        ({}, "an API key is required"),
+        ({"X-API-Key": "not-the-key-0000000000"}, "not valid"),
+        (bearer("wrong-but-long-enough-key"), "not valid"),
+        ({"Authorization": f"Basic {ALICE}"}, "an API key is required"),
+    ):
         r = h.request("POST", path, headers=headers, **ENDPOINTS[path])
         assert r.status_code == 401, (headers, r.text)
         assert why in r.json()["detail"] and r.headers["www-authenticate"].startswith("Bearer")
@@ -173,8 +190,15 @@ def test_rate_limit_is_per_key_with_retry_after() -> None:
     assert limited.status_code == 429 and limited.headers["retry-after"] == "1"
     assert "too many requests" in limited.json()["detail"]
     assert h.request("POST", "/api/predict", headers=bearer(BOB), **text).status_code == 200  # another key is served
-    assert h.request("POST", "/predict/audio", headers=bearer(ALICE),  # media endpoints share the budget
-                     **ENDPOINTS["/predict/audio"]).status_code == 429
+    assert (
+        h.request(
+            "POST",
+            "/predict/audio",
+            headers=bearer(ALICE),  # media endpoints share the budget
+            **ENDPOINTS["/predict/audio"],
+        ).status_code
+        == 429
+    )
     h.clock.now += 1.0  # one token back at 1 per second
     assert h.request("POST", "/api/predict", headers=bearer(ALICE), **text).status_code == 200
     assert h.request("POST", "/api/predict", headers=bearer(ALICE), **text).status_code == 429
@@ -254,8 +278,9 @@ def test_keys_come_from_the_environment_and_a_file_that_is_reread(tmp_path: Path
     keys_file = tmp_path / "api-keys"
     keys_file.write_text(f"# rotated 2026-01\n{ALICE}\n\n")
     clock = Clock()
-    keys = ApiKeys(ApiKeysConfig(required=True, file=str(keys_file)), environ={"EMOTION_API_KEYS": f" {BOB} ,"},
-                   clock=clock)
+    keys = ApiKeys(
+        ApiKeysConfig(required=True, file=str(keys_file)), environ={"EMOTION_API_KEYS": f" {BOB} ,"}, clock=clock
+    )
     assert keys.match(ALICE) and keys.match(BOB) and keys.match("# rotated 2026-01") is None
     assert keys.match(ALICE[:-1]) is None and keys.match(ALICE + "x") is None
 
@@ -270,8 +295,9 @@ def test_keys_come_from_the_environment_and_a_file_that_is_reread(tmp_path: Path
     assert keys.match(new) and keys.match("short") is None
 
 
-def test_required_keys_that_are_missing_or_weak_stop_the_ingress(tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_required_keys_that_are_missing_or_weak_stop_the_ingress(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("EMOTION_API_KEYS", raising=False)
     config = AccessConfig.model_validate({"api_keys": {"required": True, "file": str(tmp_path / "absent")}})
     with pytest.raises(ValueError, match="none were found in .EMOTION_API_KEYS and .*absent"):
@@ -285,15 +311,18 @@ def test_required_keys_that_are_missing_or_weak_stop_the_ingress(tmp_path: Path,
     assert any(r.path == "/api/predict" for r in create_app(service, service.config, static_dir=None).routes)
 
 
-@pytest.mark.parametrize("access", [
-    {"api_keys": {"key": ALICE}},  # there is no place for a key in the config
-    {"api_keys": {"env": "alice-key-3f9c2b7e41d0a8"}},  # a key pasted where a variable name goes
-    {"cors_origins": ["https://app.example.org/page"]},
-    {"cors_origins": ["app.example.org"]},
-    {"per_client": {"requests_per_minute": 0}},
-    {"per_client": {"max_concurrent_uploads": 0}},
-    {"rate_limit": {}},
-])
+@pytest.mark.parametrize(
+    "access",
+    [
+        {"api_keys": {"key": ALICE}},  # there is no place for a key in the config
+        {"api_keys": {"env": "alice-key-3f9c2b7e41d0a8"}},  # a key pasted where a variable name goes
+        {"cors_origins": ["https://app.example.org/page"]},
+        {"cors_origins": ["app.example.org"]},
+        {"per_client": {"requests_per_minute": 0}},
+        {"per_client": {"max_concurrent_uploads": 0}},
+        {"rate_limit": {}},
+    ],
+)
 def test_bad_access_config_is_rejected(access: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
         AppConfig.from_args({"access": access})
@@ -309,8 +338,10 @@ def test_keys_never_appear_in_logs_metrics_or_answers() -> None:
     logger.setLevel(logging.DEBUG)
     try:
         h = Harness({**KEYS_ON, "per_client": {"requests_per_minute": 60, "burst": 1}})
-        answers = [h.request("POST", "/api/predict", headers=headers, json={"text": "hello"})
-                   for headers in (bearer(ALICE), bearer(ALICE), {"X-API-Key": BOB}, bearer(ALICE[::-1]))]
+        answers = [
+            h.request("POST", "/api/predict", headers=headers, json={"text": "hello"})
+            for headers in (bearer(ALICE), bearer(ALICE), {"X-API-Key": BOB}, bearer(ALICE[::-1]))
+        ]
         answers.append(h.request("GET", "/api/health", headers=bearer(BOB)))
     finally:
         logger.removeHandler(handler)

@@ -98,9 +98,16 @@ def test_still_image_is_a_one_frame_video(http: httpx.Client) -> None:
 
 
 def test_fused_text_audio_video(http: httpx.Client) -> None:
-    body = ok(http.post("/predict", data={"text": "That was the best news I heard all year."},
-                        files={"audio": ("speech.wav", SPEECH, "audio/wav"),
-                               "video": ("face_noaudio.mp4", FACE_SILENT, "video/mp4")}))
+    body = ok(
+        http.post(
+            "/predict",
+            data={"text": "That was the best news I heard all year."},
+            files={
+                "audio": ("speech.wav", SPEECH, "audio/wav"),
+                "video": ("face_noaudio.mp4", FACE_SILENT, "video/mp4"),
+            },
+        )
+    )
     assert list(body["contributions"]) == ["text", "audio", "video"]
     assert all(0 < w < 1 for w in body["contributions"].values())
     assert body["dropped"] == {}
@@ -118,25 +125,56 @@ BAD_INPUTS = [
     ("missing field", "post", "/api/predict", {"json": {"txt": "hi"}}, 422, "text"),
     ("no modality", "post", "/predict", {"data": {"text": ""}}, 422, "at least one of"),
     ("missing file", "post", "/predict/video", {"data": {"text": "hi"}}, 422, "file"),
-    ("corrupt video", "post", "/predict/video", {"files": {"file": ("corrupt.mp4", CORRUPT, "video/mp4")}}, 400,
-     "could not decode"),
+    (
+        "corrupt video",
+        "post",
+        "/predict/video",
+        {"files": {"file": ("corrupt.mp4", CORRUPT, "video/mp4")}},
+        400,
+        "could not decode",
+    ),
     ("empty file", "post", "/predict/audio", {"files": {"file": ("empty.wav", b"", "audio/wav")}}, 400, "empty"),
-    ("audio without a track", "post", "/predict/audio", {"files": {"file": ("face.png", STILL, "video/mp4")}}, 400,
-     "no audio track"),
-    ("text file", "post", "/predict/audio", {"files": {"file": ("notes.txt", b"hello there, not audio", "text/plain")}},
-     415, "text/plain"),
-    ("pdf", "post", "/predict/video", {"files": {"file": ("cv.pdf", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n", "application/pdf")}},
-     415, "application/pdf"),
-    ("too large", "post", "/predict/audio",
-     {"files": {"file": ("big.wav", b"RIFF" + b"\x01" * (UPLOAD_LIMIT_MB * 1024 * 1024 + 10), "audio/wav")}}, 413,
-     "upload limit"),
+    (
+        "audio without a track",
+        "post",
+        "/predict/audio",
+        {"files": {"file": ("face.png", STILL, "video/mp4")}},
+        400,
+        "no audio track",
+    ),
+    (
+        "text file",
+        "post",
+        "/predict/audio",
+        {"files": {"file": ("notes.txt", b"hello there, not audio", "text/plain")}},
+        415,
+        "text/plain",
+    ),
+    (
+        "pdf",
+        "post",
+        "/predict/video",
+        {"files": {"file": ("cv.pdf", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n", "application/pdf")}},
+        415,
+        "application/pdf",
+    ),
+    (
+        "too large",
+        "post",
+        "/predict/audio",
+        {"files": {"file": ("big.wav", b"RIFF" + b"\x01" * (UPLOAD_LIMIT_MB * 1024 * 1024 + 10), "audio/wav")}},
+        413,
+        "upload limit",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("what", "method", "url", "kwargs", "status", "detail"), BAD_INPUTS,
-                         ids=[b[0] for b in BAD_INPUTS])
-def test_bad_input(http: httpx.Client, what: str, method: str, url: str, kwargs: dict[str, Any], status: int,
-                   detail: str) -> None:
+@pytest.mark.parametrize(
+    ("what", "method", "url", "kwargs", "status", "detail"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS]
+)
+def test_bad_input(
+    http: httpx.Client, what: str, method: str, url: str, kwargs: dict[str, Any], status: int, detail: str
+) -> None:
     response = getattr(http, method)(url, **kwargs)
     assert response.status_code == status, response.text
     assert detail in str(response.json()["detail"])
@@ -145,8 +183,10 @@ def test_bad_input(http: httpx.Client, what: str, method: str, url: str, kwargs:
 def test_streamed_upload_over_limit_is_cut_off(http: httpx.Client) -> None:
     """No Content-Length (chunked): the limit is enforced while the body streams in."""
     boundary = "limitboundary"
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.wav\"\r\n"
-            "Content-Type: audio/wav\r\n\r\nRIFF").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.wav"\r\n'
+        "Content-Type: audio/wav\r\n\r\nRIFF"
+    ).encode()
 
     def body() -> Iterator[bytes]:
         yield head
@@ -155,8 +195,9 @@ def test_streamed_upload_over_limit_is_cut_off(http: httpx.Client) -> None:
         yield f"\r\n--{boundary}--\r\n".encode()
 
     try:
-        response = http.post("/predict/audio", content=body(),
-                             headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+        response = http.post(
+            "/predict/audio", content=body(), headers={"content-type": f"multipart/form-data; boundary={boundary}"}
+        )
     except httpx.TransportError:  # the server may close before the client finished sending
         pytest.skip("connection closed before the 413 could be read")
     assert response.status_code == 413 and "upload limit" in response.json()["detail"]
@@ -175,7 +216,9 @@ def test_docs_and_web_page(http: httpx.Client) -> None:
     spec = http.get("/openapi.json").json()
     assert {"/api/health", "/api/predict", "/predict", "/predict/audio", "/predict/video"} <= set(spec["paths"])
     schemas = spec["components"]["schemas"]
-    assert {"contributions", "modalities", "dropped", "model_version"} <= set(schemas["PredictionResponse"]["properties"])
+    assert {"contributions", "modalities", "dropped", "model_version"} <= set(
+        schemas["PredictionResponse"]["properties"]
+    )
     if (REPO / "serve" / "static" / "index.html").is_file():
         page = http.get("/")
         assert page.status_code == 200 and "<html" in page.text.lower()

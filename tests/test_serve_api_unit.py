@@ -33,10 +33,20 @@ def answer(modality: str, emotion: str = "happy", version: str | None = None, **
     """What a real encoder returns for a success: an :class:`EncoderAnswer` as plain data."""
     probs = {e: (0.94 if e == emotion else 0.01) for e in EMOTIONS}
     rng = np.random.default_rng(len(modality))
-    return EncoderAnswer(modality=modality, embedding=rng.normal(size=256).tolist(), probabilities=probs,
-                         emotion=emotion, confidence=0.94, latency_ms=5.0, decode_ms=1.0, preprocess_ms=0.5,
-                         model_ms=3.0, batch_size=1, model_version=version or f"{modality}-test",
-                         **info).model_dump(exclude_none=True)
+    return EncoderAnswer(
+        modality=modality,
+        embedding=rng.normal(size=256).tolist(),
+        probabilities=probs,
+        emotion=emotion,
+        confidence=0.94,
+        latency_ms=5.0,
+        decode_ms=1.0,
+        preprocess_ms=0.5,
+        model_ms=3.0,
+        batch_size=1,
+        model_version=version or f"{modality}-test",
+        **info,
+    ).model_dump(exclude_none=True)
 
 
 class FakeHandle:
@@ -65,6 +75,7 @@ class FakeHandle:
             self.payloads.append(payload)
             result = self.behaviour(payload)
             return await result if asyncio.iscoroutine(result) else result
+
         return go()
 
 
@@ -92,6 +103,7 @@ class Harness:
             transport = httpx.ASGITransport(app=self.app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
                 return await client.request(method, url, **kwargs)
+
         return asyncio.run(go())
 
 
@@ -138,8 +150,12 @@ def test_video_without_audio_track_reports_the_dropped_audio() -> None:
 
 def test_all_three_modalities_fused() -> None:
     h = make()
-    r = h.request("POST", "/predict", data={"text": "what a day"},
-                  files={"audio": ("speech.wav", SPEECH, "audio/wav"), "video": ("face.mp4", FACE, "video/mp4")})
+    r = h.request(
+        "POST",
+        "/predict",
+        data={"text": "what a day"},
+        files={"audio": ("speech.wav", SPEECH, "audio/wav"), "video": ("face.mp4", FACE, "video/mp4")},
+    )
     body = r.json()
     check_contract(body)
     assert list(body["contributions"]) == ["text", "audio", "video"]
@@ -210,21 +226,34 @@ def test_failure_status_prefers_client_errors() -> None:
     assert failure_status({"text": down}, ("text",)) == 503  # type: ignore[dict-item]
 
 
-@pytest.mark.parametrize(("method", "url", "kwargs", "status", "detail"), [
-    ("POST", "/api/predict", {"json": {"text": "   "}}, 422, "text is empty"),
-    ("POST", "/api/predict", {"json": {"text": ""}}, 422, None),
-    ("POST", "/api/predict", {"json": {}}, 422, None),
-    ("POST", "/api/predict", {"json": {"text": "a" * 101}}, 422, "longer than 100"),
-    ("POST", "/predict", {"data": {"text": "  "}}, 422, "at least one of"),
-    ("POST", "/predict", {"data": {"text": ""}, "files": {"video": ("", b"", "application/octet-stream")}}, 422,
-     "at least one of"),  # what an HTML form sends with nothing filled in
-    ("POST", "/predict/audio", {"data": {"x": "1"}}, 422, None),  # missing file field
-    ("POST", "/predict/audio", {"files": {"file": ("a.txt", b"just some words here", "text/plain")}}, 415,
-     "text/plain"),
-    ("POST", "/predict/video", {"files": {"file": ("a.pdf", b"%PDF-1.4 ...", "application/pdf")}}, 415, "pdf"),
-    ("POST", "/predict/audio", {"files": {"file": ("empty.wav", b"", "audio/wav")}}, 400, "empty"),
-    ("POST", "/predict/audio", {"files": {"file": ("big.wav", b"\x01" * 3000, "audio/wav")}}, 413, "upload limit"),
-])
+@pytest.mark.parametrize(
+    ("method", "url", "kwargs", "status", "detail"),
+    [
+        ("POST", "/api/predict", {"json": {"text": "   "}}, 422, "text is empty"),
+        ("POST", "/api/predict", {"json": {"text": ""}}, 422, None),
+        ("POST", "/api/predict", {"json": {}}, 422, None),
+        ("POST", "/api/predict", {"json": {"text": "a" * 101}}, 422, "longer than 100"),
+        ("POST", "/predict", {"data": {"text": "  "}}, 422, "at least one of"),
+        (
+            "POST",
+            "/predict",
+            {"data": {"text": ""}, "files": {"video": ("", b"", "application/octet-stream")}},
+            422,
+            "at least one of",
+        ),  # what an HTML form sends with nothing filled in
+        ("POST", "/predict/audio", {"data": {"x": "1"}}, 422, None),  # missing file field
+        (
+            "POST",
+            "/predict/audio",
+            {"files": {"file": ("a.txt", b"just some words here", "text/plain")}},
+            415,
+            "text/plain",
+        ),
+        ("POST", "/predict/video", {"files": {"file": ("a.pdf", b"%PDF-1.4 ...", "application/pdf")}}, 415, "pdf"),
+        ("POST", "/predict/audio", {"files": {"file": ("empty.wav", b"", "audio/wav")}}, 400, "empty"),
+        ("POST", "/predict/audio", {"files": {"file": ("big.wav", b"\x01" * 3000, "audio/wav")}}, 413, "upload limit"),
+    ],
+)
 def test_bad_requests(method: str, url: str, kwargs: dict[str, Any], status: int, detail: str | None) -> None:
     h = make({"limits": {"max_upload_mb": 2000 / 1024 / 1024, "max_text_chars": 100}})
     r = h.request(method, url, **kwargs)

@@ -39,6 +39,7 @@ class Recording(FakeHandle):
                     raise ActorDiedError()
                 return [answer(self.modality) for _ in args[0]]
             return answer(self.modality)
+
         return go()
 
 
@@ -50,6 +51,7 @@ def _service(handle: Recording, **text: Any) -> FusionService:
 def _predict_all(service: FusionService, n: int) -> list[PredictionResponse]:
     async def go() -> list[PredictionResponse]:
         return list(await asyncio.gather(*(service.predict({"text": f"t{i}"}) for i in range(n))))
+
     return asyncio.run(go())
 
 

@@ -32,8 +32,13 @@ def test_defaults() -> None:
 
 
 def test_args_are_validated() -> None:
-    cfg = AppConfig.from_args({"limits": {"max_upload_mb": 1}, "encoders": {"audio": {"max_batch_size": 2}},
-                               "models": {"text_backbone": "/some/minilm"}})
+    cfg = AppConfig.from_args(
+        {
+            "limits": {"max_upload_mb": 1},
+            "encoders": {"audio": {"max_batch_size": 2}},
+            "models": {"text_backbone": "/some/minilm"},
+        }
+    )
     assert cfg.limits.max_upload_bytes == 1024 * 1024
     assert cfg.encoders.audio.max_batch_size == 2
     assert cfg.encoders.text.max_batch_size == 16  # untouched defaults stay
@@ -48,9 +53,13 @@ def test_args_are_validated() -> None:
 def test_user_configs_carry_weights_and_batching() -> None:
     cfg = AppConfig.from_args({"models": {"text_weights": "/w/text", "text_backbone": "/b", "revision": "r2"}})
     text = cfg.encoder_user_config("text")
-    assert text == {"weights_dir": "/w/text", "backbone": "/b", "revision": "r2",
-                    "max_batch_size": cfg.encoders.text.max_batch_size,
-                    "batch_wait_timeout_s": cfg.encoders.text.batch_wait_timeout_s}
+    assert text == {
+        "weights_dir": "/w/text",
+        "backbone": "/b",
+        "revision": "r2",
+        "max_batch_size": cfg.encoders.text.max_batch_size,
+        "batch_wait_timeout_s": cfg.encoders.text.batch_wait_timeout_s,
+    }
     assert cfg.encoder_user_config("audio")["backbone"] is None  # the backbone override is text-only
     EncoderUserConfig.model_validate(text)  # what reconfigure accepts
     assert cfg.ingress_user_config() == {"fusion_weights": None, "revision": "r2"}

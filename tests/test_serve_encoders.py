@@ -89,8 +89,11 @@ def test_bad_input_is_an_error_dict_not_an_exception() -> None:
     out = asyncio.run(scenario())
     assert out["corrupt"]["error"]["code"] == "decode_error" and out["corrupt"]["error"]["status"] == 400
     assert out["empty"]["error"]["code"] == "empty_media"
-    assert out["no_audio"]["error"] == {"code": "no_audio_stream", "message": "the file has no audio track",
-                                        "status": 400}
+    assert out["no_audio"]["error"] == {
+        "code": "no_audio_stream",
+        "message": "the file has no audio track",
+        "status": 400,
+    }
     assert out["wrong_type"]["error"]["code"] == "bad_payload"
     check_answer(out["fine"], "audio")
 

@@ -35,8 +35,10 @@ SCHEMATHESIS_CONFIG = REPO / "tests" / "schemathesis.toml"
 
 @pytest.fixture(scope="module")
 def single_url() -> Iterator[str]:
-    args = {**yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]["args"],
-            "limits": {"max_upload_mb": UPLOAD_LIMIT_MB}}
+    args = {
+        **yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]["args"],
+        "limits": {"max_upload_mb": UPLOAD_LIMIT_MB},
+    }
     if any(replica_pids(d) for d in DEPLOYMENTS):
         pytest.skip("another Serve application is running on this machine")
     with local_serve_app(args, "emotion") as base_url:
@@ -47,14 +49,17 @@ def single_url() -> Iterator[str]:
 def test_upload_over_limit_without_expect_reads_413(single_url: str) -> None:
     """urllib/http.client send the whole body, then read: they must read the 413, not a reset."""
     boundary = "b0undary"
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.wav\"\r\n"
-            "Content-Type: audio/wav\r\n\r\nRIFF").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.wav"\r\n'
+        "Content-Type: audio/wav\r\n\r\nRIFF"
+    ).encode()
     body = head + b"\x01" * (3 * UPLOAD_LIMIT_MB * 1024 * 1024) + f"\r\n--{boundary}--\r\n".encode()
     host = single_url.removeprefix("http://")
     conn = http.client.HTTPConnection(host, timeout=120)
     try:
-        conn.request("POST", "/predict/video", body=body,
-                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        conn.request(
+            "POST", "/predict/video", body=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        )
         response = conn.getresponse()
         status, answer = response.status, json.loads(response.read())
     finally:
@@ -68,11 +73,31 @@ def test_upload_over_limit_without_expect_reads_413(single_url: str) -> None:
 def test_schemathesis_finds_nothing(single_url: str, tmp_path: Path) -> None:
     """Every check of schemathesis (OpenAPI-driven fuzzing) against the live service, bounded examples."""
     exe = Path(sys.executable).with_name("schemathesis")
-    cmd = [str(exe) if exe.exists() else "schemathesis", "--config-file", str(SCHEMATHESIS_CONFIG), "run",
-           f"{single_url}/openapi.json", "--checks", "all", "--seed", "22", "--no-color",
-           "--report", "junit", "--report-dir", str(tmp_path)]
-    result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=900, cwd=tmp_path,
-                            env={**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"})
+    cmd = [
+        str(exe) if exe.exists() else "schemathesis",
+        "--config-file",
+        str(SCHEMATHESIS_CONFIG),
+        "run",
+        f"{single_url}/openapi.json",
+        "--checks",
+        "all",
+        "--seed",
+        "22",
+        "--no-color",
+        "--report",
+        "junit",
+        "--report-dir",
+        str(tmp_path),
+    ]
+    result = subprocess.run(
+        cmd,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+        env={**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"},
+    )
     out = result.stdout + result.stderr
     print(out[-1500:])
     assert result.returncode == 0, out[-6000:]

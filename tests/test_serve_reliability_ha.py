@@ -44,8 +44,12 @@ SCHEMATHESIS_CONFIG = REPO / "tests" / "schemathesis.toml"
 def ha(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedServer]:
     if any(replica_pids(d) for d in DEPLOYMENTS):
         pytest.skip("another Serve application is running on this machine")
-    server = serve_server(HA_CONFIG, tmp_path_factory.mktemp("ha"),
-                          overrides={"args": {"encoders": {"text": {"timeout_s": 90}}}}, tag="ha")
+    server = serve_server(
+        HA_CONFIG,
+        tmp_path_factory.mktemp("ha"),
+        overrides={"args": {"encoders": {"text": {"timeout_s": 90}}}},
+        tag="ha",
+    )
     with server:
         server.wait_ready(900)
         wait_for(lambda: all(len(replica_pids(d)) >= 2 for d in DEPLOYMENTS), 600, 2, "2 replicas of each")
@@ -66,16 +70,22 @@ def load(base_url: str, stop: threading.Event, results: list[tuple[str, int | No
 
 
 def wait_back(deployment: str, killed: int, n: int = 2, timeout_s: float = 600) -> None:
-    wait_for(lambda: killed not in replica_pids(deployment) and len(replica_pids(deployment)) >= n, timeout_s, 2,
-             f"{deployment} back to {n} replicas")
+    wait_for(
+        lambda: killed not in replica_pids(deployment) and len(replica_pids(deployment)) >= n,
+        timeout_s,
+        2,
+        f"{deployment} back to {n} replicas",
+    )
 
 
 def kill_under_load(base_url: str, deployment: str) -> tuple[int, list[tuple[str, int | None, str]]]:
     """Six clients (4 text, 2 audio) for 25 s; one ``deployment`` replica SIGKILLed after 10 s."""
     results: list[tuple[str, int | None, str]] = []
     stop = threading.Event()
-    threads = [threading.Thread(target=load, args=(base_url, stop, results, kind), daemon=True)
-               for kind in ("text", "text", "text", "text", "audio", "audio")]
+    threads = [
+        threading.Thread(target=load, args=(base_url, stop, results, kind), daemon=True)
+        for kind in ("text", "text", "text", "text", "audio", "audio")
+    ]
     for t in threads:
         t.start()
     try:
@@ -100,9 +110,12 @@ def test_killing_a_text_encoder_replica_loses_nothing(ha: ManagedServer) -> None
     wait_back("TextEncoder", pid)
 
 
-@pytest.mark.xfail(strict=False, reason="KNOWN LIMIT: requests in flight on the killed FusionIngress replica are "
-                   "answered 500 by Ray Serve's HTTP proxy, which does not retry a request whose replica died after "
-                   "accepting it (2 of 1072 in the run that found it); later requests go to the other replica")
+@pytest.mark.xfail(
+    strict=False,
+    reason="KNOWN LIMIT: requests in flight on the killed FusionIngress replica are "
+    "answered 500 by Ray Serve's HTTP proxy, which does not retry a request whose replica died after "
+    "accepting it (2 of 1072 in the run that found it); later requests go to the other replica",
+)
 def test_killing_an_ingress_replica_loses_nothing(ha: ManagedServer) -> None:
     pid, results = kill_under_load(ha.base_url, "FusionIngress")
     wait_back("FusionIngress", pid)
@@ -119,8 +132,11 @@ def test_encoder_without_live_replica_is_dropped_within_2s(ha: ManagedServer) ->
     with httpx.Client(base_url=ha.base_url, timeout=120) as http:
         for _ in range(5):
             start = time.monotonic()
-            r = http.post("/predict", data={"text": "What a lovely surprise!"},
-                          files={"audio": ("speech.wav", SPEECH, "audio/wav"), "video": ("face.mp4", FACE, "video/mp4")})
+            r = http.post(
+                "/predict",
+                data={"text": "What a lovely surprise!"},
+                files={"audio": ("speech.wav", SPEECH, "audio/wav"), "video": ("face.mp4", FACE, "video/mp4")},
+            )
             elapsed.append(time.monotonic() - start)
             assert r.status_code == 200, r.text
             bodies.append(r.json())
@@ -128,15 +144,20 @@ def test_encoder_without_live_replica_is_dropped_within_2s(ha: ManagedServer) ->
             assert set(body["contributions"]) == {"text", "audio"}
             assert body["dropped"]["video"].startswith("unavailable: the video encoder")
         assert max(elapsed) < 2.0, elapsed
-        single = http.post("/predict/video", files={"file": ("face_noaudio.mp4",
-                                                             (FIXTURES / "face_noaudio.mp4").read_bytes(),
-                                                             "video/mp4")})
+        single = http.post(
+            "/predict/video",
+            files={"file": ("face_noaudio.mp4", (FIXTURES / "face_noaudio.mp4").read_bytes(), "video/mp4")},
+        )
         # video dead and the file has no audio track: nothing usable; the client's fault (400) wins over 503
         assert single.status_code == 400, single.text
         assert "video: the video encoder has no live replica" in single.json()["detail"]
     # Serve replaces the killed replicas on its own; then video is used again
-    wait_for(lambda: len([p for p in replica_pids("VideoEncoder") if p not in pids]) >= 2, 600, 2,
-             "VideoEncoder replicas replaced")
+    wait_for(
+        lambda: len([p for p in replica_pids("VideoEncoder") if p not in pids]) >= 2,
+        600,
+        2,
+        "VideoEncoder replicas replaced",
+    )
     wait_for(lambda: health_ok(ha.base_url), 300, 2, "/api/health ok")
     body = wait_for(lambda: _video_used(ha.base_url), 120, 2, "video used again")
     assert body["dropped"] == {}

@@ -1,4 +1,4 @@
-"""Failure handling of the ingress without Ray: replica deaths, dead encoders, 413 on a real socket, the OpenAPI contract.
+"""Failure handling of the ingress without Ray: replica deaths, dead encoders, 413 on a socket, the OpenAPI contract.
 
 Encoders are fake handles (see ``tests/test_serve_api_unit.py``); a "dead replica" is a handle that raises Ray's
 ``ActorDiedError``, and "no live replica" a handle whose ``live_replicas()`` says 0 (what
@@ -50,6 +50,7 @@ def dies_first(times: int, modality: str) -> Any:
         if calls["n"] <= times:
             raise ActorDiedError()
         return answer(modality)
+
     return behaviour
 
 
@@ -66,8 +67,9 @@ def test_retries_are_bounded_and_then_unavailable() -> None:
     h = make(text=dies_first(100, "text"))
     r = h.request("POST", "/api/predict", json={"text": "hello"})
     assert r.status_code == 503
-    assert r.json() == {"detail": "no modality could be used (text: the text encoder has no live replica "
-                                  "(ActorDiedError))"}
+    assert r.json() == {
+        "detail": "no modality could be used (text: the text encoder has no live replica (ActorDiedError))"
+    }
     assert len(h.handles["text"].payloads) == 3  # one call and two retries
 
 
@@ -93,8 +95,12 @@ def test_encoder_without_live_replica_is_dropped_without_a_call() -> None:
 
     h = counted(video=never)
     h.handles["video"].replicas = 0
-    r = h.request("POST", "/predict", data={"text": "what a day"},
-                  files={"audio": ("s.wav", SPEECH, "audio/wav"), "video": ("f.mp4", FACE, "video/mp4")})
+    r = h.request(
+        "POST",
+        "/predict",
+        data={"text": "what a day"},
+        files={"audio": ("s.wav", SPEECH, "audio/wav"), "video": ("f.mp4", FACE, "video/mp4")},
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert set(body["contributions"]) == {"text", "audio"}
@@ -183,8 +189,10 @@ def post_without_expect(host: str, path: str, size: int) -> tuple[int, dict[str,
     """POST a ``size``-byte multipart body with ``http.client`` (as ``urllib`` does: all of it, no
     ``Expect: 100-continue``, then read the answer)."""
     boundary = "b0undary"
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.wav\"\r\n"
-            "Content-Type: audio/wav\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.wav"\r\n'
+        "Content-Type: audio/wav\r\n\r\n"
+    ).encode()
     tail = f"\r\n--{boundary}--\r\n".encode()
     body = head + b"RIFF" + b"\x01" * (size - len(head) - len(tail) - 4) + tail
     conn = http.client.HTTPConnection(host, timeout=60)
@@ -204,8 +212,9 @@ def test_over_limit_upload_without_expect_reads_a_413(uvicorn_url: str, size: in
     assert connection == "close"
     # the server is fine afterwards
     conn = http.client.HTTPConnection(uvicorn_url, timeout=30)
-    conn.request("POST", "/api/predict", body=json.dumps({"text": "still here"}),
-                 headers={"Content-Type": "application/json"})
+    conn.request(
+        "POST", "/api/predict", body=json.dumps({"text": "still here"}), headers={"Content-Type": "application/json"}
+    )
     assert conn.getresponse().status == 200
     conn.close()
 
@@ -234,8 +243,11 @@ def test_openapi_documents_the_real_error_shapes(tmp_path: Path) -> None:
     assert {"required": ["audio"]} in fused["anyOf"] and spec["paths"]["/predict"]["post"]["requestBody"]["required"]
     assert schemas["TextRequest"]["properties"]["text"]["pattern"] == r"\S"
     # a wrong method on an API route is a 405 naming the right one, even with the static page mounted at /
-    for method, path, allow in (("GET", "/api/predict", "POST"), ("PUT", "/predict/audio", "POST"),
-                                ("DELETE", "/api/health", "GET")):
+    for method, path, allow in (
+        ("GET", "/api/predict", "POST"),
+        ("PUT", "/predict/audio", "POST"),
+        ("DELETE", "/api/health", "GET"),
+    ):
         r = h.request(method, path)
         assert r.status_code == 405 and r.headers["allow"] == allow, (method, path)
         assert r.json() == {"detail": "Method Not Allowed"}
@@ -261,9 +273,13 @@ def test_soak_report_counts_lost_requests_and_gaps() -> None:
     from bench.soak import Record, Run, summarize
 
     run = Run()
-    for record in (Record("text", "/api/predict", 0.0, 1.0, 200), Record("text", "/api/predict", 1.0, 4.0, 500),
-                   Record("audio", "/predict/audio", 0.0, 2.0, None, "ConnectError: refused"),
-                   Record("audio", "/predict/audio", 2.0, 2.5, 200), Record("blank", "/api/predict", 4.0, 5.0, 422)):
+    for record in (
+        Record("text", "/api/predict", 0.0, 1.0, 200),
+        Record("text", "/api/predict", 1.0, 4.0, 500),
+        Record("audio", "/predict/audio", 0.0, 2.0, None, "ConnectError: refused"),
+        Record("audio", "/predict/audio", 2.0, 2.5, 200),
+        Record("blank", "/api/predict", 4.0, 5.0, 422),
+    ):
         run.add(record)
     memory = {"TextEncoder": {"1": 100.0, "2": 90.0}}
     report = summarize(run, 0.0, 6.0, [], memory, {"TextEncoder": {"1": 110.5, "3": 95.0}}, {})

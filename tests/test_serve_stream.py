@@ -79,8 +79,7 @@ def test_face_video_streamed_in_real_time_gets_an_update_every_second(base_url: 
     assert any(set(u["contributions"]) == {"audio", "video"} for u in updates), "audio and video both used"
 
 
-def test_garbage_frames_are_closed_while_a_parallel_stream_keeps_updating(base_url: str,
-                                                                           media: StreamMedia) -> None:
+def test_garbage_frames_are_closed_while_a_parallel_stream_keeps_updating(base_url: str, media: StreamMedia) -> None:
     url = ws_url(base_url)
 
     async def together() -> tuple[StreamResult, StreamResult, StreamResult]:

@@ -78,7 +78,7 @@ def test_audio_keeps_the_last_window_seconds_and_round_trips_as_wav() -> None:
     snap = w.snapshot(now=4.0)
     assert snap is not None and set(snap.payloads) == {"audio"}
     samples = decode_audio(snap.payloads["audio"])  # what the audio encoder reads
-    expected = np.frombuffer((first + second)[-3 * 16000 * 2:], dtype="<i2").astype(np.float32) / 32768.0
+    expected = np.frombuffer((first + second)[-3 * 16000 * 2 :], dtype="<i2").astype(np.float32) / 32768.0
     np.testing.assert_allclose(samples, expected, atol=1e-6)
     assert (snap.span.start_s, snap.span.end_s, snap.span.audio_s) == (1.0, 4.0, 3.0)
     # Audio that stopped more than a window ago is gone; too little audio is not sent at all.
@@ -132,17 +132,20 @@ def test_text_and_clear() -> None:
     assert w.version > version and w.snapshot(now=0.6) is None
 
 
-@pytest.mark.parametrize(("message", "code", "words"), [
-    ({"bytes": bytes([0x07]) + b"abc"}, UNSUPPORTED, "unknown binary message type 0x07"),
-    ({"bytes": b""}, INVALID, "empty"),
-    ({"bytes": bytes([AUDIO]) + b"\x01\x02\x03"}, INVALID, "16-bit PCM"),
-    ({"bytes": bytes([FRAME]) + b"GIF89a not a jpeg"}, INVALID, "not a JPEG"),
-    ({"bytes": bytes([FRAME]) + b"\xff\xd8\xff" + bytes(2_000_000)}, TOO_BIG, "over the"),
-    ({"text": "not json"}, INVALID, "JSON objects"),
-    ({"text": "[1, 2]"}, INVALID, "JSON objects"),
-    ({"text": '{"type": "dance"}'}, UNSUPPORTED, "unknown message type 'dance'"),
-    ({"text": json.dumps({"type": "text", "text": "x" * 101})}, TOO_BIG, "longer than 100 characters"),
-])
+@pytest.mark.parametrize(
+    ("message", "code", "words"),
+    [
+        ({"bytes": bytes([0x07]) + b"abc"}, UNSUPPORTED, "unknown binary message type 0x07"),
+        ({"bytes": b""}, INVALID, "empty"),
+        ({"bytes": bytes([AUDIO]) + b"\x01\x02\x03"}, INVALID, "16-bit PCM"),
+        ({"bytes": bytes([FRAME]) + b"GIF89a not a jpeg"}, INVALID, "not a JPEG"),
+        ({"bytes": bytes([FRAME]) + b"\xff\xd8\xff" + bytes(2_000_000)}, TOO_BIG, "over the"),
+        ({"text": "not json"}, INVALID, "JSON objects"),
+        ({"text": "[1, 2]"}, INVALID, "JSON objects"),
+        ({"text": '{"type": "dance"}'}, UNSUPPORTED, "unknown message type 'dance'"),
+        ({"text": json.dumps({"type": "text", "text": "x" * 101})}, TOO_BIG, "longer than 100 characters"),
+    ],
+)
 def test_bad_messages_close_with_a_code_and_a_reason(message: dict[str, Any], code: int, words: str) -> None:
     w = window()
     with pytest.raises(StreamClosed) as caught:
@@ -210,8 +213,9 @@ class Server:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="off"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @contextmanager
@@ -232,8 +236,9 @@ class Server:
 
 
 @contextmanager
-def serving(stream: dict[str, Any] | None = None, delay_s: float = 0.0, keys: bool = False
-            ) -> Iterator[tuple[Server, dict[str, Counting], Metrics]]:
+def serving(
+    stream: dict[str, Any] | None = None, delay_s: float = 0.0, keys: bool = False
+) -> Iterator[tuple[Server, dict[str, Counting], Metrics]]:
     config = AppConfig.model_validate({"stream": {"update_interval_s": 0.1, "max_fps": 100, **(stream or {})}})
     behaviours = {m: Counting(m, delay_s) for m in MODALITIES}
     handles = {m: FakeHandle(m, b) for m, b in behaviours.items()}
@@ -242,10 +247,18 @@ def serving(stream: dict[str, Any] | None = None, delay_s: float = 0.0, keys: bo
     asyncio.run(service.load_fusion())
     control = None
     if keys:
-        config = config.model_copy(update={"access": config.access.model_copy(update={
-            "api_keys": config.access.api_keys.model_copy(update={"required": True})})})
-        control = AccessControl(config.access, metrics,  # type: ignore[arg-type]
-                                keys=ApiKeys(config.access.api_keys, environ={"EMOTION_API_KEYS": KEY}))
+        config = config.model_copy(
+            update={
+                "access": config.access.model_copy(
+                    update={"api_keys": config.access.api_keys.model_copy(update={"required": True})}
+                )
+            }
+        )
+        control = AccessControl(
+            config.access,
+            metrics,  # type: ignore[arg-type]
+            keys=ApiKeys(config.access.api_keys, environ={"EMOTION_API_KEYS": KEY}),
+        )
     app = create_app(service, config, static_dir=None, access=control)
     with Server(app).running() as server:
         yield server, behaviours, metrics

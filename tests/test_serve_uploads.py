@@ -34,8 +34,9 @@ class BodyReadingApp:
         await send({"type": "http.response.body", "body": body})
 
 
-def run(app: Any, chunks: list[bytes], content_length: int | None,
-        extra_headers: tuple[tuple[bytes, bytes], ...] = ()) -> tuple[list[dict], int]:
+def run(
+    app: Any, chunks: list[bytes], content_length: int | None, extra_headers: tuple[tuple[bytes, bytes], ...] = ()
+) -> tuple[list[dict], int]:
     """Drive ``app`` with a request whose body arrives in ``chunks``; return sent messages and receive calls.
 
     Each sent message gets ``"pulled"``: how many receive calls had been made when it was sent.
@@ -70,8 +71,12 @@ def status_and_body(sent: list[dict]) -> tuple[int, dict]:
 def test_declared_length_over_limit_is_refused_before_reading() -> None:
     """With ``Expect: 100-continue`` the client waits for a go-ahead: answered at once, nothing read."""
     inner = BodyReadingApp()
-    sent, pulled = run(UploadLimitMiddleware(inner, max_bytes=1000), [b"x" * 600] * 4, content_length=2400,
-                       extra_headers=((b"expect", b"100-continue"),))
+    sent, pulled = run(
+        UploadLimitMiddleware(inner, max_bytes=1000),
+        [b"x" * 600] * 4,
+        content_length=2400,
+        extra_headers=((b"expect", b"100-continue"),),
+    )
     status, body = status_and_body(sent)
     assert status == 413 and "upload limit" in body["detail"]
     assert pulled == 0 and inner.calls == 0  # nothing read, the app never ran
@@ -93,12 +98,14 @@ def test_declared_length_over_limit_without_expect_is_answered_then_drained() ->
 
 def test_drain_is_bounded() -> None:
     """A declared length past ``drain_bytes`` is not drained at all; a chunked body stops being drained there."""
-    sent, pulled = run(UploadLimitMiddleware(BodyReadingApp(), max_bytes=1000, drain_bytes=2000), [b"x" * 600] * 5,
-                       content_length=3000)
+    sent, pulled = run(
+        UploadLimitMiddleware(BodyReadingApp(), max_bytes=1000, drain_bytes=2000), [b"x" * 600] * 5, content_length=3000
+    )
     assert status_and_body(sent)[0] == 413 and pulled == 0
     inner = BodyReadingApp()
-    sent, pulled = run(UploadLimitMiddleware(inner, max_bytes=1000, drain_bytes=2000), [b"x" * 400] * 50,
-                       content_length=None)
+    sent, pulled = run(
+        UploadLimitMiddleware(inner, max_bytes=1000, drain_bytes=2000), [b"x" * 400] * 50, content_length=None
+    )
     assert status_and_body(sent)[0] == 413
     assert inner.seen == 800 and pulled == 3 + 6  # 3 chunks to pass the limit, then 2400 > 2000 drained bytes
 
@@ -120,31 +127,39 @@ def test_lying_content_length_is_still_caught() -> None:
 
 
 def test_body_within_limit_passes_untouched() -> None:
-    sent, _ = run(UploadLimitMiddleware(BodyReadingApp(), max_bytes=1000), [b"x" * 500, b"y" * 500], content_length=1000)
+    sent, _ = run(
+        UploadLimitMiddleware(BodyReadingApp(), max_bytes=1000), [b"x" * 500, b"y" * 500], content_length=1000
+    )
     assert status_and_body(sent) == (200, {"received": 1000})
 
 
-@pytest.mark.parametrize(("field", "name", "content_type"), [
-    ("audio", "speech.wav", "audio/wav"),
-    ("audio", "face.mp4", "video/mp4"),  # a video's audio track
-    ("audio", "speech.wav", "application/octet-stream"),
-    ("audio", "speech.wav", None),
-    ("video", "face.mp4", "video/mp4"),
-    ("video", "face.png", "image/png"),  # a still image is a 1-frame video
-    ("video", "corrupt.mp4", "video/mp4"),  # corrupt media is a 400 from the decoder, not a 415
-])
+@pytest.mark.parametrize(
+    ("field", "name", "content_type"),
+    [
+        ("audio", "speech.wav", "audio/wav"),
+        ("audio", "face.mp4", "video/mp4"),  # a video's audio track
+        ("audio", "speech.wav", "application/octet-stream"),
+        ("audio", "speech.wav", None),
+        ("video", "face.mp4", "video/mp4"),
+        ("video", "face.png", "image/png"),  # a still image is a 1-frame video
+        ("video", "corrupt.mp4", "video/mp4"),  # corrupt media is a 400 from the decoder, not a 415
+    ],
+)
 def test_media_accepted(field: str, name: str, content_type: str | None) -> None:
     check_media(field, content_type, (FIXTURES / name).read_bytes()[:512])
 
 
-@pytest.mark.parametrize(("field", "head", "content_type", "reason"), [
-    ("audio", b"hello, this is a plain text file\n", "text/plain", "content type 'text/plain'"),
-    ("video", b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj", "application/pdf", "content type 'application/pdf'"),
-    ("audio", b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj", "application/octet-stream", "PDF"),
-    ("video", b"PK\x03\x04\x14\x00\x06\x00\x08\x00", None, "ZIP"),
-    ("audio", "Bonjour, ceci est du texte accentué : éàü.".encode(), "application/octet-stream", "text"),
-    ("audio", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "image/png", "content type 'image/png'"),
-])
+@pytest.mark.parametrize(
+    ("field", "head", "content_type", "reason"),
+    [
+        ("audio", b"hello, this is a plain text file\n", "text/plain", "content type 'text/plain'"),
+        ("video", b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj", "application/pdf", "content type 'application/pdf'"),
+        ("audio", b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj", "application/octet-stream", "PDF"),
+        ("video", b"PK\x03\x04\x14\x00\x06\x00\x08\x00", None, "ZIP"),
+        ("audio", "Bonjour, ceci est du texte accentué : éàü.".encode(), "application/octet-stream", "text"),
+        ("audio", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "image/png", "content type 'image/png'"),
+    ],
+)
 def test_not_media_is_415(field: str, head: bytes, content_type: str | None, reason: str) -> None:
     with pytest.raises(UnsupportedMedia) as err:
         check_media(field, content_type, head)

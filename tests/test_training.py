@@ -57,8 +57,22 @@ def test_seed_layout_reader(tmp_path: Path) -> None:
 def test_audio_training_runs_on_cpu_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _seed_layout(tmp_path / "data")
     monkeypatch.chdir(tmp_path)  # feature caches and run state go under the temp dir
-    common = ["--modality", "audio", "--layout", "seed", "--data-root", "data", "--out", "weights",
-              "--batch-size", "7", "--patience", "5", "--threads", "1"]
+    common = [
+        "--modality",
+        "audio",
+        "--layout",
+        "seed",
+        "--data-root",
+        "data",
+        "--out",
+        "weights",
+        "--batch-size",
+        "7",
+        "--patience",
+        "5",
+        "--threads",
+        "1",
+    ]
     train.main([*common, "--epochs", "1"])
     model, config = load_model(tmp_path / "weights")
     assert config["model_type"] == "audio" and config["metadata"]["best_epoch"] == 1
@@ -77,16 +91,43 @@ def test_fusion_trains_on_label_matched_triplets(tmp_path: Path, monkeypatch: py
 
     _seed_layout(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
-    train.main(["--modality", "fusion", "--layout", "seed", "--data-root", "data", "--out", "fusion",
-                "--weights-dir", str(DEFAULT_WEIGHTS_DIR), "--steps", "20", "--batch-size", "16", "--threads", "1"])
+    train.main(
+        [
+            "--modality",
+            "fusion",
+            "--layout",
+            "seed",
+            "--data-root",
+            "data",
+            "--out",
+            "fusion",
+            "--weights-dir",
+            str(DEFAULT_WEIGHTS_DIR),
+            "--steps",
+            "20",
+            "--batch-size",
+            "16",
+            "--threads",
+            "1",
+        ]
+    )
     meta = json.loads((tmp_path / "fusion" / "config.json").read_text())["metadata"]
     assert meta["fusion_recipe"]["steps"] == 20 and meta["fusion_recipe"]["trainable"] == "scales"  # tiny set: no CV
     assert 0 <= meta["report_fused_all_accuracy"] <= 1
-    assert set(meta["temperatures"]) == {"text", "audio", "video", "text+audio", "text+video", "audio+video", "text+audio+video"}
+    assert set(meta["temperatures"]) == {
+        "text",
+        "audio",
+        "video",
+        "text+audio",
+        "text+video",
+        "audio+video",
+        "text+audio+video",
+    }
     sure_happy, unsure = np.full(7, 0.01), np.full(7, 1 / 7)
     sure_happy[3] = 0.94
-    fused = FusionPipeline(tmp_path / "fusion").fuse({"text": np.ones(256), "video": np.zeros(256)},
-                                                     {"text": sure_happy, "video": unsure})
+    fused = FusionPipeline(tmp_path / "fusion").fuse(
+        {"text": np.ones(256), "video": np.zeros(256)}, {"text": sure_happy, "video": unsure}
+    )
     assert set(fused.contributions) == {"text", "video"}
     assert sum(fused.contributions.values()) == pytest.approx(1.0)
     assert fused.probabilities.sum() == pytest.approx(1.0, abs=1e-5)
@@ -95,9 +136,28 @@ def test_fusion_trains_on_label_matched_triplets(tmp_path: Path, monkeypatch: py
 def test_video_training_with_wider_frame_cnn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _seed_layout(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
-    train.main(["--modality", "video", "--layout", "seed", "--data-root", "data", "--out", "weights",
-                "--epochs", "1", "--batch-size", "7", "--threads", "1", "--bf16", "--video-channels", "8,16,24",
-                "--mirror-average"])
+    train.main(
+        [
+            "--modality",
+            "video",
+            "--layout",
+            "seed",
+            "--data-root",
+            "data",
+            "--out",
+            "weights",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "7",
+            "--threads",
+            "1",
+            "--bf16",
+            "--video-channels",
+            "8,16,24",
+            "--mirror-average",
+        ]
+    )
     model, config = load_model(tmp_path / "weights")
     assert tuple(config["config"]["channels"]) == (8, 16, 24)
     assert config["config"]["mirror_average"] is True and model.config.mirror_average  # written by training
@@ -116,8 +176,24 @@ def test_ema_training_exports_the_average_and_resumes_it(tmp_path: Path, monkeyp
 
     _seed_layout(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
-    common = ["--modality", "audio", "--layout", "seed", "--data-root", "data", "--out", "weights",
-              "--batch-size", "7", "--patience", "5", "--threads", "1", "--ema", "0.9"]
+    common = [
+        "--modality",
+        "audio",
+        "--layout",
+        "seed",
+        "--data-root",
+        "data",
+        "--out",
+        "weights",
+        "--batch-size",
+        "7",
+        "--patience",
+        "5",
+        "--threads",
+        "1",
+        "--ema",
+        "0.9",
+    ]
     train.main([*common, "--epochs", "1"])
     state = tmp_path / "runs" / "audio" / "state.safetensors"
     stored = load_file(str(state))
@@ -137,8 +213,20 @@ def test_init_from_starts_at_saved_weights(tmp_path: Path, monkeypatch: pytest.M
 
     _seed_layout(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
-    common = ["--modality", "audio", "--layout", "seed", "--data-root", "data", "--batch-size", "7",
-              "--threads", "1", "--epochs", "1"]
+    common = [
+        "--modality",
+        "audio",
+        "--layout",
+        "seed",
+        "--data-root",
+        "data",
+        "--batch-size",
+        "7",
+        "--threads",
+        "1",
+        "--epochs",
+        "1",
+    ]
     train.main([*common, "--out", "first"])
     first, _ = load_model(tmp_path / "first")
     # lr 0: the second run cannot move, so it must export exactly the weights it started from
@@ -158,7 +246,8 @@ def test_ema_decay_must_be_below_one(bad: str) -> None:
 def test_training_device_choice(capsys: pytest.CaptureFixture[str]) -> None:
     assert train.parse_args(["--modality", "audio"]).device == torch.device("cpu")
     assert train.parse_args(["--modality", "audio", "--device", "auto"]).device.type == (
-        "cuda" if torch.cuda.is_available() else "cpu")
+        "cuda" if torch.cuda.is_available() else "cpu"
+    )
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
             train.parse_args(["--modality", "audio", "--device", "cuda"])
@@ -205,8 +294,25 @@ def test_video_distillation_keeps_the_last_epoch(tmp_path: Path, monkeypatch: py
     monkeypatch.chdir(tmp_path)
     common = ["--modality", "video", "--layout", "seed", "--data-root", "data", "--batch-size", "7", "--threads", "1"]
     train.main([*common, "--epochs", "1", "--out", "teacher"])
-    train.main([*common, "--epochs", "3", "--out", "student", "--run-dir", "runs2", "--distill-from", "teacher",
-                "--distill-weight", "0.5", "--keep", "last", "--patience", "1"])
+    train.main(
+        [
+            *common,
+            "--epochs",
+            "3",
+            "--out",
+            "student",
+            "--run-dir",
+            "runs2",
+            "--distill-from",
+            "teacher",
+            "--distill-weight",
+            "0.5",
+            "--keep",
+            "last",
+            "--patience",
+            "1",
+        ]
+    )
     metadata = json.loads((tmp_path / "student" / "config.json").read_text())["metadata"]
     assert metadata["distilled_from"] == ["teacher"] and metadata["distill_weight"] == 0.5
     # --keep last: the final epoch ships whatever its validation score, and patience does not stop the run
@@ -232,8 +338,28 @@ def test_holdout_selection_never_reads_the_val_split(tmp_path: Path, monkeypatch
     for image in (tmp_path / "data" / "val").rglob("*.png"):
         image.write_bytes(b"not an image")  # any read of the val split's faces would now fail
     monkeypatch.chdir(tmp_path)
-    train.main(["--modality", "video", "--layout", "seed", "--data-root", "data", "--batch-size", "7", "--threads", "1",
-                "--epochs", "2", "--out", "weights", "--holdout", "0.5", "--select-on", "accuracy"])
+    train.main(
+        [
+            "--modality",
+            "video",
+            "--layout",
+            "seed",
+            "--data-root",
+            "data",
+            "--batch-size",
+            "7",
+            "--threads",
+            "1",
+            "--epochs",
+            "2",
+            "--out",
+            "weights",
+            "--holdout",
+            "0.5",
+            "--select-on",
+            "accuracy",
+        ]
+    )
     metadata = json.loads((tmp_path / "weights" / "config.json").read_text())["metadata"]
     assert metadata["selected_on"] == "accuracy" and metadata["selection_split"].startswith("holdout: 0.5")
     history = json.loads((tmp_path / "runs" / "video" / "state.json").read_text())["info"]["history"]
@@ -242,8 +368,20 @@ def test_holdout_selection_never_reads_the_val_split(tmp_path: Path, monkeypatch
 
 
 def _card_report(split: str | None, set_name: str, acc: float = 0.7) -> dict:
-    r = {"dataset": "d", "temperature": 1.5, "sets": {set_name: {
-        "n": 100, "accuracy": acc, "macro_f1": 0.6, "weighted_f1": 0.65, "ece_uncalibrated": 0.1, "ece_calibrated": 0.05}}}
+    r = {
+        "dataset": "d",
+        "temperature": 1.5,
+        "sets": {
+            set_name: {
+                "n": 100,
+                "accuracy": acc,
+                "macro_f1": 0.6,
+                "weighted_f1": 0.65,
+                "ece_uncalibrated": 0.1,
+                "ece_calibrated": 0.05,
+            }
+        },
+    }
     if split is not None:
         r["selection_split"] = split
     return r
@@ -253,8 +391,13 @@ def test_card_table_says_where_each_temperature_was_fitted() -> None:
     """The calibration line names the split each temperature came from, so a holdout fit is not called optimistic."""
     from training.evaluate import card_table
 
-    table = card_table({"text": _card_report(None, "meld_dev"), "audio": _card_report("val", "actors_17_20"),
-                        "video": _card_report("holdout: 0.05 of each class", "publictest")})
+    table = card_table(
+        {
+            "text": _card_report(None, "meld_dev"),
+            "audio": _card_report("val", "actors_17_20"),
+            "video": _card_report("holdout: 0.05 of each class", "publictest"),
+        }
+    )
     calib = table.splitlines()[-1]
     assert "text MELD dev 0.100 -> 0.050 (T=1.5, fitted on the validation split)" in calib
     assert "audio RAVDESS actors 17-20 0.100 -> 0.050 (T=1.5, fitted on the validation split)" in calib
@@ -271,7 +414,6 @@ def test_card_table_does_not_round_a_miss_up_to_the_target() -> None:
     hit = card_table({"video": _card_report(None, "publictest", 0.6612)})
     assert "| video | FER2013 PublicTest | 100 | 0.6595 | 0.600 | 0.650 | accuracy >= 0.66 | no |" in miss
     assert "| video | FER2013 PublicTest | 100 | 0.661 | 0.600 | 0.650 | accuracy >= 0.66 | yes |" in hit
-
 
 
 def test_holdout_split_names_the_selection_slice_and_never_reaches_the_card() -> None:
@@ -387,7 +529,7 @@ def test_text_task_mixes_both_corpora_with_soft_multi_label_targets(tmp_path: Pa
     two = next(i for i, (_, labels, _) in enumerate(task.items) if len(labels) == 2)
     assert task.targets[two].tolist() == pytest.approx([0, 0, 0, 0, 0, 0.5, 0.5])  # sad + surprise
     torch.testing.assert_close(task.targets.sum(1), torch.ones(len(task.train)))
-    (inputs, targets), = list(task.train_batches(0, random.Random(0)))
+    ((inputs, targets),) = list(task.train_batches(0, random.Random(0)))
     assert targets.shape == (18, 7) and inputs[0].shape[0] == 18
     weights = task.class_weights()
     assert weights[1] > weights[3]  # disgust (absent here) weighs more than the common happy
@@ -423,13 +565,17 @@ def test_face_augmentation_follows_the_run_seed(tmp_path: Path) -> None:
     assert not torch.equal(first, other)
 
 
-@pytest.mark.parametrize(("argv", "foreign"), [
-    (["--modality", "fusion", "--epochs", "3"], "--epochs"),
-    (["--modality", "text", "--augment", "noise"], "--augment"),
-    (["--modality", "audio", "--video-channels", "8,16,24"], "--video-channels"),
-])
-def test_a_run_refuses_options_of_another_modality(argv: list[str], foreign: str,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("argv", "foreign"),
+    [
+        (["--modality", "fusion", "--epochs", "3"], "--epochs"),
+        (["--modality", "text", "--augment", "noise"], "--augment"),
+        (["--modality", "audio", "--video-channels", "8,16,24"], "--video-channels"),
+    ],
+)
+def test_a_run_refuses_options_of_another_modality(
+    argv: list[str], foreign: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit):
         train.parse_args(argv)
     assert foreign in capsys.readouterr().err
@@ -448,10 +594,28 @@ def test_each_recipe_trains_a_few_steps(modality: str, tmp_path: Path, monkeypat
     recipe = Path(__file__).resolve().parents[1] / "training" / "recipes" / f"{modality}.yaml"
     _seed_layout(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
-    small = ["--steps", "20", "--weights-dir", str(DEFAULT_WEIGHTS_DIR)] if modality == "fusion" else [
-        "--epochs", "1", "--holdout", "0"]  # a few steps on the 14 seed-layout examples
-    train.main(["--recipe", str(recipe), "--layout", "seed", "--data-root", "data", "--out", "weights",
-                "--batch-size", "7", "--threads", "1", *small])
+    small = (
+        ["--steps", "20", "--weights-dir", str(DEFAULT_WEIGHTS_DIR)]
+        if modality == "fusion"
+        else ["--epochs", "1", "--holdout", "0"]
+    )  # a few steps on the 14 seed-layout examples
+    train.main(
+        [
+            "--recipe",
+            str(recipe),
+            "--layout",
+            "seed",
+            "--data-root",
+            "data",
+            "--out",
+            "weights",
+            "--batch-size",
+            "7",
+            "--threads",
+            "1",
+            *small,
+        ]
+    )
     _, config = load_model(tmp_path / "weights")
     assert config["model_type"] == modality
     assert config["metadata"]["recipe"] == str(recipe)  # the weights name the recipe that made them

@@ -20,8 +20,9 @@ def test_live_mode_fills_the_timeline(page: sync_api.Page) -> None:  # noqa: F81
     stop = page.get_by_role("button", name="Stop live")
     sync_api.expect(stop).to_be_visible()
     assert stop.get_attribute("aria-pressed") == "true"
-    page.wait_for_function(f"Number(document.getElementById('live-timeline').dataset.points) >= {POINTS}",
-                           timeout=90_000)
+    page.wait_for_function(
+        f"Number(document.getElementById('live-timeline').dataset.points) >= {POINTS}", timeout=90_000
+    )
 
     timeline = page.locator("#live-timeline")
     dots = timeline.locator("circle.point")
@@ -30,16 +31,20 @@ def test_live_mode_fills_the_timeline(page: sync_api.Page) -> None:  # noqa: F81
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
     assert all(dots.nth(i).get_attribute("data-emotion") in EMOTIONS for i in range(dots.count()))
     assert timeline.locator("polyline[data-series='fused']").count() == 1
-    series = {timeline.locator("polyline.series").nth(i).get_attribute("data-series")
-              for i in range(timeline.locator("polyline.series").count())}
+    series = {
+        timeline.locator("polyline.series").nth(i).get_attribute("data-series")
+        for i in range(timeline.locator("polyline.series").count())
+    }
     assert series & {"audio", "video"}, f"no modality line drawn: {series}"
 
     # The current answer: an emotion, its confidence and the modalities behind it.
     shown = page.locator("#live-emotion").get_attribute("data-emotion")
     assert shown in EMOTIONS and page.locator("#live-emotion").inner_text().strip().lower() == shown
     assert page.locator("#live-confidence").inner_text().endswith("confidence")
-    used = {page.locator("#live-modalities li").nth(i).get_attribute("data-modality")
-            for i in range(page.locator("#live-modalities li").count())}
+    used = {
+        page.locator("#live-modalities li").nth(i).get_attribute("data-modality")
+        for i in range(page.locator("#live-modalities li").count())
+    }
     assert used and used <= {"audio", "video"}
     sync_api.expect(page.locator("#live-status")).to_contain_text("update")
     LIVE_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
@@ -51,4 +56,3 @@ def test_live_mode_fills_the_timeline(page: sync_api.Page) -> None:  # noqa: F81
     count = int(timeline.get_attribute("data-points") or 0)
     page.wait_for_timeout(2500)  # no more updates once stopped
     assert int(timeline.get_attribute("data-points") or 0) == count
-

@@ -23,11 +23,18 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SCREENSHOT = REPO / "reports" / "ui.png"
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
     "--disable-dev-shm-usage",
     # A fake microphone and webcam (a beep and a test pattern), granted without a prompt.
-    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+    "--use-fake-ui-for-media-stream",
+    "--use-fake-device-for-media-stream",
 ]
 RESULT_TIMEOUT_MS = 90_000
 
@@ -89,8 +96,9 @@ def browser() -> Iterator[sync_api.Browser]:
 @pytest.fixture()
 def page(browser: sync_api.Browser, serve_url: str) -> Iterator[sync_api.Page]:
     """A fresh page on the app's home, with browser-side errors collected in ``page.js_errors``."""
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, base_url=serve_url,
-                                  color_scheme="light", device_scale_factor=1)
+    context = browser.new_context(
+        viewport={"width": 1280, "height": 900}, base_url=serve_url, color_scheme="light", device_scale_factor=1
+    )
     pg = context.new_page()
     pg.set_default_timeout(RESULT_TIMEOUT_MS)
     errors: list[str] = []
@@ -183,7 +191,8 @@ def test_corrupt_file_shows_an_error(page: sync_api.Page) -> None:
 def test_too_large_and_unsupported_files_show_clear_errors(page: sync_api.Page) -> None:
     # 415: a plain-text file offered as audio.
     page.locator("#audio-file").set_input_files(
-        files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"just some notes, not a recording\n" * 20}])
+        files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"just some notes, not a recording\n" * 20}]
+    )
     analyze(page)
     error = page.get_by_role("alert")
     sync_api.expect(error).to_contain_text("Unsupported file type")
@@ -253,4 +262,3 @@ def test_microphone_and_webcam_capture(page: sync_api.Page) -> None:
     dropped = {str(li.get_attribute("data-modality")) for li in page.locator("#dropped li").all()}
     assert "audio" in used | dropped and "video" in used | dropped
     assert used, "at least one captured modality is used"
-

@@ -28,8 +28,22 @@ def main(argv: list[str] | None = None) -> None:
     for fold in folds:
         out = Path(args.out) / f"fold{fold}"
         print(f"== fold {fold} of {args.folds} -> {out}", flush=True)
-        train_main(["--modality", "audio", "--fold", str(fold), "--folds", str(args.folds), "--resume",
-                    "--run-dir", str(Path(args.run_dir) / f"fold{fold}"), "--out", str(out), *extra])
+        train_main(
+            [
+                "--modality",
+                "audio",
+                "--fold",
+                str(fold),
+                "--folds",
+                str(args.folds),
+                "--resume",
+                "--run-dir",
+                str(Path(args.run_dir) / f"fold{fold}"),
+                "--out",
+                str(out),
+                *extra,
+            ]
+        )
 
 
 if __name__ == "__main__":

@@ -78,8 +78,9 @@ def ravdess_fold_actors(fold: int, folds: int = 5) -> tuple[int, ...]:
     return tuple(range(fold * size + 1, (fold + 1) * size + 1))
 
 
-def read_ravdess(root: str | Path, split: str, calm_as: str | None = "neutral", fold: int | None = None,
-                 folds: int = 5) -> list[Sample]:
+def read_ravdess(
+    root: str | Path, split: str, calm_as: str | None = "neutral", fold: int | None = None, folds: int = 5
+) -> list[Sample]:
     """RAVDESS speech clips, speaker-independent: train = actors 01-16, val = actors 17-20.
 
     With ``fold``, val is that leave-actors-out fold's actors and train the other actors of 01-20.
@@ -102,7 +103,9 @@ def read_image_folders(root: str | Path, extensions: set[str]) -> list[Sample]:
     for emotion in EMOTIONS:
         folder = Path(root) / emotion
         if folder.is_dir():
-            samples += [(str(p), EMOTION_TO_INDEX[emotion]) for p in sorted(folder.iterdir()) if p.suffix.lower() in extensions]
+            samples += [
+                (str(p), EMOTION_TO_INDEX[emotion]) for p in sorted(folder.iterdir()) if p.suffix.lower() in extensions
+            ]
     return samples
 
 

@@ -40,8 +40,9 @@ def write_wav(path: Path, wave_data: torch.Tensor, sample_rate: int = SAMPLE_RAT
         fh.writeframes(pcm.tobytes())
 
 
-def build_degraded(data_root: str | Path, out: str | Path = DEFAULT_OUT, calm_as: str | None = None,
-                   condition: str | None = None) -> dict[str, list[Sample]]:
+def build_degraded(
+    data_root: str | Path, out: str | Path = DEFAULT_OUT, calm_as: str | None = None, condition: str | None = None
+) -> dict[str, list[Sample]]:
     """Write (if missing) and list the degraded clips: ``{condition: [(wav path, label), ...]}``."""
     clean = read_ravdess(data_root, "val", calm_as)
     conditions = [condition] if condition else list(DEGRADATIONS)

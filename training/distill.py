@@ -21,8 +21,9 @@ from models.checkpoint import load_model
 class Distiller(nn.Module):
     """Hard-label loss blended with distillation from an ensemble of frozen teachers."""
 
-    def __init__(self, teachers: Sequence[nn.Module], hard_loss: nn.Module, weight: float = 0.7,
-                 temperature: float = 2.0) -> None:
+    def __init__(
+        self, teachers: Sequence[nn.Module], hard_loss: nn.Module, weight: float = 0.7, temperature: float = 2.0
+    ) -> None:
         super().__init__()
         if not teachers:
             raise ValueError("distillation needs at least one teacher")
@@ -50,7 +51,9 @@ class Distiller(nn.Module):
         return (1.0 - self.weight) * self.hard_loss(student_logits.float(), labels) + self.weight * soft
 
 
-def load_teachers(directories: Sequence[str | Path], device: torch.device, channels_last: bool = False) -> list[nn.Module]:
+def load_teachers(
+    directories: Sequence[str | Path], device: torch.device, channels_last: bool = False
+) -> list[nn.Module]:
     """Saved models (safetensors + JSON) as frozen teachers on ``device``."""
     teachers = []
     for directory in directories:

@@ -54,8 +54,14 @@ def parse_split(split: str) -> tuple[str, float]:
 
 
 @torch.inference_mode()
-def encode_split(modality: str, split: str, weights_dir: str | Path, data_root: str | Path,
-                 layout: str = "shared", batch_size: int = 64) -> dict[str, np.ndarray]:
+def encode_split(
+    modality: str,
+    split: str,
+    weights_dir: str | Path,
+    data_root: str | Path,
+    layout: str = "shared",
+    batch_size: int = 64,
+) -> dict[str, np.ndarray]:
     """``{"embedding": (N, 256), "logits": (N, 7), "probs": (N, 7), "labels": (N,)}`` for one split.
 
     ``split`` is a data split (``train``, ``val``) or ``holdout:F``, the stratified slice of the training split
@@ -80,8 +86,10 @@ def encode_split(modality: str, split: str, weights_dir: str | Path, data_root: 
     elif modality == "text" and layout == "shared":
         corpora = read_text_corpora(data_root, source)
         samples = [(text, labels[0]) for text, labels, _ in corpora]
-        extra = {"source": np.array([src for _, _, src in corpora]),
-                 "multi_label": np.array([len(labels) > 1 for _, labels, _ in corpora])}
+        extra = {
+            "source": np.array([src for _, _, src in corpora]),
+            "multi_label": np.array([len(labels) > 1 for _, labels, _ in corpora]),
+        }
     else:
         samples = read_split(modality, data_root, source, layout)
     if holdout:  # the slice training held out: split_holdout on indices picks the same samples
@@ -107,6 +115,7 @@ def encode_split(modality: str, split: str, weights_dir: str | Path, data_root: 
 
         def make(idx: list[int]) -> tuple[torch.Tensor, ...]:
             return pad_clips([faces_to_tensor(faces[i][None]) for i in idx])
+
     emb = np.zeros((len(samples), model.config.embed_dim), dtype=np.float32)
     logits = np.zeros((len(samples), 7), dtype=np.float32)
     for start in tqdm(range(0, len(order), batch_size), desc=f"embed {modality}/{split}", leave=False):

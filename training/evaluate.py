@@ -55,7 +55,9 @@ def plot_confusion(matrix: list[list[int]], title: str, path: Path) -> None:
     ax.set_title(title)
     for i in range(len(EMOTIONS)):
         for j in range(len(EMOTIONS)):
-            ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=8, color="white" if norm[i, j] > 0.5 else "black")
+            ax.text(
+                j, i, int(m[i, j]), ha="center", va="center", fontsize=8, color="white" if norm[i, j] > 0.5 else "black"
+            )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -72,9 +74,14 @@ def _scored(labels: np.ndarray, logits: np.ndarray, probs: np.ndarray) -> dict[s
 
 def _meta(weights: Path) -> dict[str, Any]:
     meta = read_config(weights)["metadata"]
-    return {"model_version": meta.get("version"), "temperature": meta.get("temperature"),
-            "train_seconds": meta.get("train_seconds"), "hardware": meta.get("hardware"), "command": meta.get("command"),
-            "selection_split": meta.get("selection_split", "val")}
+    return {
+        "model_version": meta.get("version"),
+        "temperature": meta.get("temperature"),
+        "train_seconds": meta.get("train_seconds"),
+        "hardware": meta.get("hardware"),
+        "command": meta.get("command"),
+        "selection_split": meta.get("selection_split", "val"),
+    }
 
 
 def evaluate_encoder(modality: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -83,11 +90,15 @@ def evaluate_encoder(modality: str, args: argparse.Namespace) -> dict[str, Any]:
     data = encode_split(modality, args.split, weights, args.data_root, args.layout)
     sets: dict[str, Any] = {}
     if modality == "text" and "source" in data:
-        for name, mask in (("meld_dev", data["source"] == "meld"),
-                           ("goemotions_val", (data["source"] == "goemotions") & ~data["multi_label"])):
+        for name, mask in (
+            ("meld_dev", data["source"] == "meld"),
+            ("goemotions_val", (data["source"] == "goemotions") & ~data["multi_label"]),
+        ):
             sets[name] = _scored(data["labels"][mask], data["logits"][mask], data["probs"][mask])
     else:
-        name = {"audio": "actors_17_20", "video": "publictest"}.get(modality, "val") if args.split == "val" else args.split
+        name = (
+            {"audio": "actors_17_20", "video": "publictest"}.get(modality, "val") if args.split == "val" else args.split
+        )
         sets[name] = _scored(data["labels"], data["logits"], data["probs"])
     report: dict[str, Any] = {"dataset": DATASETS[modality], "split": args.split, "sets": sets, **_meta(weights)}
     if modality == "audio" and args.split == "val" and args.layout == "shared":
@@ -109,9 +120,14 @@ def audio_robustness(args: argparse.Namespace, clean_accuracy: float) -> dict[st
             rows[folder.name] = {"fold": actors, "n": r["n"], "accuracy": r["accuracy"], "macro_f1": r["macro_f1"]}
         acc = np.array([r["accuracy"] for r in rows.values()])
         f1 = np.array([r["macro_f1"] for r in rows.values()])
-        out["leave_actors_out"] = {"folds": rows, "accuracy_mean": float(acc.mean()), "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
-                                   "macro_f1_mean": float(f1.mean()), "macro_f1_std": float(f1.std(ddof=1)) if len(f1) > 1 else 0.0,
-                                   "models": str(folds_dir)}
+        out["leave_actors_out"] = {
+            "folds": rows,
+            "accuracy_mean": float(acc.mean()),
+            "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+            "macro_f1_mean": float(f1.mean()),
+            "macro_f1_std": float(f1.std(ddof=1)) if len(f1) > 1 else 0.0,
+            "models": str(folds_dir),
+        }
     degraded = {}
     for cond in DEGRADATIONS:
         data = encode_split("audio", f"degraded:{cond}", Path(args.weights_dir) / "audio", args.data_root, args.layout)
@@ -129,9 +145,16 @@ def evaluate_fusion(args: argparse.Namespace) -> dict[str, Any]:
     result = evaluate_combinations(model, pools["report"])
     meta = config["metadata"]
     full = result["subsets"]["+".join(MODALITIES)]
-    result.update(dataset=DATASETS["fusion"], model_version=meta.get("version"), temperatures=meta.get("temperatures"),
-                  train_seconds=meta.get("train_seconds"), hardware=meta.get("hardware"), command=meta.get("command"),
-                  confusion_matrix=full["fused"]["confusion_matrix"], checks=fusion_checks(result))
+    result.update(
+        dataset=DATASETS["fusion"],
+        model_version=meta.get("version"),
+        temperatures=meta.get("temperatures"),
+        train_seconds=meta.get("train_seconds"),
+        hardware=meta.get("hardware"),
+        command=meta.get("command"),
+        confusion_matrix=full["fused"]["confusion_matrix"],
+        checks=fusion_checks(result),
+    )
     return result
 
 
@@ -145,7 +168,9 @@ def fusion_checks(result: dict[str, Any]) -> dict[str, bool]:
             checks[f"{name}: fused >= product"] = row["fused"]["accuracy"] >= row["product"]["accuracy"]
             checks[f"{name}: fused >= best single + 0.05"] = row["fused"]["accuracy"] >= best + 0.05
         if "contribution_check" in row:
-            checks[f"{name}: removing the largest contributor changes more answers"] = row["contribution_check"]["holds"]
+            checks[f"{name}: removing the largest contributor changes more answers"] = row["contribution_check"][
+                "holds"
+            ]
     full = result["subsets"]["text+audio+video"]
     checks["text+audio+video: overrule rate < 5 %"] = full["overrule_rate"] < 0.05
     return checks
@@ -169,9 +194,16 @@ def _cell(value: float, goal: float | None = None) -> str:
 
 def card_table(reports: dict[str, dict[str, Any]]) -> str:
     """Markdown tables of the validation metrics, generated from the report files."""
-    rows = ["| model | data | n | accuracy | macro-F1 | weighted-F1 | target | met? |", "|---|---|---|---|---|---|---|---|"]
-    names = {"meld_dev": "MELD dev", "goemotions_val": "GoEmotions val, single-label comments",
-             "actors_17_20": "RAVDESS actors 17-20", "publictest": "FER2013 PublicTest"}
+    rows = [
+        "| model | data | n | accuracy | macro-F1 | weighted-F1 | target | met? |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    names = {
+        "meld_dev": "MELD dev",
+        "goemotions_val": "GoEmotions val, single-label comments",
+        "actors_17_20": "RAVDESS actors 17-20",
+        "publictest": "FER2013 PublicTest",
+    }
     for m in MODALITIES:
         r = reports.get(m)
         if r is None:
@@ -181,47 +213,80 @@ def card_table(reports: dict[str, dict[str, Any]]) -> str:
             if s is None:
                 continue
             cells = {k: _cell(s[k], goal if k == key else None) for k in ("accuracy", "macro_f1", "weighted_f1")}
-            rows.append(f"| {m} | {names[set_name]} | {s['n']} | {cells['accuracy']} | {cells['macro_f1']} | "
-                        f"{cells['weighted_f1']} | {key.replace('_', '-')} >= {goal} | {'yes' if s[key] >= goal else 'no'} |")
+            rows.append(
+                f"| {m} | {names[set_name]} | {s['n']} | {cells['accuracy']} | {cells['macro_f1']} | "
+                f"{cells['weighted_f1']} | {key.replace('_', '-')} >= {goal} | {'yes' if s[key] >= goal else 'no'} |"
+            )
         if m == "audio" and "leave_actors_out" in r:
             loao = r["leave_actors_out"]
-            rows.append(f"| audio | leave-actors-out, {len(loao['folds'])} folds of 4 actors over 01-20 (mean ± sd) | "
-                        f"{sum(f['n'] for f in loao['folds'].values())} | {loao['accuracy_mean']:.3f} ± {loao['accuracy_std']:.3f} | "
-                        f"{loao['macro_f1_mean']:.3f} ± {loao['macro_f1_std']:.3f} | | accuracy mean >= {AUDIO_LOAO_GOAL} | "
-                        f"{'yes' if loao['accuracy_mean'] >= AUDIO_LOAO_GOAL else 'no'} |")
+            rows.append(
+                f"| audio | leave-actors-out, {len(loao['folds'])} folds of 4 actors over 01-20 (mean ± sd) | "
+                f"{sum(f['n'] for f in loao['folds'].values())} "
+                f"| {loao['accuracy_mean']:.3f} ± {loao['accuracy_std']:.3f} | "
+                f"{loao['macro_f1_mean']:.3f} ± {loao['macro_f1_std']:.3f} | | accuracy mean >= {AUDIO_LOAO_GOAL} | "
+                f"{'yes' if loao['accuracy_mean'] >= AUDIO_LOAO_GOAL else 'no'} |"
+            )
         if m == "audio" and "degraded" in r:
             deg = r["degraded"]
             conds = ", ".join(f"{c} {v['accuracy']:.3f}" for c, v in deg["conditions"].items())
-            rows.append(f"| audio | degraded actors 17-20 ({conds}) | | {deg['accuracy_mean']:.3f} | | | "
-                        f"at most {AUDIO_DEGRADED_MAX_DROP:.2f} below clean (drop {deg['drop_from_clean']:.3f}) | "
-                        f"{'yes' if deg['drop_from_clean'] <= AUDIO_DEGRADED_MAX_DROP else 'no'} |")
+            rows.append(
+                f"| audio | degraded actors 17-20 ({conds}) | | {deg['accuracy_mean']:.3f} | | | "
+                f"at most {AUDIO_DEGRADED_MAX_DROP:.2f} below clean (drop {deg['drop_from_clean']:.3f}) | "
+                f"{'yes' if deg['drop_from_clean'] <= AUDIO_DEGRADED_MAX_DROP else 'no'} |"
+            )
     f = reports.get("fusion")
     if f:
-        intro = (f"Fusion, {f['subsets']['text']['fused']['n']} {f['dataset']}: accuracy of the served answer "
-                 "(macro-F1 in brackets) next to the product and the mean of the encoders' probabilities and each "
-                 "encoder alone, on the same combinations:")
-        rows += ["", intro, "",
-                 "| modalities | fused | product | mean | best single | overrule rate | contributions | answer changes removing largest / smallest contributor |",
-                 "|---|---|---|---|---|---|---|---|"]
+        intro = (
+            f"Fusion, {f['subsets']['text']['fused']['n']} {f['dataset']}: accuracy of the served answer "
+            "(macro-F1 in brackets) next to the product and the mean of the encoders' probabilities and each "
+            "encoder alone, on the same combinations:"
+        )
+        rows += [
+            "",
+            intro,
+            "",
+            (
+                "| modalities | fused | product | mean | best single | overrule rate | contributions "
+                "| answer changes removing largest / smallest contributor |"
+            ),
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for name, r in f["subsets"].items():
             best_name, best = max(r["single"].items(), key=lambda kv: kv[1]["accuracy"])
             contrib = ", ".join(f"{k} {v:.2f}" for k, v in r["mean_contributions"].items())
             overrule = f"{r['overrule_rate']:.3f} of {r['agreeing_pairs']}" if "overrule_rate" in r else ""
             check = r.get("contribution_check")
-            change = f"{check['changed_removing_largest']:.3f} / {check['changed_removing_smallest']:.3f}" if check else ""
-            rows.append(f"| {name} | {r['fused']['accuracy']:.3f} ({r['fused']['macro_f1']:.3f}) | {r['product']['accuracy']:.3f} | "
-                        f"{r['mean']['accuracy']:.3f} | {best['accuracy']:.3f} ({best_name}) | {overrule} | {contrib} | {change} |")
+            change = (
+                f"{check['changed_removing_largest']:.3f} / {check['changed_removing_smallest']:.3f}" if check else ""
+            )
+            rows.append(
+                f"| {name} | {r['fused']['accuracy']:.3f} ({r['fused']['macro_f1']:.3f}) "
+                f"| {r['product']['accuracy']:.3f} | {r['mean']['accuracy']:.3f} "
+                f"| {best['accuracy']:.3f} ({best_name}) | {overrule} | {contrib} | {change} |"
+            )
         full = f["subsets"]["+".join(MODALITIES)]
         if "product_overrule_rate" in full:
-            rows += ["", (f"With all three, the product of probabilities overrules two agreeing encoders in "
-                         f"{full['product_overrule_rate']:.3f} of those answers and is right in "
-                         f"{full['product_overrules_right']:.3f} of its overrules.")]
+            rows += [
+                "",
+                (
+                    f"With all three, the product of probabilities overrules two agreeing encoders in "
+                    f"{full['product_overrule_rate']:.3f} of those answers and is right in "
+                    f"{full['product_overrules_right']:.3f} of its overrules."
+                ),
+            ]
         failed = [k for k, ok in f["checks"].items() if not ok]
-        rows += ["", f"Fusion checks: {len(f['checks']) - len(failed)} of {len(f['checks'])} hold"
-                 + (f"; failing: {'; '.join(failed)}." if failed else ".")]
-    calib = [f"{m} {names.get(set_name, set_name)} {s['ece_uncalibrated']:.3f} -> {s['ece_calibrated']:.3f} "
-             f"(T={reports[m]['temperature']}, {_fitted_on(reports[m])})"
-             for m in MODALITIES if m in reports for set_name, s in reports[m]["sets"].items()]
+        rows += [
+            "",
+            f"Fusion checks: {len(f['checks']) - len(failed)} of {len(f['checks'])} hold"
+            + (f"; failing: {'; '.join(failed)}." if failed else "."),
+        ]
+    calib = [
+        f"{m} {names.get(set_name, set_name)} {s['ece_uncalibrated']:.3f} -> {s['ece_calibrated']:.3f} "
+        f"(T={reports[m]['temperature']}, {_fitted_on(reports[m])})"
+        for m in MODALITIES
+        if m in reports
+        for set_name, s in reports[m]["sets"].items()
+    ]
     if calib:
         rows += ["", "Expected calibration error before -> after temperature scaling: " + "; ".join(calib) + "."]
     return "\n".join(rows)
@@ -233,7 +298,9 @@ def update_card(table: str) -> None:
         raise SystemExit(f"{CARD} lacks the {START} / {END} markers")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    CARD.write_text(f"{head}{START}\n<!-- generated by `python -m training.evaluate`; do not edit by hand -->\n{table}\n{END}{tail}")
+    CARD.write_text(
+        f"{head}{START}\n<!-- generated by `python -m training.evaluate`; do not edit by hand -->\n{table}\n{END}{tail}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -243,12 +310,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--weights-dir", default=str(DEFAULT_WEIGHTS_DIR))
     p.add_argument("--reports", default="reports")
     p.add_argument("--modality", choices=[*MODALITIES, "fusion", "all"], default="all")
-    p.add_argument("--audio-folds", default=str(DEFAULT_WEIGHTS_DIR / "audio_folds"),
-                   help="the leave-actors-out audio fold models of training.crossval")
+    p.add_argument(
+        "--audio-folds",
+        default=str(DEFAULT_WEIGHTS_DIR / "audio_folds"),
+        help="the leave-actors-out audio fold models of training.crossval",
+    )
     p.add_argument("--no-card", action="store_true", help="do not rewrite the model card table")
-    p.add_argument("--split", default="val",
-                   help="encoders only: 'val' (default, the reported split) or 'holdout:F', the slice of the training "
-                        "split that --holdout F selected on, for deciding inference options without touching val")
+    p.add_argument(
+        "--split",
+        default="val",
+        help="encoders only: 'val' (default, the reported split) or 'holdout:F', the slice of the training "
+        "split that --holdout F selected on, for deciding inference options without touching val",
+    )
     args = p.parse_args(argv)
     if args.split != "val" and (args.modality in ("fusion", "all") or not args.no_card):
         p.error("--split other than val needs one encoder --modality and --no-card (the card reports val only)")
@@ -261,10 +334,17 @@ def main(argv: list[str] | None = None) -> None:
         for name, r in report.get("sets", {"": {"confusion_matrix": report.get("confusion_matrix")}}).items():
             suffix = f"_{name}" if name and len(report.get("sets", {})) > 1 else ""
             plot_confusion(r["confusion_matrix"], f"{m}: {name or DATASETS[m]}", out / f"{m}{suffix}_confusion.png")
-        print(f"{m}: " + json.dumps({k: round(v["accuracy"], 4) for k, v in report.get("sets", {}).items()})
-              + f" -> {out / f'{m}.json'}")
+        print(
+            f"{m}: "
+            + json.dumps({k: round(v["accuracy"], 4) for k, v in report.get("sets", {}).items()})
+            + f" -> {out / f'{m}.json'}"
+        )
     if not args.no_card:
-        reports = {m: json.loads((out / f"{m}.json").read_text()) for m in [*MODALITIES, "fusion"] if (out / f"{m}.json").is_file()}
+        reports = {
+            m: json.loads((out / f"{m}.json").read_text())
+            for m in [*MODALITIES, "fusion"]
+            if (out / f"{m}.json").is_file()
+        }
         update_card(card_table(reports))
 
 

@@ -37,7 +37,9 @@ def audio_features(samples: Sequence[tuple[str, int]], config: AudioFeatureConfi
         cached = load_file(str(path))
         return [cached[str(i)] for i in range(len(samples))]
     extractor = LogMelExtractor(config)
-    feats = [extractor(decode_audio(Path(p).read_bytes(), config.sample_rate)) for p, _ in tqdm(samples, desc="log-mel")]
+    feats = [
+        extractor(decode_audio(Path(p).read_bytes(), config.sample_rate)) for p, _ in tqdm(samples, desc="log-mel")
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({str(i): f for i, f in enumerate(feats)}, str(path))
     return feats
@@ -49,7 +51,10 @@ def audio_waves(samples: Sequence[tuple[str, int]], sample_rate: int) -> list[to
     if path.is_file():
         cached = load_file(str(path))
         return [cached[str(i)] for i in range(len(samples))]
-    waves = [torch.from_numpy(decode_audio(Path(p).read_bytes(), sample_rate)).float() for p, _ in tqdm(samples, desc="decode")]
+    waves = [
+        torch.from_numpy(decode_audio(Path(p).read_bytes(), sample_rate)).float()
+        for p, _ in tqdm(samples, desc="decode")
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({str(i): w.contiguous() for i, w in enumerate(waves)}, str(path))
     return waves

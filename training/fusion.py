@@ -8,8 +8,10 @@ reporting use disjoint sides of those pools:
 | modality | pool (its encoder never trained on it) | fusion trains on | reported on |
 |---|---|---|---|
 | text | MELD dev + as many single-label GoEmotions val comments | a stratified half | the other half |
-| audio | leave-actors-out: each actor's clips through the fold model that held that actor out | actors 01-16 | actors 17-20 (the shipped encoder = fold 4) |
+| audio | leave-actors-out: each clip through the fold model that held its actor out | actors 01-16 | actors 17-20 (a) |
 | video | FER2013 PublicTest | a stratified half | the other half |
+
+(a) through the shipped encoder, which is fold 4.
 
 The shipped fusion is the one trained on the "fusion trains on" side (a fifth of it kept apart to fit the
 per-subset temperatures), so the reported figures are those of the shipped weights on combinations that
@@ -79,8 +81,9 @@ def stratified_halves(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.nda
     return np.flatnonzero(mask), np.flatnonzero(~mask)
 
 
-def load_pools(weights_dir: str | Path, data_root: str | Path, layout: str = "shared",
-               audio_folds: str | Path | None = None) -> dict[str, dict[str, Pool]]:
+def load_pools(
+    weights_dir: str | Path, data_root: str | Path, layout: str = "shared", audio_folds: str | Path | None = None
+) -> dict[str, dict[str, Pool]]:
     """``{"fit": {modality: Pool}, "report": {modality: Pool}}``, as the table in the module docstring says."""
     weights_dir = Path(weights_dir)
     fit, report = {}, {}
@@ -93,8 +96,12 @@ def load_pools(weights_dir: str | Path, data_root: str | Path, layout: str = "sh
             keep = np.sort(np.concatenate([meld, np.random.default_rng(7).choice(single, len(meld), replace=False)]))
         folds = Path(audio_folds) if audio_folds else None
         if m == "audio" and layout == "shared" and folds and (folds / f"fold{AUDIO_FOLDS - 1}").is_dir():
-            fit[m] = Pool.concat([_pool(encode_split(m, f"fold:{k}", folds / f"fold{k}", data_root, layout))
-                                  for k in range(AUDIO_FOLDS - 1)])
+            fit[m] = Pool.concat(
+                [
+                    _pool(encode_split(m, f"fold:{k}", folds / f"fold{k}", data_root, layout))
+                    for k in range(AUDIO_FOLDS - 1)
+                ]
+            )
             report[m] = _pool(data)  # actors 17-20 through the shipped encoder
             continue
         first, second = stratified_halves(data["labels"][keep], seed=11)
@@ -102,7 +109,9 @@ def load_pools(weights_dir: str | Path, data_root: str | Path, layout: str = "sh
     return {"fit": fit, "report": report}
 
 
-def make_combinations(labels: dict[str, np.ndarray], n: int, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def make_combinations(
+    labels: dict[str, np.ndarray], n: int, rng: np.random.Generator
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """``n`` label-matched combinations, classes drawn uniformly: ``(labels, {modality: pool indices})``."""
     by_class = {m: [np.flatnonzero(y == c) for c in range(NUM_CLASSES)] for m, y in labels.items()}
     classes = [c for c in range(NUM_CLASSES) if all(len(by_class[m][c]) for m in labels)]
@@ -125,8 +134,9 @@ def subset_mask(subset: tuple[str, ...], n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fused_probabilities(model: FusionModel, emb: torch.Tensor, lp: torch.Tensor,
-                        present: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def fused_probabilities(
+    model: FusionModel, emb: torch.Tensor, lp: torch.Tensor, present: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray]:
     """Calibrated fused probabilities and contributions, as the service computes them."""
     model.eval()
     logits, contrib = model(emb, lp, present)
@@ -141,8 +151,9 @@ def served_answer(model: FusionModel, emb: torch.Tensor, lp: torch.Tensor, prese
     return np.where(single.numpy(), own, fused.argmax(1))
 
 
-def evaluate_combinations(model: FusionModel, pools: dict[str, Pool], n: int = REPORT_COMBINATIONS,
-                          seed: int = 1234) -> dict[str, Any]:
+def evaluate_combinations(
+    model: FusionModel, pools: dict[str, Pool], n: int = REPORT_COMBINATIONS, seed: int = 1234
+) -> dict[str, Any]:
     """Per subset: the fused answer next to the product and the mean of probabilities and each encoder alone.
 
     Also, for subsets of two or more: how often the fused answer overrules two modalities that agree, and the
@@ -179,15 +190,24 @@ def evaluate_combinations(model: FusionModel, pools: dict[str, Pool], n: int = R
             product = lp[:, cols].sum(1).argmax(1).numpy()
             overruled = has_pair & (product != pair_class)  # the product's own overrules, for comparison
             row["product_overrule_rate"] = float(overruled.sum() / max(has_pair.sum(), 1))
-            row["product_overrules_right"] = float((product[overruled] == ys[overruled]).mean()) if overruled.any() else 0.0
+            row["product_overrules_right"] = (
+                float((product[overruled] == ys[overruled]).mean()) if overruled.any() else 0.0
+            )
         if len(subset) > 1:
             row["contribution_check"] = _contribution_check(model, emb, lp, present, contrib, fused, cols)
         out["subsets"]["+".join(subset)] = row
     return out
 
 
-def _contribution_check(model: FusionModel, emb: torch.Tensor, lp: torch.Tensor, present: torch.Tensor,
-                        contrib: np.ndarray, fused: np.ndarray, cols: list[int]) -> dict[str, Any]:
+def _contribution_check(
+    model: FusionModel,
+    emb: torch.Tensor,
+    lp: torch.Tensor,
+    present: torch.Tensor,
+    contrib: np.ndarray,
+    fused: np.ndarray,
+    cols: list[int],
+) -> dict[str, Any]:
     """How often the served answer changes when the largest / smallest contributor is removed."""
     sub = contrib[:, cols]
     rows = np.arange(len(fused))
@@ -196,8 +216,11 @@ def _contribution_check(model: FusionModel, emb: torch.Tensor, lp: torch.Tensor,
         without = present.clone()
         without[torch.from_numpy(rows), torch.from_numpy(np.array(cols)[pick])] = False
         changed[name] = float((served_answer(model, emb, lp, without) != fused).mean())
-    return {"changed_removing_largest": changed["largest"], "changed_removing_smallest": changed["smallest"],
-            "holds": changed["largest"] > changed["smallest"]}
+    return {
+        "changed_removing_largest": changed["largest"],
+        "changed_removing_smallest": changed["smallest"],
+        "holds": changed["largest"] > changed["smallest"],
+    }
 
 
 @dataclass(frozen=True)
@@ -217,8 +240,9 @@ RECIPES = (
     Recipe("trust scales and class bias only", 300, trainable="scales", agreement_bonus=0.0),
     Recipe("trust scales and class bias + quarter agreement votes", 300, trainable="scales", agreement_bonus=0.25),
     Recipe("trust scales and class bias + half agreement votes", 300, trainable="scales", agreement_bonus=0.5),
-    Recipe("trust scales and class bias + three-quarter agreement votes", 300, trainable="scales",
-           agreement_bonus=0.75),
+    Recipe(
+        "trust scales and class bias + three-quarter agreement votes", 300, trainable="scales", agreement_bonus=0.75
+    ),
     Recipe("trust scales and class bias + agreement votes", 300, trainable="scales"),
     Recipe("attention over evidence tokens", 300, embedding_dropout=1.0),
     Recipe("attention over embedding + evidence tokens", 300, embedding_dropout=0.5),
@@ -229,8 +253,9 @@ def fit_model(recipe: Recipe, pools: dict[str, Pool], args: argparse.Namespace, 
     """Train a fresh fusion module on label-matched combinations of ``pools`` with ``recipe``."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = FusionModel(FusionModelConfig(embedding_dropout=recipe.embedding_dropout,
-                                          agreement_bonus=recipe.agreement_bonus))
+    model = FusionModel(
+        FusionModelConfig(embedding_dropout=recipe.embedding_dropout, agreement_bonus=recipe.agreement_bonus)
+    )
     if recipe.steps == 0:
         return model.eval()
     scales = {"log_scale", "class_bias"}
@@ -283,18 +308,26 @@ def select_recipe(pools: dict[str, Pool], args: argparse.Namespace) -> tuple[Rec
             folds.append(cv_scores(fit_model(recipe, train, args, args.seed + k), held, seed=17 + k))
         accuracy, overrule = float(np.mean([f[0] for f in folds])), float(np.mean([f[1] for f in folds]))
         stderr = float(np.sqrt(overrule * (1 - overrule) / sum(f[2] for f in folds)))
-        scores[recipe.name] = {"accuracy": round(accuracy, 4), "overrule_rate": round(overrule, 4),
-                               "overrule_stderr": round(stderr, 4)}
-        print(f"fusion recipe '{recipe.name}': cross-validated accuracy {accuracy:.4f}, "
-              f"overrule rate {overrule:.4f} ± {stderr:.4f}", flush=True)
-    eligible = [r for r in RECIPES if sum(scores[r.name][k] for k in ("overrule_rate", "overrule_stderr")) < MAX_OVERRULE]
+        scores[recipe.name] = {
+            "accuracy": round(accuracy, 4),
+            "overrule_rate": round(overrule, 4),
+            "overrule_stderr": round(stderr, 4),
+        }
+        print(
+            f"fusion recipe '{recipe.name}': cross-validated accuracy {accuracy:.4f}, "
+            f"overrule rate {overrule:.4f} ± {stderr:.4f}",
+            flush=True,
+        )
+    eligible = [
+        r for r in RECIPES if sum(scores[r.name][k] for k in ("overrule_rate", "overrule_stderr")) < MAX_OVERRULE
+    ]
     eligible = eligible or list(RECIPES)
     best = max(eligible, key=lambda r: scores[r.name]["accuracy"])
     return best, scores
 
 
 def train_fusion(args: argparse.Namespace) -> dict[str, Any]:
-    """Pick a recipe by cross-validation on the fit side, train it there, write it to ``args.out``; return its report."""
+    """Pick a recipe by cross-validation on the fit side, train it there, write it to ``args.out``; report it."""
     start = time.time()
     pools = load_pools(args.weights_dir, args.data_root, args.layout, getattr(args, "audio_folds", None))
     fit, calibrate = {}, {}
@@ -320,8 +353,10 @@ def train_fusion(args: argparse.Namespace) -> dict[str, Any]:
         **({"recipe": str(args.recipe)} if getattr(args, "recipe", None) else {}),
         "fusion_recipe": dataclasses.asdict(recipe),
         "recipe_cross_validation": scores,
-        "encoders": {m: str(read_config(Path(args.weights_dir) / m)["metadata"].get("version", "unversioned"))
-                     for m in MODALITIES},
+        "encoders": {
+            m: str(read_config(Path(args.weights_dir) / m)["metadata"].get("version", "unversioned"))
+            for m in MODALITIES
+        },
         "train_seconds": round(time.time() - start, 1),
         "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads",
         "temperatures": temperatures,
@@ -329,8 +364,11 @@ def train_fusion(args: argparse.Namespace) -> dict[str, Any]:
         "report_product_all_accuracy": round(full["product"]["accuracy"], 4),
     }
     save_model(model, args.out, metadata)
-    print(f"fusion ({recipe.name}): all three {full['fused']['accuracy']:.4f} (product {full['product']['accuracy']:.4f}, "
-          f"best single {max(r['accuracy'] for r in full['single'].values()):.4f})")
+    print(
+        f"fusion ({recipe.name}): all three {full['fused']['accuracy']:.4f} "
+        f"(product {full['product']['accuracy']:.4f}, "
+        f"best single {max(r['accuracy'] for r in full['single'].values()):.4f})"
+    )
     return result
 
 

