@@ -208,14 +208,11 @@ def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def resolve_device(choice: str) -> str:
-    """:func:`models.common.resolve_device` as a name, imported late (the load generator stays free of torch)."""
-    from models.common import resolve_device as resolve
+def device_name(choice: str) -> str:
+    """``--device`` as a device type; torch is imported here, late, so the load generator stays free of it."""
+    from models.common import resolve_device
 
-    try:
-        return resolve(choice).type
-    except ValueError as error:
-        raise SystemExit(f"--device {choice}: {error}") from None
+    return resolve_device(choice).type
 
 
 def now_iso() -> str:
@@ -408,7 +405,7 @@ def busy_note(machine: dict[str, Any]) -> str | None:
 
 def run_benchmark(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Any]:
     """The full side-by-side run; writes the reports and returns the report dict."""
-    device = resolve_device(args.device)
+    device = device_name(args.device)
     config = serve_config_path(args, device)
     media = load_media(args.audio_file, args.video_file)
     meta = base_meta(args, argv, device, media, config)

@@ -27,11 +27,11 @@ from bench.run import (
     apply_defaults,
     base_meta,
     busy_note,
+    device_name,
     log,
     measure_ceiling_phase,
     measure_cell,
     now_iso,
-    resolve_device,
     serve_config_path,
     serve_env,
     serve_overrides,
@@ -117,7 +117,7 @@ def run_sweep(args: argparse.Namespace, argv: list[str] | None = None) -> dict[s
     """Restart Serve for each point of the grid and load one endpoint at the highest concurrency."""
     import yaml
 
-    device = resolve_device(args.device)
+    device = device_name(args.device)
     config_path = serve_config_path(args, device)
     if not config_path.is_file():
         raise SystemExit(f"Serve config {config_path} not found")
