@@ -20,12 +20,8 @@ import pytest
 import yaml
 
 from bench.soak import DEPLOYMENTS, replica_pids
-from tests.ops_helpers import SERVE_CONFIG, health_ok, local_serve_app, wait_for
+from tests.ops_helpers import REPO, SERVE_CONFIG, health_ok, local_serve_app, wait_for
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO / "tests" / "fixtures"
-SPEECH = (FIXTURES / "speech.wav").read_bytes()
-FACE = (FIXTURES / "face.mp4").read_bytes()
 UPLOAD_LIMIT_MB = 1
 SCHEMATHESIS_CONFIG = REPO / "tests" / "schemathesis.toml"
 

@@ -19,7 +19,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,14 +26,10 @@ import pytest
 
 from bench.servers import ManagedServer, serve_server
 from bench.soak import DEPLOYMENTS, HA_CONFIG, kill_one, replica_pids
-from tests.ops_helpers import health_ok, wait_for
+from tests.ops_helpers import FIXTURES, health_ok, wait_for
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO / "tests" / "fixtures"
 SPEECH = (FIXTURES / "speech.wav").read_bytes()
 FACE = (FIXTURES / "face.mp4").read_bytes()
-UPLOAD_LIMIT_MB = 1
-SCHEMATHESIS_CONFIG = REPO / "tests" / "schemathesis.toml"
 
 
 # ---- two replicas each: kills under load ---------------------------------------------------------------------

@@ -169,9 +169,10 @@ def evaluate_combinations(
         fused = served_answer(model, emb, lp, present)
         cols = [MODALITIES.index(m) for m in subset]
         own = lp[:, cols].argmax(-1).numpy()  # (n, k) each encoder's own answer
+        product = lp[:, cols].sum(1).argmax(1).numpy()
         row: dict[str, Any] = {
             "fused": classification_report(ys, fused),
-            "product": classification_report(ys, lp[:, cols].sum(1).argmax(1).numpy()),
+            "product": classification_report(ys, product),
             "mean": classification_report(ys, lp[:, cols].exp().mean(1).argmax(1).numpy()),
             "single": {m: classification_report(ys, own[:, j]) for j, m in enumerate(subset)},
             "mean_contributions": {m: round(float(contrib[:, MODALITIES.index(m)].mean()), 4) for m in subset},
@@ -187,7 +188,6 @@ def evaluate_combinations(
             has_pair = pair_class >= 0
             row["agreeing_pairs"] = int(has_pair.sum())
             row["overrule_rate"] = float((fused[has_pair] != pair_class[has_pair]).mean()) if has_pair.any() else 0.0
-            product = lp[:, cols].sum(1).argmax(1).numpy()
             overruled = has_pair & (product != pair_class)  # the product's own overrules, for comparison
             row["product_overrule_rate"] = float(overruled.sum() / max(has_pair.sum(), 1))
             row["product_overrules_right"] = (
