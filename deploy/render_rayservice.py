@@ -2,7 +2,9 @@
 
 The RayService's ``serveConfigV2`` must be the same Serve application as the GPU config used by
 ``serve deploy`` and ``cluster.yaml``, so it is not written by hand: this script pastes the GPU config,
-verbatim, into the template's ``serveConfigV2: |`` block. ``tests/test_ops_config.py`` re-renders and compares.
+verbatim, into the template's ``serveConfigV2: |`` block, and the Ray-wide switches of ``python -m serve.launch``
+(``serve.launch.FAST_INGRESS_ENV``) into the environment of every Ray container (``- __FAST_INGRESS_ENV__``).
+``tests/test_ops_config.py`` re-renders and compares.
 
 Run from anywhere::
 
@@ -13,17 +15,22 @@ Run from anywhere::
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from serve.launch import FAST_INGRESS_ENV
+
 DEPLOY_DIR = Path(__file__).resolve().parent
 SERVE_CONFIG = DEPLOY_DIR / "serve_config.gpu.yaml"
 TEMPLATE = DEPLOY_DIR / "kubernetes" / "rayservice.template.yaml"
 OUTPUT = DEPLOY_DIR / "kubernetes" / "rayservice.yaml"
 PLACEHOLDER = "__SERVE_CONFIG__"
+ENV_PLACEHOLDER = "- __FAST_INGRESS_ENV__"
 INDENT = " " * 4  # the block scalar under `  serveConfigV2: |`
 
 
@@ -39,7 +46,14 @@ def render(serve_config: Path = SERVE_CONFIG, template: Path = TEMPLATE) -> str:
     template_text = template.read_text()
     if template_text.count(PLACEHOLDER) != 1:
         raise ValueError(f"{template} must contain {PLACEHOLDER} exactly once")
-    return template_text.replace(PLACEHOLDER, block)
+    lines = []
+    for line in template_text.replace(PLACEHOLDER, block).splitlines():
+        if line.strip() == ENV_PLACEHOLDER:
+            pad = line[: len(line) - len(line.lstrip())]
+            lines += [f"{pad}- {{name: {k}, value: {json.dumps(v)}}}" for k, v in FAST_INGRESS_ENV.items()]
+        else:
+            lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def serve_config_of(manifest_text: str) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -45,6 +46,15 @@ FAST_INGRESS_ENV: dict[str, str] = {
     # The controller's loop ran 10 times a second (~2-5 % of a core on this machine, a cost per request at
     # video rates); twice a second still reacts to a dead replica or an autoscaling decision well within 1 s.
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+    # A request in flight on an ingress replica that dies gets no answer; HAProxy replays it on another replica
+    # (Ray's default retries only a failed connect). Safe here: every endpoint is a stateless prediction.
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response",
+    # At most two replays, each on another replica: enough to get past a dead one, and a request that itself
+    # kills a replica cannot walk through many.
+    "RAY_SERVE_HAPROXY_RETRIES": "2",
+    # HAProxy can replay only a request it still holds whole: 256 KiB covers the text and JSON requests and
+    # a short WAV (Ray's default buffer is 16 KiB). Larger uploads stream through and are not replayed.
+    "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": "262144",
 }
 
 
@@ -123,11 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", nargs="?", type=Path, default=DEFAULT_CONFIG, help="Serve config file")
     parser.add_argument("--plain-proxy", action="store_true", help="Ray Serve's Python proxy (no HAProxy)")
     parser.add_argument("--grace", type=float, default=60.0, help="seconds to wait for a clean shutdown")
-    parser.add_argument("--print-env", action="store_true", help="print the variables it would set and exit")
+    parser.add_argument(
+        "--print-env", action="store_true", help="print the variables it would set, as shell assignments, and exit"
+    )
     args, extra = parser.parse_known_args(argv)
     if args.print_env:
         for key, value in ({} if args.plain_proxy else FAST_INGRESS_ENV).items():
-            print(f"{key}={value}")
+            print(f"{key}={shlex.quote(value)}")  # POSIX shell assignments: `set -a; eval "$(...)"; set +a`
         return 0
     serve_exe = shutil.which("serve") or str(Path(sys.executable).with_name("serve"))
     cmd = [serve_exe, "run", str(args.config), *extra]

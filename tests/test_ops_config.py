@@ -233,6 +233,29 @@ def test_rayservice_is_rendered_from_the_gpu_serve_config() -> None:
     assert render_rayservice.serve_config_of(RAYSERVICE.read_text()) == _validate_serve_config(SERVE_GPU)
 
 
+def test_every_ray_process_gets_the_launchers_switches() -> None:
+    """HAProxy, throughput mode and replay on ingress death are Ray-wide: each cluster recipe must set them all."""
+    import subprocess
+    import sys
+
+    from serve.launch import FAST_INGRESS_ENV
+
+    cluster = yaml.safe_load(RAYSERVICE.read_text())["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        for container in group["template"]["spec"]["containers"]:
+            env = {e["name"]: e["value"] for e in container["env"]}
+            assert {k: env.get(k) for k in FAST_INGRESS_ENV} == FAST_INGRESS_ENV, container["name"]
+    raw = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        command = next(c for c in raw[key] if "ray start" in c)
+        assert 0 <= command.find("serve.launch --print-env") < command.index("ray start"), key
+    # what --print-env prints, a POSIX shell reads back as the same values
+    shell = f'set -a; eval "$({shlex.quote(sys.executable)} -m serve.launch --print-env)"; set +a; env'
+    out = subprocess.run(["bash", "-c", shell], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    exported = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    assert {k: exported.get(k) for k in FAST_INGRESS_ENV} == FAST_INGRESS_ENV
+
+
 def test_rayservice_has_a_gpu_worker_group() -> None:
     manifest = yaml.safe_load(RAYSERVICE.read_text())
     assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayService"

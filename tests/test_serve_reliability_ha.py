@@ -107,9 +107,9 @@ def test_killing_a_text_encoder_replica_loses_nothing(ha: ManagedServer) -> None
 
 @pytest.mark.xfail(
     strict=False,
-    reason="KNOWN LIMIT: requests in flight on the killed FusionIngress replica are "
-    "answered 500 by Ray Serve's HTTP proxy, which does not retry a request whose replica died after "
-    "accepting it (2 of 1072 in the run that found it); later requests go to the other replica",
+    reason="KNOWN LIMIT: HAProxy replays a request that the killed FusionIngress replica accepted but never "
+    "answered (no 500s since), yet about one in a thousand in flight at the kill still ends in a dropped client "
+    "connection (0 or 1 per kill in nine kills under this test's load); later requests go to the other replica",
 )
 def test_killing_an_ingress_replica_loses_nothing(ha: ManagedServer) -> None:
     pid, results = kill_under_load(ha.base_url, "FusionIngress")
