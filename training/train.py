@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from models.checkpoint import DEFAULT_WEIGHTS_DIR, load_model, save_model
 from models.common import device_option
-from training.calibration import fit_class_bias, fit_temperature
+from training.calibration import fit_temperature
 from training.distill import Distiller, load_teachers
 from training.metrics import classification_report
 from training.state import load_state, save_state
@@ -194,12 +194,6 @@ def _export(
     info: dict,
     report: dict,
 ) -> None:
-    bias = torch.zeros(logits.shape[1])
-    if args.class_bias:
-        y = labels.numpy()
-        bias = fit_class_bias(logits, lambda p: task.score(classification_report(y, p), y, p, args.select_on))
-        logits = logits + bias
-    model.head.linear.bias.data += bias.to(model.head.linear.bias)
     temperature = fit_temperature(logits, labels)
     model.head.temperature.fill_(temperature)
     metadata = {
@@ -216,7 +210,6 @@ def _export(
         + (f", trained on {torch.cuda.get_device_name()}" if model_device(model).type == "cuda" else ""),
         "epochs_trained": len(info["history"]),  # the per-epoch history stays in the run state (--run-dir)
         "temperature": round(temperature, 4),
-        **({"class_bias": [round(float(b), 2) for b in bias]} if args.class_bias else {}),
         **({"ema_decay": args.ema} if args.ema else {}),
         **({"initialised_from": str(args.init_from)} if args.init_from else {}),
         **(
@@ -233,7 +226,6 @@ def _export(
     }
     save_model(model, args.out, metadata, half=args.half)
     model.head.temperature.fill_(1.0)
-    model.head.linear.bias.data -= bias.to(model.head.linear.bias)  # training goes on without the offsets
 
 
 def _three_widths(text: str) -> tuple[int, int, int]:
@@ -312,12 +304,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[argparse.Act
     e.add_argument(
         "--init-from",
         help="start from the weights of a saved model folder (e.g. models/weights/video) instead of from scratch",
-    )
-    e.add_argument(
-        "--class-bias",
-        action="store_true",
-        help="add per-class logit offsets, fitted on the selection split to maximise the selection score, to "
-        "the exported head (before the temperature is fitted)",
     )
     e.add_argument(
         "--keep",
