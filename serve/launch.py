@@ -49,9 +49,9 @@ FAST_INGRESS_ENV: dict[str, str] = {
     # A request in flight on an ingress replica that dies gets no answer; HAProxy replays it on another replica
     # (Ray's default retries only a failed connect). Safe here: every endpoint is a stateless prediction.
     "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response",
-    # At most two replays, each on another replica: enough to get past a dead one, and a request that itself
-    # kills a replica cannot walk through many.
-    "RAY_SERVE_HAPROXY_RETRIES": "2",
+    # Up to three replays. HAProxy balances by least connections, so a dead replica (none open) is picked again
+    # until three errors in a row mark it down: the third replay at the latest goes to a live one.
+    "RAY_SERVE_HAPROXY_RETRIES": "3",
     # HAProxy can replay only a request it still holds whole: 256 KiB covers the text and JSON requests and
     # a short WAV (Ray's default buffer is 16 KiB). Larger uploads stream through and are not replayed.
     "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": "262144",

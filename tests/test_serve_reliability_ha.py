@@ -108,8 +108,8 @@ def test_killing_a_text_encoder_replica_loses_nothing(ha: ManagedServer) -> None
 @pytest.mark.xfail(
     strict=False,
     reason="KNOWN LIMIT: HAProxy replays a request that the killed FusionIngress replica accepted but never "
-    "answered (no 500s since), yet about one in a thousand in flight at the kill still ends in a dropped client "
-    "connection (0 or 1 per kill in nine kills under this test's load); later requests go to the other replica",
+    "answered (no 500s since), but not one whose answer the replica had begun to write: its client sees a dropped "
+    "connection (0 to 2 per kill in 13 kills under this test's load); later requests go to the other replica",
 )
 def test_killing_an_ingress_replica_loses_nothing(ha: ManagedServer) -> None:
     pid, results = kill_under_load(ha.base_url, "FusionIngress")
