@@ -46,6 +46,10 @@ def _seed_layout(root: Path) -> None:
                 (folder / f"{k}.png").write_bytes(image_png(rng.integers(0, 255, (48, 48), dtype=np.uint8)))
 
 
+# A training run on the 14-example seed layout that _seed_layout writes under ./data, on one CPU thread.
+SEED_RUN = ["--layout", "seed", "--data-root", "data", "--threads", "1"]
+
+
 def test_seed_layout_reader(tmp_path: Path) -> None:
     _seed_layout(tmp_path)
     texts = read_seed_layout(tmp_path, "train", "text")
@@ -57,22 +61,7 @@ def test_seed_layout_reader(tmp_path: Path) -> None:
 def test_audio_training_runs_on_cpu_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _seed_layout(tmp_path / "data")
     monkeypatch.chdir(tmp_path)  # feature caches and run state go under the temp dir
-    common = [
-        "--modality",
-        "audio",
-        "--layout",
-        "seed",
-        "--data-root",
-        "data",
-        "--out",
-        "weights",
-        "--batch-size",
-        "7",
-        "--patience",
-        "5",
-        "--threads",
-        "1",
-    ]
+    common = [*SEED_RUN, "--modality", "audio", "--out", "weights", "--batch-size", "7", "--patience", "5"]
     train.main([*common, "--epochs", "1"])
     model, config = load_model(tmp_path / "weights")
     assert config["model_type"] == "audio" and config["metadata"]["best_epoch"] == 1
@@ -93,12 +82,9 @@ def test_fusion_trains_on_label_matched_triplets(tmp_path: Path, monkeypatch: py
     monkeypatch.chdir(tmp_path)
     train.main(
         [
+            *SEED_RUN,
             "--modality",
             "fusion",
-            "--layout",
-            "seed",
-            "--data-root",
-            "data",
             "--out",
             "fusion",
             "--weights-dir",
@@ -107,8 +93,6 @@ def test_fusion_trains_on_label_matched_triplets(tmp_path: Path, monkeypatch: py
             "20",
             "--batch-size",
             "16",
-            "--threads",
-            "1",
         ]
     )
     meta = json.loads((tmp_path / "fusion" / "config.json").read_text())["metadata"]
@@ -138,20 +122,15 @@ def test_video_training_with_wider_frame_cnn(tmp_path: Path, monkeypatch: pytest
     monkeypatch.chdir(tmp_path)
     train.main(
         [
+            *SEED_RUN,
             "--modality",
             "video",
-            "--layout",
-            "seed",
-            "--data-root",
-            "data",
             "--out",
             "weights",
             "--epochs",
             "1",
             "--batch-size",
             "7",
-            "--threads",
-            "1",
             "--bf16",
             "--video-channels",
             "8,16,24",
@@ -176,24 +155,8 @@ def test_ema_training_exports_the_average_and_resumes_it(tmp_path: Path, monkeyp
 
     _seed_layout(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
-    common = [
-        "--modality",
-        "audio",
-        "--layout",
-        "seed",
-        "--data-root",
-        "data",
-        "--out",
-        "weights",
-        "--batch-size",
-        "7",
-        "--patience",
-        "5",
-        "--threads",
-        "1",
-        "--ema",
-        "0.9",
-    ]
+    common = [*SEED_RUN, "--modality", "audio", "--out", "weights", "--batch-size", "7", "--patience", "5"]
+    common += ["--ema", "0.9"]
     train.main([*common, "--epochs", "1"])
     state = tmp_path / "runs" / "audio" / "state.safetensors"
     stored = load_file(str(state))
@@ -213,20 +176,7 @@ def test_init_from_starts_at_saved_weights(tmp_path: Path, monkeypatch: pytest.M
 
     _seed_layout(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
-    common = [
-        "--modality",
-        "audio",
-        "--layout",
-        "seed",
-        "--data-root",
-        "data",
-        "--batch-size",
-        "7",
-        "--threads",
-        "1",
-        "--epochs",
-        "1",
-    ]
+    common = [*SEED_RUN, "--modality", "audio", "--batch-size", "7", "--epochs", "1"]
     train.main([*common, "--out", "first"])
     first, _ = load_model(tmp_path / "first")
     # lr 0: the second run cannot move, so it must export exactly the weights it started from
@@ -292,7 +242,7 @@ def test_distiller_averages_teachers_and_blends_losses() -> None:
 def test_video_distillation_keeps_the_last_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _seed_layout(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
-    common = ["--modality", "video", "--layout", "seed", "--data-root", "data", "--batch-size", "7", "--threads", "1"]
+    common = [*SEED_RUN, "--modality", "video", "--batch-size", "7"]
     train.main([*common, "--epochs", "1", "--out", "teacher"])
     train.main(
         [
@@ -340,16 +290,11 @@ def test_holdout_selection_never_reads_the_val_split(tmp_path: Path, monkeypatch
     monkeypatch.chdir(tmp_path)
     train.main(
         [
+            *SEED_RUN,
             "--modality",
             "video",
-            "--layout",
-            "seed",
-            "--data-root",
-            "data",
             "--batch-size",
             "7",
-            "--threads",
-            "1",
             "--epochs",
             "2",
             "--out",
@@ -599,23 +544,7 @@ def test_each_recipe_trains_a_few_steps(modality: str, tmp_path: Path, monkeypat
         if modality == "fusion"
         else ["--epochs", "1", "--holdout", "0"]
     )  # a few steps on the 14 seed-layout examples
-    train.main(
-        [
-            "--recipe",
-            str(recipe),
-            "--layout",
-            "seed",
-            "--data-root",
-            "data",
-            "--out",
-            "weights",
-            "--batch-size",
-            "7",
-            "--threads",
-            "1",
-            *small,
-        ]
-    )
+    train.main([*SEED_RUN, "--recipe", str(recipe), "--out", "weights", "--batch-size", "7", *small])
     _, config = load_model(tmp_path / "weights")
     assert config["model_type"] == modality
     assert config["metadata"]["recipe"] == str(recipe)  # the weights name the recipe that made them
