@@ -9,6 +9,7 @@ safetensors + JSON (with the calibration temperature fitted on the same validati
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import random
 import sys
@@ -437,29 +438,14 @@ def main(argv: list[str] | None = None) -> None:
 
         train_fusion(args)
         return
-    opts = TaskOptions(
-        data_root=args.data_root,
-        layout=args.layout,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        backbone_lr=args.backbone_lr,
-        backbone=args.backbone,
-        trainable_layers=args.trainable_layers,
-        crop_seconds=args.crop_seconds,
-        temporal_epochs=args.temporal_epochs,
-        seq_len=args.seq_len,
-        video_channels=args.video_channels,
-        mirror_average=args.mirror_average,
-        calm_as=None if args.ravdess_calm == "drop" else args.ravdess_calm,
-        holdout=args.holdout,
-        goemotions_per_epoch=args.goemotions_per_epoch,
-        class_weight_power=args.class_weight_power,
-        fold=args.fold,
-        folds=args.folds,
-        audio_channels=tuple(args.audio_channels),
-        audio_hidden=args.audio_hidden,
-        audio_augment=tuple(a for a in args.augment.split(",") if a and a != "none"),
-    )
+    # Every option keeps its name in TaskOptions except these three, which change form on the way.
+    converted = {
+        "calm_as": None if args.ravdess_calm == "drop" else args.ravdess_calm,
+        "audio_channels": tuple(args.audio_channels),
+        "audio_augment": tuple(a for a in args.augment.split(",") if a and a != "none"),
+    }
+    same = {f.name: getattr(args, f.name) for f in dataclasses.fields(TaskOptions) if f.name not in converted}
+    opts = TaskOptions(**same, **converted)
     task = TASKS[args.modality](opts)
     device = args.device
     task.model.to(device)
