@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ import yaml
 
 from deploy import render_rayservice
 from deploy.grafana import build_dashboard
+from serve.launch import FAST_INGRESS_ENV
 from tests.ops_helpers import (
     DASHBOARD,
     REPO,
@@ -235,11 +238,6 @@ def test_rayservice_is_rendered_from_the_gpu_serve_config() -> None:
 
 def test_every_ray_process_gets_the_launchers_switches() -> None:
     """HAProxy, throughput mode and replay on ingress death are Ray-wide: each cluster recipe must set them all."""
-    import subprocess
-    import sys
-
-    from serve.launch import FAST_INGRESS_ENV
-
     cluster = yaml.safe_load(RAYSERVICE.read_text())["spec"]["rayClusterConfig"]
     for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
         for container in group["template"]["spec"]["containers"]:
