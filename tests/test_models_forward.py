@@ -10,7 +10,7 @@ import torch
 from models.audio import AudioModel, AudioModelConfig
 from models.common import cast_for_autocast, forward_in_precision, prepare_for_inference
 from models.fusion import FusionModel, FusionModelConfig
-from models.labels import NUM_CLASSES
+from models.labels import EMOTIONS, MODALITIES, NUM_CLASSES
 from models.text import TextModel, TextModelConfig, TextPreprocessor
 from models.video import VideoModel, VideoModelConfig
 
@@ -148,6 +148,33 @@ def test_untrained_fusion_is_the_product_of_experts(fusion: FusionModel) -> None
         with torch.no_grad():
             logits, _ = fusion(torch.randn(4, 3, 256), log_probs, present)
         torch.testing.assert_close(logits, (log_probs * present[..., None]).sum(1), atol=1e-5, rtol=1e-5)
+
+
+def test_class_mixing_starts_at_the_plain_fusion_and_moves_evidence_between_classes() -> None:
+    """Zero mixing matrices leave the answer as without them; a matrix that swaps audio's "happy" and "fear"
+    turns an audio-only "happy" into "fear", and leaves the other modalities' evidence where it was."""
+    torch.manual_seed(0)
+    plain = FusionModel(FusionModelConfig(agreement_bonus=0.0)).eval()
+    mixing = FusionModel(FusionModelConfig(agreement_bonus=0.0, class_mixing=True)).eval()
+    mixing.load_state_dict(plain.state_dict(), strict=False)
+    log_probs, present = _log_probs(4), torch.ones(4, 3, dtype=torch.bool)
+    emb = torch.randn(4, 3, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(mixing(emb, log_probs, present)[0], plain(emb, log_probs, present)[0])
+        happy, fear = EMOTIONS.index("happy"), EMOTIONS.index("fear")
+        audio = MODALITIES.index("audio")
+        for a, b in ((happy, fear), (fear, happy)):  # (I + D) is the permutation that swaps the two
+            mixing.class_mixing[audio, a, a] = -1.0
+            mixing.class_mixing[audio, a, b] = 1.0
+        only_audio = torch.zeros(1, 3, dtype=torch.bool)
+        only_audio[0, audio] = True
+        says_happy = torch.full((1, 3, NUM_CLASSES), 0.02).log()
+        says_happy[0, :, happy] = torch.tensor(0.88).log()
+        assert plain(emb[:1], says_happy, only_audio)[0].argmax().item() == happy
+        assert mixing(emb[:1], says_happy, only_audio)[0].argmax().item() == fear
+        only_text = torch.zeros(1, 3, dtype=torch.bool)
+        only_text[0, MODALITIES.index("text")] = True
+        assert mixing(emb[:1], says_happy, only_text)[0].argmax().item() == happy
 
 
 def test_two_agreeing_encoders_outvote_a_sure_third(fusion: FusionModel) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from models.checkpoint import load_model
-from models.labels import EMOTIONS
+from models.labels import EMOTIONS, MODALITIES, NUM_CLASSES
 from tests.synth import SHARED_DATA, image_png, tone_wav
 from training import train
 from training.datasets import ravdess_label, read_meld, read_ravdess, read_seed_layout
@@ -418,6 +418,27 @@ def test_fusion_report_compares_the_served_answer_with_the_product_and_each_enco
     assert checks["text+audio+video: fused >= product"] and "text+audio+video: overrule rate < 5 %" in checks
     voting = evaluate_combinations(FusionModel(FusionModelConfig(agreement_bonus=2.0)).eval(), pools, n=500)
     assert voting["subsets"]["text+audio+video"]["overrule_rate"] < full["overrule_rate"]
+
+
+def test_class_mixing_recipe_learns_an_encoders_confusion() -> None:
+    """Audio that answers class c + 1 whenever the truth is c: the product cannot undo that, the class-mixing
+    recipe learns it from the combinations and beats the product on text + audio."""
+    import argparse
+
+    from training.fusion import RECIPES, evaluate_combinations, fit_model
+
+    pools = _pools(600, {"text": 0.4, "audio": 0.8, "video": 0.6}, seed=3)
+    audio = pools["audio"]
+    audio.log_probs = np.roll(audio.log_probs, 1, axis=1)  # every class moves to the next one
+    recipe = next(r for r in RECIPES if r.class_mixing)
+    args = argparse.Namespace(lr=1e-2, weight_decay=1e-2, label_smoothing=0.0, batch_size=128, seed=0)
+    model = fit_model(recipe, pools, args, seed=0)
+    assert model.class_mixing is not None
+    mixing, classes = model.class_mixing.detach()[MODALITIES.index("audio")], torch.arange(NUM_CLASSES)
+    assert bool((mixing[classes, (classes + 1) % NUM_CLASSES] > 0.05).all())  # class c reads audio's column c + 1
+    assert bool((mixing[classes, classes] < -0.05).all())  # ... instead of its own
+    row = evaluate_combinations(model, pools, n=1000)["subsets"]["text+audio"]
+    assert row["fused"]["accuracy"] > row["product"]["accuracy"] + 0.05
 
 
 def test_speech_degradations_do_what_they_say() -> None:

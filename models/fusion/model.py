@@ -22,6 +22,7 @@ class FusionModelConfig:
     dropout: float = 0.1
     embedding_dropout: float = 0.5  # training: share of tokens built without their embedding (evidence only)
     correction: bool = False  # add a learned correction head to the weighted product (overfits small pools)
+    class_mixing: bool = False  # a learned C x C map per modality on its log-probabilities (its confusions)
     agreement_bonus: float = (
         1.0  # with 3+ modalities, added to the class each encoder answers: two that agree outvote a third
     )
@@ -43,13 +44,16 @@ class FusionModel(nn.Module):
     masked). The head-averaged attention weight ``a_m`` of each of the ``n`` present modalities sets how
     much its log-probabilities count: ``w_m = n * a_m * s_m`` with a learned per-modality scale ``s_m``, and
 
-        logits = sum_m (w_m * log p_m + lambda * onehot(argmax p_m)) + b
+        logits = sum_m (w_m * (I + D_m) log p_m + lambda * onehot(argmax p_m)) + b
 
     (plus ``correction(attended tokens)`` with ``config.correction``). With equal attention, ``s = 1``, ``b = 0``
     and no agreement bonus ``lambda`` this is the product of the encoders' probabilities, so the fusion starts
     from the product of experts and learns how far to trust each encoder given its evidence. The fixed bonus
     gives each encoder's own answer one vote when three or more are present: a single very confident encoder
-    can no longer overrule two that agree unless their agreement is weak.
+    can no longer overrule two that agree unless their agreement is weak. With ``config.class_mixing`` each
+    modality also has a class-mixing matrix ``D_m`` (zero at the start, ``D_m = 0`` off): evidence for one
+    class can count towards another the encoder is known to confuse it with (audio's "happy" often means
+    "fear"), and how much a modality is trusted can differ by class.
     During training a share of the tokens is built from the evidence alone (``embedding_dropout``), so the
     weighting cannot rest on recognising individual training items. The contribution of a
     modality is the share of the fused class scores' spread that its term ``w_m * log p_m`` carries (its
@@ -72,6 +76,7 @@ class FusionModel(nn.Module):
         self.attention = nn.MultiheadAttention(h, config.num_heads, dropout=config.dropout, batch_first=True)
         self.log_scale = nn.Parameter(torch.zeros(n))
         self.class_bias = nn.Parameter(torch.zeros(NUM_CLASSES))
+        self.class_mixing = nn.Parameter(torch.zeros(n, NUM_CLASSES, NUM_CLASSES)) if config.class_mixing else None
         self.correction = (
             nn.Sequential(nn.LayerNorm(h), nn.Dropout(config.dropout), nn.Linear(h, NUM_CLASSES))
             if config.correction
@@ -109,7 +114,10 @@ class FusionModel(nn.Module):
         weight = count * weights[:, 0] * present * self.log_scale.exp()  # (B, M)
         votes = nn.functional.one_hot(log_probs.argmax(-1), NUM_CLASSES).to(log_probs.dtype) * present[..., None]
         votes = votes * (count >= 3)[..., None]  # a vote only settles a dispute where a majority can form
-        terms = weight[..., None] * log_probs + self.config.agreement_bonus * votes  # (B, M, C)
+        evidence_for = log_probs
+        if self.class_mixing is not None:  # (I + D_m) log p_m; absent rows are zero and stay zero
+            evidence_for = log_probs + torch.einsum("bmc,mdc->bmd", log_probs, self.class_mixing)
+        terms = weight[..., None] * evidence_for + self.config.agreement_bonus * votes  # (B, M, C)
         logits = terms.sum(1) + self.class_bias
         if self.correction is not None:
             logits = logits + self.correction(attended[:, 0])
