@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.audio.preprocessing import LogMelExtractor
+from models.audio.preprocessing import AudioFeatureConfig, LogMelExtractor
 from models.media import (
     DecodeLimits,
     EmptyMediaError,
@@ -86,6 +86,24 @@ def test_real_speech_clip_is_trimmed_and_featurised() -> None:
     # RAVDESS clips have about a second of silence around the sentence; trimming removes most of it.
     assert feats.shape[0] == 64
     assert 50 < feats.shape[1] < len(wave) / 160
+
+
+def test_speech_under_a_noise_floor_is_trimmed_to_the_speech() -> None:
+    """A 1 s "sentence" (a warbling tone) between 1.5 s of silence on each side: with digital silence or under
+    white noise at 20 dB SNR, the features keep about the sentence's second and not the 3 s around it."""
+    sr, gen = 16000, torch.Generator().manual_seed(0)
+    t = torch.arange(sr) / sr
+    speech = 0.3 * torch.sin(2 * torch.pi * (300 + 100 * torch.sin(2 * torch.pi * 3 * t)) * t)
+    clip = torch.cat([torch.zeros(int(1.5 * sr)), speech, torch.zeros(int(1.5 * sr))])
+    noise = torch.randn(clip.shape, generator=gen)
+    noisy = clip + noise * (speech.pow(2).mean() / noise.pow(2).mean() / 10**2).sqrt()  # 20 dB below the speech
+    extractor = LogMelExtractor()
+    for wave in (clip, noisy):
+        frames = extractor(wave.numpy()).shape[1]
+        assert 90 <= frames <= 115, frames  # 100 frames of 10 ms, give or take the windows at the edges
+    plain = LogMelExtractor(AudioFeatureConfig(floor_margin_db=-1000.0))  # the loudest - 40 dB rule alone
+    assert plain(noisy.numpy()).shape[1] > 300  # keeps the noise around the sentence
+    assert plain(clip.numpy()).shape == extractor(clip.numpy()).shape
 
 
 def test_decode_frames_samples_uniformly() -> None:

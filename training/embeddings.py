@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from models.audio.preprocessing import AudioFeatureConfig, pad_features
-from models.checkpoint import WEIGHTS_FILE, load_model
+from models.checkpoint import WEIGHTS_FILE, load_model, read_config
 from models.common import forward_in_precision, prepare_for_inference, resolve_precision
 from models.text.preprocessing import TextPreprocessor
 from models.video.preprocessing import FaceConfig, faces_to_tensor, pad_clips
@@ -24,12 +24,16 @@ from training.degrade import build_degraded
 from training.features import CACHE_DIR, audio_features, face_crops
 
 
-def _weights_digest(weights_dir: Path) -> str:
-    """Digest of the weights and their config (an inference option in config.json changes the outputs too)."""
+def _weights_digest(weights_dir: Path, modality: str) -> str:
+    """Digest of the weights, their config (an inference option in config.json changes the outputs too) and,
+    for audio, the full feature settings (defaults in the code that config.json does not spell out)."""
     digest = hashlib.sha1((weights_dir / WEIGHTS_FILE).read_bytes())
     config = weights_dir / "config.json"
     if config.is_file():
         digest.update(config.read_bytes())
+        if modality == "audio":
+            features = read_config(weights_dir).get("metadata", {}).get("features", {})
+            digest.update(repr(AudioFeatureConfig(**features)).encode())
     return digest.hexdigest()[:12]
 
 
@@ -70,7 +74,7 @@ def encode_split(
     source, holdout = parse_split(split)  # a bad split fails here, before the cache or the model is touched
     weights_dir = Path(weights_dir)
     precision = resolve_precision("auto", torch.device("cpu"))
-    cache = CACHE_DIR / f"emb-{modality}-{split}-{layout}-{precision}-nhwc-{_weights_digest(weights_dir)}.npz"
+    cache = CACHE_DIR / f"emb-{modality}-{split}-{layout}-{precision}-nhwc-{_weights_digest(weights_dir, modality)}.npz"
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as data:
             return dict(data)

@@ -18,7 +18,9 @@ class AudioFeatureConfig:
     n_fft: int = 400
     hop_length: int = 160
     max_seconds: float = 8.0
-    trim_db: float = 40.0  # frames quieter than (loudest - trim_db) at either end are cut
+    trim_db: float = 40.0  # frames quieter than (loudest - trim_db) at either end are cut ...
+    floor_margin_db: float = 3.0  # ... and frames within this of the noise floor (a noisy line has no silence)
+    floor_percentile: float = 10.0  # the noise floor: this percentile of the frame energies
     min_frames: int = 32
 
 
@@ -54,17 +56,26 @@ class LogMelExtractor:
     @torch.no_grad()
     def trim_wave(self, wave: torch.Tensor) -> torch.Tensor:
         """``wave`` cut to the span ``__call__`` keeps (frames within ``trim_db`` of the loudest)."""
-        mel = self.to_db(self.melspec(wave))
-        energy = mel.mean(0)
-        loud = torch.nonzero(energy > energy.max() - self.config.trim_db).flatten()
+        loud = self._loud_frames(self.to_db(self.melspec(wave)))
         if loud.numel() == 0:
             return wave
         hop = self.config.hop_length
         return wave[int(loud[0]) * hop : (int(loud[-1]) + 1) * hop + self.config.n_fft - hop]
 
-    def _trim_silence(self, mel: torch.Tensor) -> torch.Tensor:
+    def _loud_frames(self, mel: torch.Tensor) -> torch.Tensor:
+        """Indices of the frames louder than both ``loudest - trim_db`` and ``noise floor + floor_margin_db``.
+
+        Clean recordings have near-digital silence, so the first bound decides; with a noise floor (a noisy
+        room, a phone line) the second one still finds where the speech starts and ends, so the model sees
+        speech and not seconds of noise (training trims its clean clips before it adds noise).
+        """
         energy = mel.mean(0)
-        loud = torch.nonzero(energy > energy.max() - self.config.trim_db).flatten()
+        floor = torch.quantile(energy, self.config.floor_percentile / 100.0)
+        threshold = torch.maximum(energy.max() - self.config.trim_db, floor + self.config.floor_margin_db)
+        return torch.nonzero(energy > threshold).flatten()
+
+    def _trim_silence(self, mel: torch.Tensor) -> torch.Tensor:
+        loud = self._loud_frames(mel)
         if loud.numel() == 0:
             return mel
         return mel[:, int(loud[0]) : int(loud[-1]) + 1]
