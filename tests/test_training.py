@@ -98,6 +98,10 @@ def test_fusion_trains_on_label_matched_triplets(tmp_path: Path, monkeypatch: py
     meta = json.loads((tmp_path / "fusion" / "config.json").read_text())["metadata"]
     assert meta["fusion_recipe"]["steps"] == 20 and meta["fusion_recipe"]["trainable"] == "scales"  # tiny set: no CV
     assert 0 <= meta["report_fused_all_accuracy"] <= 1
+    from training.fusion import weights_digest
+
+    fusion_model, _ = load_model(tmp_path / "fusion")
+    assert meta["version"].endswith("-" + weights_digest(fusion_model))  # two fusions of one day differ by name
     assert set(meta["temperatures"]) == {
         "text",
         "audio",
