@@ -8,6 +8,7 @@ changed; everything else is rebuilt from its (pip-installed or named) backbone.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,15 @@ def stored_state(model: nn.Module) -> dict[str, torch.Tensor]:
         keep = set(model.trainable_parameter_names())
         state = {k: v for k, v in state.items() if not k.startswith("backbone.") or k in keep}
     return {k: host_copy(v) for k, v in state.items()}
+
+
+def weights_digest(model: nn.Module) -> str:
+    """Six hex digits of the stored tensors: two models trained on one day get different versions."""
+    digest = hashlib.sha1()
+    for name, tensor in sorted(stored_state(model).items()):
+        digest.update(name.encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()[:6]
 
 
 def save_model(

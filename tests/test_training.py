@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.checkpoint import load_model
+from models.checkpoint import load_model, weights_digest
 from models.labels import EMOTIONS, MODALITIES, NUM_CLASSES
 from tests.synth import SHARED_DATA, image_png, tone_wav
 from training import train
@@ -98,8 +98,6 @@ def test_fusion_trains_on_label_matched_triplets(tmp_path: Path, monkeypatch: py
     meta = json.loads((tmp_path / "fusion" / "config.json").read_text())["metadata"]
     assert meta["fusion_recipe"]["steps"] == 20 and meta["fusion_recipe"]["trainable"] == "scales"  # tiny set: no CV
     assert 0 <= meta["report_fused_all_accuracy"] <= 1
-    from training.fusion import weights_digest
-
     fusion_model, _ = load_model(tmp_path / "fusion")
     assert meta["version"].endswith("-" + weights_digest(fusion_model))  # two fusions of one day differ by name
     assert set(meta["temperatures"]) == {

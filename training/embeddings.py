@@ -82,7 +82,8 @@ def encode_split(
     prepare_for_inference(model, precision)  # as the pipelines do
     extra: dict[str, np.ndarray] = {}
     if modality == "audio" and layout == "shared":
-        calm = config["metadata"].get("ravdess_calm_as", "neutral")
+        # Calm is not one of the 7 classes: whatever training mapped it to, the reported splits leave it out.
+        calm = config["metadata"].get("ravdess_calm_as", "neutral") if source == "train" else None
         fold = int(split.split(":", 1)[1]) if split.startswith("fold:") else None
         samples = read_ravdess(data_root, source, calm, fold)
         if split.startswith("degraded:"):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import itertools
 import platform
 import sys
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.checkpoint import read_config, save_model, stored_state
+from models.checkpoint import read_config, save_model, weights_digest
 from models.fusion.model import PROB_FLOOR, FusionModel, FusionModelConfig
 from models.labels import MODALITIES, NUM_CLASSES
 from training.calibration import fit_temperature
@@ -389,15 +388,6 @@ def train_fusion(args: argparse.Namespace) -> dict[str, Any]:
         f"best single {max(r['accuracy'] for r in full['single'].values()):.4f})"
     )
     return result
-
-
-def weights_digest(model: FusionModel) -> str:
-    """Six hex digits of the weights and temperatures: two fusions trained on one day get different versions."""
-    digest = hashlib.sha1()
-    for name, tensor in sorted(stored_state(model).items()):
-        digest.update(name.encode())
-        digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()[:6]
 
 
 def fit_subset_temperatures(model: FusionModel, pools: dict[str, Pool], n: int = 2000) -> dict[str, float]:

@@ -23,7 +23,7 @@ import yaml
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from models.checkpoint import DEFAULT_WEIGHTS_DIR, load_model, save_model
+from models.checkpoint import DEFAULT_WEIGHTS_DIR, load_model, save_model, weights_digest
 from models.common import device_option
 from training.calibration import fit_temperature
 from training.distill import Distiller, load_teachers
@@ -198,7 +198,7 @@ def _export(
     temperature = fit_temperature(logits, labels)
     model.head.temperature.fill_(temperature)
     metadata = {
-        "version": f"{task.modality}-{time.strftime('%Y%m%d')}-e{info['best_epoch']}",
+        "version": f"{task.modality}-{time.strftime('%Y%m%d')}-e{info['best_epoch']}-{weights_digest(model)}",
         "command": "python -m training.train " + " ".join(sys.argv[1:]),
         **({"recipe": str(args.recipe)} if args.recipe else {}),
         "best_epoch": info["best_epoch"],
