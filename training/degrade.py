@@ -1,6 +1,6 @@
 """Build the degraded speech validation set: ``python -m training.degrade --data-root ../shared/data``.
 
-Every validation clip (RAVDESS actors 17-20, calm dropped as in training) is written once per channel
+Every validation clip (RAVDESS actors 17-20; calm left out, as in every report) is written once per channel
 condition of :data:`training.audio_augment.DEGRADATIONS` as a 16 kHz 16-bit WAV under
 ``<out>/<condition>/``, with the clip's original name (so its label stays readable):
 
