@@ -55,7 +55,7 @@ class LogMelExtractor:
 
     @torch.no_grad()
     def trim_wave(self, wave: torch.Tensor) -> torch.Tensor:
-        """``wave`` cut to the span ``__call__`` keeps (frames within ``trim_db`` of the loudest)."""
+        """``wave`` cut to the span ``__call__`` keeps (from the first to the last of :meth:`_loud_frames`)."""
         loud = self._loud_frames(self.to_db(self.melspec(wave)))
         if loud.numel() == 0:
             return wave

@@ -55,8 +55,8 @@ class FusionModel(nn.Module):
     class can count towards another the encoder is known to confuse it with (audio's "happy" often means
     "fear"), and how much a modality is trusted can differ by class.
     During training a share of the tokens is built from the evidence alone (``embedding_dropout``), so the
-    weighting cannot rest on recognising individual training items. The contribution of a
-    modality is the share of the fused class scores' spread that its term ``w_m * log p_m`` carries (its
+    weighting cannot rest on recognising individual training items. The contribution of a modality is the
+    share of the fused class scores' spread that its term (``w_m * (I + D_m) log p_m`` and its vote) carries (its
     standard deviation over the 7 classes, normalised over the modalities present): a confident, trusted
     encoder moves the answer and gets a large share; an unsure or distrusted one gets a small share.
     Probabilities are calibrated by a temperature per subset of modalities (``temperature``, indexed by
