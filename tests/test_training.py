@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,8 @@ def test_audio_training_runs_on_cpu_and_resumes(tmp_path: Path, monkeypatch: pyt
     train.main([*common, "--epochs", "1"])
     model, config = load_model(tmp_path / "weights")
     assert config["model_type"] == "audio" and config["metadata"]["best_epoch"] == 1
+    # the options this run was given, not those of the process that called train.main (crossval, pytest)
+    assert config["metadata"]["command"] == "python -m training.train " + shlex.join([*common, "--epochs", "1"])
     assert config["metadata"]["temperature"] > 0
     train.main([*common, "--epochs", "2", "--resume"])
     state = json.loads((tmp_path / "runs" / "audio" / "state.json").read_text())

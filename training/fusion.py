@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import itertools
 import platform
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -366,7 +365,7 @@ def train_fusion(args: argparse.Namespace) -> dict[str, Any]:
     full = result["subsets"]["+".join(MODALITIES)]
     metadata = {
         "version": f"fusion-{time.strftime('%Y%m%d')}-{weights_digest(model)}",
-        "command": "python -m training.train " + " ".join(sys.argv[1:]),
+        "command": args.command,
         "data": "label-matched combinations of data the encoders never trained on; see training/fusion.py",
         **({"recipe": str(args.recipe)} if getattr(args, "recipe", None) else {}),
         "fusion_recipe": dataclasses.asdict(recipe),

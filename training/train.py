@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import platform
 import random
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -199,7 +200,7 @@ def _export(
     model.head.temperature.fill_(temperature)
     metadata = {
         "version": f"{task.modality}-{time.strftime('%Y%m%d')}-e{info['best_epoch']}-{weights_digest(model)}",
-        "command": "python -m training.train " + " ".join(sys.argv[1:]),
+        "command": args.command,
         **({"recipe": str(args.recipe)} if args.recipe else {}),
         "best_epoch": info["best_epoch"],
         "val_macro_f1": round(report["macro_f1"], 4),
@@ -426,6 +427,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if foreign:
         p.error(f"options that a {args.modality} run does not read: {', '.join(foreign)}")
     args.out = args.out or str(DEFAULT_WEIGHTS_DIR / args.modality)
+    # what the exported weights record: the options of this run, also when another module (crossval) called main
+    args.command = "python -m training.train " + shlex.join(sys.argv[1:] if argv is None else argv)
     return args
 
 
