@@ -24,16 +24,14 @@ from training.degrade import build_degraded
 from training.features import CACHE_DIR, audio_features, face_crops
 
 
-def _weights_digest(weights_dir: Path, modality: str) -> str:
-    """Digest of the weights, their config (an inference option in config.json changes the outputs too) and,
-    for audio, the full feature settings (defaults in the code that config.json does not spell out)."""
+def _weights_digest(weights_dir: Path, preprocessing: object = None) -> str:
+    """Digest of the weights, their config (an inference option in config.json changes the outputs too) and the
+    preprocessing settings the inputs are built with (defaults in the code that config.json does not spell out)."""
     digest = hashlib.sha1((weights_dir / WEIGHTS_FILE).read_bytes())
     config = weights_dir / "config.json"
     if config.is_file():
         digest.update(config.read_bytes())
-        if modality == "audio":
-            features = read_config(weights_dir).get("metadata", {}).get("features", {})
-            digest.update(repr(AudioFeatureConfig(**features)).encode())
+    digest.update(repr(preprocessing).encode())
     return digest.hexdigest()[:12]
 
 
@@ -74,7 +72,10 @@ def encode_split(
     source, holdout = parse_split(split)  # a bad split fails here, before the cache or the model is touched
     weights_dir = Path(weights_dir)
     precision = resolve_precision("auto", torch.device("cpu"))
-    cache = CACHE_DIR / f"emb-{modality}-{split}-{layout}-{precision}-nhwc-{_weights_digest(weights_dir, modality)}.npz"
+    features = (
+        AudioFeatureConfig(**read_config(weights_dir)["metadata"].get("features", {})) if modality == "audio" else None
+    )
+    cache = CACHE_DIR / f"emb-{modality}-{split}-{layout}-{precision}-nhwc-{_weights_digest(weights_dir, features)}.npz"
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as data:
             return dict(data)
@@ -111,7 +112,7 @@ def encode_split(
             tok = tokenizer([samples[i][0] for i in idx])
             return tok.input_ids, tok.attention_mask
     elif modality == "audio":
-        feats = audio_features(samples, AudioFeatureConfig(**config["metadata"].get("features", {})))
+        feats = audio_features(samples, features)
 
         def make(idx: list[int]) -> tuple[torch.Tensor, ...]:
             return pad_features([feats[i] for i in idx])
