@@ -1,13 +1,19 @@
-"""Closed-loop HTTP load: N concurrent asyncio clients (httpx) against one endpoint, loopback only.
+"""Closed-loop HTTP load: N concurrent asyncio clients (aiohttp) against one endpoint, loopback only.
 
 Each client sends its next request as soon as its previous one is answered. A cell stops after
 ``max_requests`` requests or ``max_duration_s`` seconds, whichever comes first; ``warmup``
 requests before it are not recorded.
+
+The load generator shares the machine's cores with the server it measures, so it is kept cheap: each
+distinct request body is encoded once (by httpx, whose request building the tests check), and aiohttp sends
+it. On the 2-core machine of ``reports/bench.md`` aiohttp spends about 0.1 ms of CPU per request where an
+``httpx.AsyncClient`` spent 1.4-2 ms, CPU the server under test would otherwise lose to its client.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -16,6 +22,7 @@ from pathlib import PurePath
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 import httpx
 
 from bench.inputs import TEXTS, MediaInputs
@@ -62,7 +69,13 @@ def request_factory(endpoint: Endpoint, media: MediaInputs) -> Callable[[int], d
     raise KeyError(endpoint.key)
 
 
-def inspect_answer(response: httpx.Response, endpoint: Endpoint) -> tuple[list[str], dict[str, int]]:
+def encode_request(kwargs: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+    """The body and content type that ``httpx`` would send for these ``post`` keyword arguments."""
+    request = httpx.Request("POST", "http://127.0.0.1/", **kwargs)
+    return request.read(), {"Content-Type": request.headers["content-type"]}
+
+
+def inspect_answer(response: httpx.Response | bytes, endpoint: Endpoint) -> tuple[list[str], dict[str, int]]:
     """What a 200 answer says about the work done: modalities it lacks, and each encoder's batch size.
 
     Answers lacking a modality the request carried (dropped on timeout or error) are still counted as
@@ -70,7 +83,8 @@ def inspect_answer(response: httpx.Response, endpoint: Endpoint) -> tuple[list[s
     size of the ``@serve.batch`` forward that served the request, when the answer says so.
     """
     try:
-        used = response.json().get("modalities") or {}
+        body = response if isinstance(response, bytes) else response.content
+        used = json.loads(body).get("modalities") or {}
     except (ValueError, AttributeError):
         return ["unparseable"], {}
     missing = [m for m in endpoint.modalities if m not in used]
@@ -78,7 +92,7 @@ def inspect_answer(response: httpx.Response, endpoint: Endpoint) -> tuple[list[s
     return missing, batches
 
 
-def missing_modalities(response: httpx.Response, endpoint: Endpoint) -> list[str]:
+def missing_modalities(response: httpx.Response | bytes, endpoint: Endpoint) -> list[str]:
     """Modalities the endpoint should have used but a 200 answer lacks (see :func:`inspect_answer`)."""
     return inspect_answer(response, endpoint)[0]
 
@@ -104,25 +118,32 @@ async def run_load(
     """Drive ``endpoint`` with ``concurrency`` closed-loop clients and return what was measured."""
     check_loopback(base_url)
     make = request_factory(endpoint, media)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    distinct = len(TEXTS) if endpoint.key in ("text", "fused") else 1
+    bodies = [encode_request(make(i)) for i in range(distinct)]
+    url = base_url.rstrip("/") + endpoint.path
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
     error_samples: list[str] = []
     degraded: Counter[str] = Counter()
     batch_sizes: dict[str, list[int]] = {}
     errors = 0
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout_s, trust_env=False) as client:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as client:
 
         async def one(i: int, record: bool) -> float:
             nonlocal errors
+            data, headers = bodies[i % distinct]
             t0 = time.perf_counter()
             try:
-                response = await client.post(endpoint.path, **make(i))
-                status = str(response.status_code)
-                failed = response.status_code != 200
-                detail = response.text[:200] if failed else ""
-                missing, batch = ([], {}) if failed else inspect_answer(response, endpoint)
-            except httpx.HTTPError as exc:
+                async with client.post(url, data=data, headers=headers) as response:
+                    body = await response.read()
+                code = response.status
+                status = str(code)
+                failed = code != 200
+                detail = body[:200].decode(errors="replace") if failed else ""
+                missing, batch = ([], {}) if failed else inspect_answer(body, endpoint)
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 status, failed, detail, missing, batch = type(exc).__name__, True, str(exc)[:200], [], {}
             end = time.perf_counter()
             if record:

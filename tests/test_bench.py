@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from bench.inputs import TEXTS, MediaInputs
-from bench.load import ENDPOINTS, check_loopback, inspect_answer, missing_modalities, request_factory
+from bench.load import ENDPOINTS, check_loopback, encode_request, inspect_answer, missing_modalities, request_factory
 from bench.machine import cpu_delta_by_label, summarize_gpu_samples
 from bench.profile import NATIVE, classify, parse_collapsed, split_cpu
 from bench.report import (
@@ -247,6 +248,22 @@ def test_missing_modalities() -> None:
 def test_inspect_answer_batch_sizes() -> None:
     answer = httpx.Response(200, json={"modalities": {"video": {"batch_size": 4}, "audio": {"batch_size": 1}}})
     assert inspect_answer(answer, ENDPOINTS["video"]) == ([], {"video": 4, "audio": 1})
+    assert inspect_answer(answer.content, ENDPOINTS["video"]) == ([], {"video": 4, "audio": 1})  # raw body
+    assert inspect_answer(b"<html>", ENDPOINTS["video"]) == (["unparseable"], {})
+
+
+def test_encoded_requests_are_what_the_service_parses() -> None:
+    """The load generator sends bodies encoded once: JSON for text, multipart with the right parts for media."""
+    media = MediaInputs(b"RIFF1234", "tests/fixtures/speech.wav", b"mp4data", "tests/fixtures/face.mp4", "test")
+    body, headers = encode_request(request_factory(ENDPOINTS["text"], media)(2))
+    assert headers == {"Content-Type": "application/json"} and json.loads(body) == {"text": TEXTS[2]}
+    body, headers = encode_request(request_factory(ENDPOINTS["fused"], media)(0))
+    boundary = headers["Content-Type"].split("boundary=")[1]
+    assert headers["Content-Type"].startswith("multipart/form-data")
+    parts = body.split(b"--" + boundary.encode())[1:-1]
+    names = [p.split(b'name="')[1].split(b'"')[0] for p in parts]
+    assert names == [b"text", b"audio", b"video"]
+    assert b"RIFF1234" in parts[1] and b"mp4data" in parts[2] and TEXTS[0].encode() in parts[0]
 
 
 def test_cpu_delta_survives_replaced_processes() -> None:
@@ -430,3 +447,38 @@ def test_render_only_rewrites_markdown_from_json(tmp_path: Path) -> None:
     md = (tmp_path / "bench.md").read_text()
     assert "| serve | `/api/predict` | 32 |" in md and "**12.50**" in md
     assert json.loads((tmp_path / "bench.json").read_text())["profile"][0]["label"] == "after"
+
+
+def test_run_load_counts_answers_batches_and_errors() -> None:
+    """The load generator against a small local server: every 5th answer is a 503, the rest report a batch."""
+    from aiohttp import web
+
+    from bench.load import run_load
+
+    media = MediaInputs(b"RIFF", "speech.wav", b"mp4", "face.mp4", "test")
+    seen: list[dict] = []
+
+    async def predict(request: web.Request) -> web.Response:
+        seen.append(await request.json())
+        if len(seen) % 5 == 0:
+            return web.json_response({"detail": "busy"}, status=503)
+        return web.json_response({"modalities": {"text": {"batch_size": 3}}})
+
+    async def scenario() -> LoadResult:
+        app = web.Application()
+        app.router.add_post("/api/predict", predict)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            return await run_load(f"http://127.0.0.1:{port}", ENDPOINTS["text"], media, 4, 40, 30.0, warmup=5)
+        finally:
+            await runner.cleanup()
+
+    result = asyncio.run(scenario())
+    assert len(seen) == 45 and {"text": TEXTS[0]} in seen  # warm-up requests are sent, not recorded
+    assert sum(result.status_counts.values()) == 40 and result.errors == result.status_counts["503"] > 0
+    assert len(result.latencies_ms) == result.status_counts["200"] == 40 - result.errors
+    assert result.extra["mean_batch_size"] == {"text": 3.0} and result.error_samples[0].startswith("503")
