@@ -107,9 +107,9 @@ def test_killing_a_text_encoder_replica_loses_nothing(ha: ManagedServer) -> None
 
 @pytest.mark.xfail(
     strict=False,
-    reason="KNOWN LIMIT: HAProxy replays a request that the killed FusionIngress replica accepted but never "
-    "answered (no 500s since), but not one whose answer the replica had begun to write: its client sees a dropped "
-    "connection (0 to 2 per kill in 13 kills under this test's load); later requests go to the other replica",
+    reason="KNOWN LIMIT: HAProxy replays a request the killed FusionIngress replica had read (the connection closes "
+    "cleanly), not one still unread in its socket (the kernel resets that connection, and HAProxy never replays "
+    "after a reset): 0 to 2 per kill under this test's load (docs/architecture.md, 'An ingress death')",
 )
 def test_killing_an_ingress_replica_loses_nothing(ha: ManagedServer) -> None:
     pid, results = kill_under_load(ha.base_url, "FusionIngress")
