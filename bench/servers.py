@@ -28,7 +28,7 @@ import httpx
 import yaml
 
 from bench.inputs import REPO_ROOT
-from serve.launch import FAST_INGRESS_ENV, _descendants, _start_time, default_sigint, kill_leftovers
+from serve.launch import FAST_INGRESS_ENV, PLAIN_PROXY_ENV, _descendants, _start_time, default_sigint, kill_leftovers
 
 CPU_CONFIG = REPO_ROOT / "deploy" / "serve_config.yaml"
 GPU_CONFIG = REPO_ROOT / "deploy" / "serve_config.gpu.yaml"
@@ -253,8 +253,9 @@ def serve_server(
     """``serve run`` of ``config_path`` (rewritten to a free loopback port) in a fresh local Ray instance.
 
     ``ingress="haproxy"`` (the shipped way, ``python -m serve.launch``) adds :data:`FAST_INGRESS_ENV`;
-    ``"proxy"`` runs Ray Serve's Python proxy. ``env`` is added last, to the environment of ``serve run``,
-    which the local Ray instance and all its actors (proxy, replicas) inherit, e.g. Ray Serve's performance flags.
+    ``"proxy"`` runs Ray Serve's Python proxy with :data:`PLAIN_PROXY_ENV` (its replay). ``env`` is added last,
+    to the environment of ``serve run``, which the local Ray instance and all its actors (proxy, replicas)
+    inherit, e.g. Ray Serve's performance flags.
     """
     if ingress not in INGRESS_MODES:
         raise ValueError(f"ingress must be one of {INGRESS_MODES}, not {ingress!r}")
@@ -272,6 +273,8 @@ def serve_server(
     if ingress == "haproxy" and (env or {}).get("RAY_SERVE_ENABLE_HA_PROXY", "1") == "1":
         workdir = tempfile.mkdtemp(prefix="hap-", dir="/tmp")  # short: HAProxy's socket paths are <= 97 bytes
         extra |= FAST_INGRESS_ENV | haproxy_env(workdir)
+    elif ingress == "proxy":
+        extra |= PLAIN_PROXY_ENV
     server_env = child_env(**(extra | (env or {})))
     server = ManagedServer(tag, cmd, f"http://127.0.0.1:{port}", log_dir / f"{tag}.log", server_env)
     server.config = config

@@ -3,8 +3,10 @@
     python -m bench.soak                       # 10 min on deploy/serve_config.ha.yaml, writes reports/soak.json
     python -m bench.soak --duration 120 --clients 4 --config deploy/serve_config.yaml
 
-It starts ``serve run`` of the config on a free loopback port (a fresh local Ray, as ``bench.run`` does), waits
-until every model is loaded, then runs ``--clients`` closed-loop clients for ``--duration`` seconds. Each request
+It starts ``serve run`` of the config on a free loopback port (a fresh local Ray, as ``bench.run`` does; behind Ray
+Serve's Python proxy with its replay, as ``python -m serve.launch --plain-proxy`` runs it, or ``--ingress
+haproxy``), waits until every model is loaded, then runs ``--clients`` closed-loop clients for ``--duration``
+seconds. Each request
 is drawn from :data:`MIX` (text, audio, video, fused, health, and bad inputs: blank text, a missing field, a
 corrupt video, a text file as audio, an over-limit upload, a wrong method). Along the way one replica process of
 each deployment is killed with SIGKILL, evenly spaced (``--no-kills`` to skip). The upload limit is set to 1 MB
@@ -36,7 +38,7 @@ from typing import Any
 import httpx
 
 from bench.inputs import REPO_ROOT
-from bench.servers import serve_server
+from bench.servers import INGRESS_MODES, serve_server
 
 HA_CONFIG = REPO_ROOT / "deploy" / "serve_config.ha.yaml"
 DEPLOYMENTS = ("TextEncoder", "AudioEncoder", "VideoEncoder", "FusionIngress")
@@ -288,12 +290,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=600.0, help="seconds of load")
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--no-kills", action="store_true")
+    parser.add_argument(
+        "--ingress",
+        choices=INGRESS_MODES,
+        default="proxy",
+        help="proxy (default): Ray Serve's Python proxy, which replays requests a dying ingress replica had "
+        "(python -m serve.launch --plain-proxy); haproxy: the fast default of python -m serve.launch",
+    )
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "soak.json")
     parser.add_argument("--log-dir", type=Path, default=REPO_ROOT / "logs")
     args = parser.parse_args(argv)
     args.log_dir.mkdir(parents=True, exist_ok=True)
     overrides = {"args": {"limits": {"max_upload_mb": UPLOAD_LIMIT_MB}}}
-    with serve_server(args.config, args.log_dir, overrides=overrides, tag="soak") as server:
+    with serve_server(args.config, args.log_dir, overrides=overrides, tag="soak", ingress=args.ingress) as server:
         server.wait_ready(900)
         wait_replicas = time.monotonic() + 300
         while time.monotonic() < wait_replicas and any(not replica_pids(d) for d in DEPLOYMENTS):
@@ -306,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
             settings={
                 "config": str(args.config.relative_to(REPO_ROOT)) if args.config.is_absolute() else str(args.config),
                 "upload_limit_mb": UPLOAD_LIMIT_MB,
+                "ingress": args.ingress,
                 "command": "python -m bench.soak " + " ".join(sys.argv[1:] if argv is None else argv),
             },
         )

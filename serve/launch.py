@@ -58,15 +58,23 @@ FAST_INGRESS_ENV: dict[str, str] = {
 }
 
 
+# With Ray Serve's Python proxy (`--plain-proxy`): the proxy sends a request again when the ingress replica that had
+# it died, instead of answering 500 (serve/proxy_replay.py). No request is lost to one ingress replica's death,
+# which HAProxy cannot promise (docs/architecture.md, "An ingress death"); the proxy costs more CPU per request.
+PLAIN_PROXY_ENV: dict[str, str] = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "serve.proxy_replay:middlewares"}
+
+
 def launch_env(plain_proxy: bool = False, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for ``serve run``: ``base`` (default: this process's) plus :data:`FAST_INGRESS_ENV`.
+    """The environment for ``serve run``: ``base`` (default: this process's) plus :data:`FAST_INGRESS_ENV`, or
+    :data:`PLAIN_PROXY_ENV` and the repository on ``PYTHONPATH`` (the proxy imports the replay) for the plain proxy.
 
     Variables already set in ``base`` win, so any of them can be overridden (e.g. ``RAY_SERVE_ENABLE_HA_PROXY=0``).
     """
     env = dict(os.environ if base is None else base)
-    if not plain_proxy:
-        for key, value in FAST_INGRESS_ENV.items():
-            env.setdefault(key, value)
+    for key, value in (PLAIN_PROXY_ENV if plain_proxy else FAST_INGRESS_ENV).items():
+        env.setdefault(key, value)
+    if plain_proxy:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     return env
 
 
@@ -131,14 +139,18 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m serve.launch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("config", nargs="?", type=Path, default=DEFAULT_CONFIG, help="Serve config file")
-    parser.add_argument("--plain-proxy", action="store_true", help="Ray Serve's Python proxy (no HAProxy)")
+    parser.add_argument(
+        "--plain-proxy",
+        action="store_true",
+        help="Ray Serve's Python proxy instead of HAProxy: slower, but it replays requests a dying ingress had",
+    )
     parser.add_argument("--grace", type=float, default=60.0, help="seconds to wait for a clean shutdown")
     parser.add_argument(
         "--print-env", action="store_true", help="print the variables it would set, as shell assignments, and exit"
     )
     args, extra = parser.parse_known_args(argv)
     if args.print_env:
-        for key, value in ({} if args.plain_proxy else FAST_INGRESS_ENV).items():
+        for key, value in (PLAIN_PROXY_ENV if args.plain_proxy else FAST_INGRESS_ENV).items():
             print(f"{key}={shlex.quote(value)}")  # POSIX shell assignments: `set -a; eval "$(...)"; set +a`
         return 0
     serve_exe = shutil.which("serve") or str(Path(sys.executable).with_name("serve"))

@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from bench.inputs import TEXTS, MediaInputs
+from bench.inputs import REPO_ROOT, TEXTS, MediaInputs
 from bench.load import ENDPOINTS, check_loopback, encode_request, inspect_answer, missing_modalities, request_factory
 from bench.machine import cpu_delta_by_label, summarize_gpu_samples
 from bench.profile import NATIVE, classify, parse_collapsed, split_cpu
@@ -383,7 +383,10 @@ def test_launcher_env_adds_haproxy_and_keeps_overrides() -> None:
         env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]
         == FAST_INGRESS_ENV["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]
     )
-    assert launch_env(plain_proxy=True, base={"PATH": "/bin"}) == {"PATH": "/bin"}
+    plain = launch_env(plain_proxy=True, base={"PATH": "/bin", "PYTHONPATH": "/x"})
+    assert "RAY_SERVE_ENABLE_HA_PROXY" not in plain  # the plain proxy gets none of HAProxy's switches
+    assert plain["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "serve.proxy_replay:middlewares"
+    assert plain["PYTHONPATH"].split(os.pathsep) == [str(REPO_ROOT), "/x"]  # the proxy can import the replay
 
 
 def test_targets_cover_batch_and_media_endpoints() -> None:

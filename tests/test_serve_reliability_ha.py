@@ -6,8 +6,10 @@
   (``unavailable``), and the replicas come back on their own.
 
 Slow (minutes: eight replicas load their models on two cores). ``serve run`` runs in a child process
-(``bench.servers``), so replica processes can be found and killed by pid, as an operator would. A module of
-its own, so that the one-replica application of ``test_serve_reliability.py`` is gone before this one starts.
+(``bench.servers``) behind Ray Serve's Python proxy with its replay (``serve/proxy_replay.py``), as ``python -m
+serve.launch --plain-proxy deploy/serve_config.ha.yaml`` runs it, so replica processes can be found and killed by
+pid, as an operator would. A module of its own, so that the one-replica application of
+``test_serve_reliability.py`` is gone before this one starts.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def ha(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedServer]:
         tmp_path_factory.mktemp("ha"),
         overrides={"args": {"encoders": {"text": {"timeout_s": 90}}}},
         tag="ha",
+        ingress="proxy",  # Ray Serve's proxy with its replay: HAProxy cannot replay a reset connection
     )
     with server:
         server.wait_ready(900)
@@ -105,12 +108,6 @@ def test_killing_a_text_encoder_replica_loses_nothing(ha: ManagedServer) -> None
     wait_back("TextEncoder", pid)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="KNOWN LIMIT: HAProxy replays a request the killed FusionIngress replica had read (the connection closes "
-    "cleanly), not one still unread in its socket (the kernel resets that connection, and HAProxy never replays "
-    "after a reset): 0 to 2 per kill under this test's load (docs/architecture.md, 'An ingress death')",
-)
 def test_killing_an_ingress_replica_loses_nothing(ha: ManagedServer) -> None:
     pid, results = kill_under_load(ha.base_url, "FusionIngress")
     wait_back("FusionIngress", pid)
