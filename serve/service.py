@@ -77,6 +77,9 @@ REPLICA_GONE: tuple[type[BaseException], ...] = (
 RETRIES = 2  # extra attempts of an encoder call whose replica died
 PROBE_INTERVAL_S = 1.0  # how long a dead encoder is skipped when its replicas cannot be counted
 WATCH_INTERVAL_S = 0.2  # how often a waiting call checks that its encoder still has a live replica
+# How long an encoder must show no live replica before its modality is answered `unavailable`: the count can read
+# zero for a moment while Serve updates its replica list (seen during a hot weight swap), which is not an outage.
+UNAVAILABLE_AFTER_S = 0.5
 
 
 def replica_gone(exc: BaseException) -> bool:
@@ -257,6 +260,7 @@ class FusionService:
         retries: int = RETRIES,
         health: EncoderHealth | None = None,
         watch_interval_s: float = WATCH_INTERVAL_S,
+        unavailable_after_s: float = UNAVAILABLE_AFTER_S,
     ) -> None:
         self.handles = dict(handles)
         self.config = config
@@ -264,6 +268,8 @@ class FusionService:
         self.retries = retries
         self.encoder_health = health or EncoderHealth()
         self.watch_interval_s = watch_interval_s
+        self.unavailable_after_s = unavailable_after_s
+        self._none_live_since: dict[str, float] = {}  # modality -> when its replica count was first seen at 0
         self.fusion: FusionPipeline | None = None
         self._fusion_key: tuple[Any, ...] | None = None
         self._coalescers: dict[str, CallCoalescer] = {}
@@ -325,7 +331,7 @@ class FusionService:
         handle = self.handles[modality]
         gone: BaseException | None = None
         for attempt in range(1 + self.retries):
-            if not self._may_call(modality, handle):
+            if not await self._may_call(modality, handle):
                 return self._unavailable(modality, gone)
             if attempt:
                 logger.warning("%s encoder: replica gone (%r), retry %d on another replica", modality, gone, attempt)
@@ -370,12 +376,29 @@ class FusionService:
             )
         return coalescer.submit(payload)
 
-    def _may_call(self, modality: str, handle: Handle) -> bool:
-        """False when the encoder is known to have no live replica (counted, or marked down and not probing)."""
+    def _none_live(self, modality: str, handle: Handle) -> bool | None:
+        """Whether the encoder has had no live replica for ``unavailable_after_s`` (``None``: count unknown)."""
         count = live_replicas(handle)
-        if count is not None:
-            return count > 0
-        return self.encoder_health.allow(modality)
+        if count is None:
+            return None
+        if count > 0:
+            self._none_live_since.pop(modality, None)
+            return False
+        since = self._none_live_since.setdefault(modality, time.monotonic())
+        return time.monotonic() - since >= self.unavailable_after_s
+
+    async def _may_call(self, modality: str, handle: Handle) -> bool:
+        """False when the encoder is known to have no live replica (counted for ``unavailable_after_s``, or
+        marked down and not probing). A count of 0 younger than that is waited out, a little at a time."""
+        while True:
+            none_live = self._none_live(modality, handle)
+            if none_live is None:
+                return self.encoder_health.allow(modality)
+            if none_live:
+                return False
+            if modality not in self._none_live_since:  # it has a live replica
+                return True
+            await asyncio.sleep(min(self.watch_interval_s, self.unavailable_after_s) / 4)
 
     async def _wait(self, modality: str, handle: Handle, response: Any, budget: float) -> Any:
         """Await ``response`` for at most ``budget`` s; :class:`EncoderUnavailable` once no replica is live."""
@@ -391,7 +414,7 @@ class FusionService:
                 done, _ = await asyncio.wait({task}, timeout=min(self.watch_interval_s, remaining))
                 if done:
                     return task.result()
-                if live_replicas(handle) == 0:
+                if self._none_live(modality, handle):
                     raise EncoderUnavailable(modality)
         finally:
             if not task.done():

@@ -346,7 +346,8 @@ def test_hot_reload_without_failures(service: Service, tmp_path: Path) -> None:
 
     results = asyncio.run(scenario())
     statuses = Counter(status for status, _, _ in results)
-    assert set(statuses) == {200}, f"requests failed during the hot update: {statuses} {results[:5]}"
+    failed = [r for r in results if r[0] != 200]
+    assert set(statuses) == {200}, f"requests failed during the hot update: {statuses} {failed[:5]}"
     first = min(results, key=lambda r: r[2])
     assert first[1] != new_version, first
     # Requests sent once every replica had reconfigured (1 s margin) all meet the new weights; completion

@@ -288,3 +288,37 @@ def test_soak_report_counts_lost_requests_and_gaps() -> None:
     assert [lost["kind"] for lost in report["lost"]] == ["text", "audio"]
     assert report["longest_gap_without_answer_s"] == {"/api/predict": 3.0, "/predict/audio": 3.5}
     assert report["replica_memory_mb"]["growth_mb"]["TextEncoder"] == {"1": 10.5}
+
+
+class Reconfiguring(Counted):
+    """A handle whose router shows no replica until ``back_at`` (a replica leaving it while it reconfigures)."""
+
+    back_at = 0.0
+
+    def live_replicas(self) -> int | None:
+        return 0 if time.monotonic() < self.back_at else 1
+
+
+def test_a_moment_without_replicas_is_waited_out_not_answered_unavailable() -> None:
+    handles = {m: Reconfiguring(m, None) for m in MODALITIES}
+    h = Harness(handles, AppConfig.from_args(None))  # type: ignore[arg-type]
+    handles["text"].back_at = time.monotonic() + 0.2  # shorter than the service's 0.5 s
+    start = time.monotonic()
+    r = h.request("POST", "/api/predict", json={"text": "hello"})
+    assert r.status_code == 200, r.text
+    assert time.monotonic() - start >= 0.2 and handles["text"].payloads == ["hello"]
+
+
+def test_no_replica_for_longer_is_unavailable_and_then_answered_at_once() -> None:
+    h = counted()
+    h.handles["text"].replicas = 0
+    start = time.monotonic()
+    first = h.request("POST", "/api/predict", json={"text": "hello"})
+    assert time.monotonic() - start >= h.service.unavailable_after_s  # it waited to be sure
+    second = h.request("POST", "/api/predict", json={"text": "hello"})
+    for r in (first, second):
+        assert r.status_code == 503 and "text encoder has no live replica" in r.json()["detail"]
+    assert h.handles["text"].payloads == []  # neither request made a call
+    h.handles["text"].replicas = 1
+    assert h.request("POST", "/api/predict", json={"text": "hello"}).status_code == 200
+    assert "text" not in h.service._none_live_since  # back: the next outage waits again
