@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 CALLBACK = "serve.proxy_replay:middlewares"
 logger = logging.getLogger("ray.serve")  # the proxy's log file
 MAX_BODY_BYTES = 8 * 1024 * 1024
+SERVE_PATHS = ("/-/",)  # Serve's /-/healthz and /-/routes: a load balancer wants their 503 at once
 ATTEMPTS = 6
 BACKOFF_S = (0.05, 0.1, 0.2, 0.4, 0.8)
 
@@ -53,7 +54,11 @@ class ReplayMiddleware:
         self.backoff_s = tuple(backoff_s)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self._declared_length(scope) > self.max_body_bytes:
+        if (
+            scope["type"] != "http"
+            or scope.get("path", "").startswith(SERVE_PATHS)  # the proxy's own health and routes: answered as is
+            or self._declared_length(scope) > self.max_body_bytes
+        ):
             await self.app(scope, receive, send)
             return
         chunks, complete = await self._read_body(receive)

@@ -45,7 +45,7 @@ class FlakyApp:
         await send({"type": "http.response.body", "body": json.dumps({"step": step}).encode()})
 
 
-def run(app: FlakyApp, body: bytes, **options: Any) -> list[dict[str, Any]]:
+def run(app: FlakyApp, body: bytes, path: str = "/api/predict", **options: Any) -> list[dict[str, Any]]:
     chunks = [body[:3], body[3:]]
     sent: list[dict[str, Any]] = []
 
@@ -61,7 +61,7 @@ def run(app: FlakyApp, body: bytes, **options: Any) -> list[dict[str, Any]]:
     scope = {
         "type": "http",
         "method": "POST",
-        "path": "/api/predict",
+        "path": path,
         "headers": [(b"content-length", b"%d" % len(body))],
     }
     middleware = ReplayMiddleware(app, backoff_s=(0.0,), **options)
@@ -82,6 +82,12 @@ def test_the_applications_own_answers_pass_through_at_once() -> None:
         app = FlakyApp([step])
         sent = run(app, b"{}")
         assert len(app.bodies) == 1 and sent[0]["status"] == status
+
+
+def test_serves_own_health_answers_are_not_replayed() -> None:
+    app = FlakyApp(["503", "200"])
+    sent = run(app, b"", path="/-/healthz")
+    assert len(app.bodies) == 1 and sent[0]["status"] == 503
 
 
 def test_attempts_are_bounded() -> None:
