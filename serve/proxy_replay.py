@@ -17,10 +17,10 @@ import asyncio
 import logging
 from typing import Any
 
+from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-CALLBACK = "serve.proxy_replay:middlewares"
 logger = logging.getLogger("ray.serve")  # the proxy's log file
 MAX_BODY_BYTES = 8 * 1024 * 1024
 SERVE_PATHS = ("/-/",)  # Serve's /-/healthz and /-/routes: a load balancer wants their 503 at once
@@ -37,8 +37,7 @@ def replica_failed(messages: list[Message]) -> bool:
     if status == 500:
         return True
     if status == 503:  # Serve's "no replica" 503 is plain text; the application's 503s are JSON
-        headers = {k.lower(): v for k, v in start.get("headers", [])}
-        return not headers.get(b"content-type", b"").startswith(b"application/json")
+        return not Headers(raw=start.get("headers", [])).get("content-type", "").startswith("application/json")
     return False
 
 
@@ -92,13 +91,10 @@ class ReplayMiddleware:
 
     @staticmethod
     def _declared_length(scope: Scope) -> int:
-        for key, value in scope.get("headers", []):
-            if key.lower() == b"content-length":
-                try:
-                    return int(value)
-                except ValueError:
-                    return 0
-        return 0
+        try:
+            return int(Headers(scope=scope).get("content-length", 0))
+        except ValueError:
+            return 0
 
     async def _read_body(self, receive: Receive) -> tuple[list[bytes], bool]:
         """The body's chunks, and whether that is all of it (``False``: the limit was passed first)."""
