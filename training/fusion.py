@@ -254,7 +254,7 @@ RECIPES = (
             class_mixing=True,
             weight_decay=10.0,  # pulls the 147 mixing weights towards the plain product unless the data insists
         )
-        for bonus in (0.75, 1.0, 1.25)
+        for bonus in (0.75, 1.0, 1.25, 1.5)
     ),
     Recipe("attention over evidence tokens", 300, embedding_dropout=1.0),
     Recipe("attention over embedding + evidence tokens", 300, embedding_dropout=0.5),
