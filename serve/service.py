@@ -28,7 +28,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from pydantic import ValidationError
@@ -80,6 +80,7 @@ WATCH_INTERVAL_S = 0.2  # how often a waiting call checks that its encoder still
 # How long an encoder must show no live replica before its modality is answered `unavailable`: the count can read
 # zero for a moment while Serve updates its replica list (seen during a hot weight swap), which is not an outage.
 UNAVAILABLE_AFTER_S = 0.5
+ReplicaState = Literal["live", "none", "none_yet", "unknown"]
 
 
 def replica_gone(exc: BaseException) -> bool:
@@ -376,29 +377,26 @@ class FusionService:
             )
         return coalescer.submit(payload)
 
-    def _none_live(self, modality: str, handle: Handle) -> bool | None:
-        """Whether the encoder has had no live replica for ``unavailable_after_s`` (``None``: count unknown)."""
+    def _replicas(self, modality: str, handle: Handle) -> ReplicaState:
+        """The encoder's replicas: ``live``; ``none`` (no live replica for ``unavailable_after_s``); ``none_yet``
+        (a count of 0 younger than that); ``unknown`` (the handle cannot count them)."""
         count = live_replicas(handle)
         if count is None:
-            return None
+            return "unknown"
         if count > 0:
             self._none_live_since.pop(modality, None)
-            return False
+            return "live"
         since = self._none_live_since.setdefault(modality, time.monotonic())
-        return time.monotonic() - since >= self.unavailable_after_s
+        return "none" if time.monotonic() - since >= self.unavailable_after_s else "none_yet"
 
     async def _may_call(self, modality: str, handle: Handle) -> bool:
         """False when the encoder is known to have no live replica (counted for ``unavailable_after_s``, or
         marked down and not probing). A count of 0 younger than that is waited out, a little at a time."""
-        while True:
-            none_live = self._none_live(modality, handle)
-            if none_live is None:
-                return self.encoder_health.allow(modality)
-            if none_live:
-                return False
-            if modality not in self._none_live_since:  # it has a live replica
-                return True
+        while (state := self._replicas(modality, handle)) == "none_yet":
             await asyncio.sleep(min(self.watch_interval_s, self.unavailable_after_s) / 4)
+        if state == "unknown":
+            return self.encoder_health.allow(modality)
+        return state == "live"
 
     async def _wait(self, modality: str, handle: Handle, response: Any, budget: float) -> Any:
         """Await ``response`` for at most ``budget`` s; :class:`EncoderUnavailable` once no replica is live."""
@@ -414,7 +412,7 @@ class FusionService:
                 done, _ = await asyncio.wait({task}, timeout=min(self.watch_interval_s, remaining))
                 if done:
                     return task.result()
-                if self._none_live(modality, handle):
+                if self._replicas(modality, handle) == "none":
                     raise EncoderUnavailable(modality)
         finally:
             if not task.done():
