@@ -120,7 +120,7 @@ def test_encoder_without_live_replica_is_dropped_within_2s(ha: ManagedServer) ->
     assert len(pids) >= 2
     for pid in pids:  # no live video replica left
         os.kill(pid, signal.SIGKILL)
-    elapsed, bodies = [], []
+    answers = []  # (seconds, body, whether a replacement replica process existed when it was answered)
     with httpx.Client(base_url=ha.base_url, timeout=120) as http:
         for _ in range(5):
             start = time.monotonic()
@@ -129,13 +129,18 @@ def test_encoder_without_live_replica_is_dropped_within_2s(ha: ManagedServer) ->
                 data={"text": "What a lovely surprise!"},
                 files={"audio": ("speech.wav", SPEECH, "audio/wav"), "video": ("face.mp4", FACE, "video/mp4")},
             )
-            elapsed.append(time.monotonic() - start)
             assert r.status_code == 200, r.text
-            bodies.append(r.json())
-        for body in bodies:
-            assert set(body["contributions"]) == {"text", "audio"}
-            assert body["dropped"]["video"].startswith("unavailable: the video encoder")
-        assert max(elapsed) < 2.0, elapsed
+            replaced = any(p not in pids for p in replica_pids("VideoEncoder"))
+            answers.append((round(time.monotonic() - start, 2), r.json(), replaced))
+        summary = [(s, sorted(b["contributions"]), replaced) for s, b, replaced in answers]
+        assert max(s for s, _, _ in answers) < 2.0, summary
+        # Serve starts replacements on its own (their processes appear some seconds after the kill, and load the
+        # model for some more); an answer given while none had even started had no live video replica
+        before = [b for _, b, replaced in answers if not replaced]
+        assert len(before) >= 3, summary
+        for body in before:
+            assert set(body["contributions"]) == {"text", "audio"}, summary
+            assert body["dropped"]["video"].startswith("unavailable: the video encoder"), summary
         single = http.post(
             "/predict/video",
             files={"file": ("face_noaudio.mp4", (FIXTURES / "face_noaudio.mp4").read_bytes(), "video/mp4")},
