@@ -425,6 +425,28 @@ def test_fusion_report_compares_the_served_answer_with_the_product_and_each_enco
     assert voting["subsets"]["text+audio+video"]["overrule_rate"] < full["overrule_rate"]
 
 
+def test_fusion_cross_validation_keeps_speaker_groups_apart() -> None:
+    """Audio carries its leave-actors-out fold as a group: each CV half holds whole groups (new voices to the
+    fusion trained on the other half), through ``take`` and ``concat``; a pool without groups is split by class."""
+    import dataclasses
+
+    from training.fusion import Pool, cv_halves
+
+    pools = _pools(400, {"text": 0.4, "audio": 0.6})
+    audio = Pool.concat(
+        [dataclasses.replace(pools["audio"].take(np.arange(k, 400, 4)), groups=np.full(100, k)) for k in range(4)]
+    )
+    first, second = cv_halves(audio)
+    assert len(first) + len(second) == 400
+    assert set(audio.groups[first]) == {0, 1} and set(audio.groups[second]) == {2, 3}
+    assert set(audio.take(second).groups) == {2, 3}
+    first, second = cv_halves(pools["text"])
+    assert pools["text"].groups is None and len(first) + len(second) == 400
+    for c in range(7):  # stratified: each class split evenly
+        n_first, n_second = (np.sum(pools["text"].labels[h] == c) for h in (first, second))
+        assert abs(n_first - n_second) <= 1
+
+
 def test_class_mixing_recipe_learns_an_encoders_confusion() -> None:
     """Audio that answers class c + 1 whenever the truth is c: the product cannot undo that, the class-mixing
     recipe learns it from the combinations and beats the product on text + audio."""
