@@ -92,9 +92,12 @@ def live_replicas(handle: Any) -> int | None:
     """How many replicas ``handle``'s router can send to now; ``None`` when unknown.
 
     Reads Ray Serve 2.60's router state (``DeploymentHandle._router._asyncio_router``; a dead replica leaves
-    that set as soon as a call to it fails, and every replica the controller reports is in it). Private API,
-    so anything unexpected gives ``None`` and the caller falls back to :class:`EncoderHealth`. Fake handles
-    in tests may define ``live_replicas()``.
+    that set as soon as a call to it fails, and every replica the controller reports is in it). A router that
+    has never been sent a non-empty replica list counts 0: its long poll answers within milliseconds of its
+    first call, so past the caller's grace (``unavailable_after_s``) that means the deployment has had no
+    running replica since (an ingress replica that started while the encoder's replicas were all dead).
+    Private API, so anything unexpected gives ``None`` and the caller falls back to :class:`EncoderHealth`.
+    Fake handles in tests may define ``live_replicas()``.
     """
     own = getattr(type(handle), "live_replicas", None)
     if callable(own):
@@ -102,7 +105,7 @@ def live_replicas(handle: Any) -> int | None:
     try:
         router = handle._router._asyncio_router
         if not router.running_replicas_populated():
-            return None
+            return 0
         request_router = router._request_router
         if request_router is not None:
             return len(request_router.curr_replicas)

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -163,6 +164,22 @@ def test_replica_gone_and_live_replicas_helpers() -> None:
     assert replica_gone(Wrapped())
     assert live_replicas(object()) is None  # not a Serve handle: unknown
     assert live_replicas(Counted("text")) == 1
+
+    def serve_handle(populated: bool, replicas: list[str]) -> SimpleNamespace:
+        """The parts of a Ray Serve 2.60 ``DeploymentHandle`` that :func:`live_replicas` reads."""
+        router = SimpleNamespace(
+            running_replicas_populated=lambda: populated,
+            _request_router=SimpleNamespace(curr_replicas=replicas),
+            _running_replicas=None,
+        )
+        return SimpleNamespace(_router=SimpleNamespace(_asyncio_router=router))
+
+    assert live_replicas(serve_handle(True, ["r1", "r2"])) == 2
+    assert live_replicas(serve_handle(True, [])) == 0  # every replica it knew has died
+    # never sent a replica (this ingress replica started after the encoder's last one died): none to call,
+    # not "unknown", or the call would wait in Serve's router for a replacement instead of being dropped
+    assert live_replicas(serve_handle(False, [])) == 0
+    assert live_replicas(SimpleNamespace(_router=None)) is None  # no call made yet: no router to read
 
 
 # ---- 413 on a real socket --------------------------------------------------------------------------------------
