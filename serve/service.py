@@ -335,7 +335,7 @@ class FusionService:
         handle = self.handles[modality]
         gone: BaseException | None = None
         for attempt in range(1 + self.retries):
-            if not await self._may_call(modality, handle):
+            if not await self._may_call(modality, handle, after_death=gone is not None):
                 return self._unavailable(modality, gone)
             if attempt:
                 logger.warning("%s encoder: replica gone (%r), retry %d on another replica", modality, gone, attempt)
@@ -392,10 +392,14 @@ class FusionService:
         since = self._none_live_since.setdefault(modality, time.monotonic())
         return "none" if time.monotonic() - since >= self.unavailable_after_s else "none_yet"
 
-    async def _may_call(self, modality: str, handle: Handle) -> bool:
+    async def _may_call(self, modality: str, handle: Handle, after_death: bool = False) -> bool:
         """False when the encoder is known to have no live replica (counted for ``unavailable_after_s``, or
-        marked down and not probing). A count of 0 younger than that is waited out, a little at a time."""
+        marked down and not probing). A count of 0 younger than that is waited out, a little at a time, unless
+        it follows a replica death this call saw (``after_death``): the router dropped that replica, the 0 is
+        real."""
         while (state := self._replicas(modality, handle)) == "none_yet":
+            if after_death:
+                return False
             await asyncio.sleep(min(self.watch_interval_s, self.unavailable_after_s) / 4)
         if state == "unknown":
             return self.encoder_health.allow(modality)
@@ -407,16 +411,21 @@ class FusionService:
             raise TimeoutError
         task = asyncio.ensure_future(_resolve(response))
         deadline = time.monotonic() + budget
+        interval = self.watch_interval_s
         try:
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError
-                done, _ = await asyncio.wait({task}, timeout=min(self.watch_interval_s, remaining))
+                done, _ = await asyncio.wait({task}, timeout=min(interval, remaining))
                 if done:
                     return task.result()
-                if self._replicas(modality, handle) == "none":
+                state = self._replicas(modality, handle)
+                if state == "none":
                     raise EncoderUnavailable(modality)
+                # a count of 0 is watched closely, so the modality is dropped as soon as its grace has passed
+                closely = min(self.watch_interval_s, self.unavailable_after_s) / 4
+                interval = closely if state == "none_yet" else self.watch_interval_s
         finally:
             if not task.done():
                 task.cancel()

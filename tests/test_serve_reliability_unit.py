@@ -307,6 +307,24 @@ def test_soak_report_counts_lost_requests_and_gaps() -> None:
     assert report["replica_memory_mb"]["growth_mb"]["TextEncoder"] == {"1": 10.5}
 
 
+def test_zero_replicas_after_a_death_this_call_saw_is_answered_at_once() -> None:
+    """The call's replica dies and Serve's router drops it, leaving none: that 0 is no passing moment of a
+    reconfiguration, so the modality is answered ``unavailable`` without the 0.5 s wait."""
+    h = counted()
+    text = h.handles["text"]
+
+    def dies(_: Any) -> dict[str, Any]:
+        text.replicas = 0  # what Serve's router does with a replica whose call failed this way
+        raise ActorDiedError()
+
+    text.behaviour = dies
+    start = time.monotonic()
+    r = h.request("POST", "/api/predict", json={"text": "hello"})
+    assert r.status_code == 503 and "text encoder has no live replica (ActorDiedError)" in r.json()["detail"]
+    assert time.monotonic() - start < h.service.unavailable_after_s / 2
+    assert text.payloads == ["hello"]  # no retry: no replica left to retry on
+
+
 class Reconfiguring(Counted):
     """A handle whose router shows no replica until ``back_at`` (a replica leaving it while it reconfigures)."""
 
