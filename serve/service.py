@@ -95,7 +95,8 @@ def live_replicas(handle: Any) -> int | None:
     that set as soon as a call to it fails, and every replica the controller reports is in it). A router that
     has never been sent a non-empty replica list counts 0: its long poll answers within milliseconds of its
     first call, so past the caller's grace (``unavailable_after_s``) that means the deployment has had no
-    running replica since (an ingress replica that started while the encoder's replicas were all dead).
+    running replica since (a router is made at a handle's first call: an ingress replica whose first call
+    to an encoder comes after all its replicas died, such as the replacement of a killed ingress).
     Private API, so anything unexpected gives ``None`` and the caller falls back to :class:`EncoderHealth`.
     Fake handles in tests may define ``live_replicas()``.
     """
