@@ -393,6 +393,11 @@ class FusionService:
         since = self._none_live_since.setdefault(modality, time.monotonic())
         return "none" if time.monotonic() - since >= self.unavailable_after_s else "none_yet"
 
+    @property
+    def _zero_poll_s(self) -> float:
+        """How often a replica count of 0 is read again while its grace (``unavailable_after_s``) runs."""
+        return min(self.watch_interval_s, self.unavailable_after_s) / 4
+
     async def _may_call(self, modality: str, handle: Handle, after_death: bool = False) -> bool:
         """False when the encoder is known to have no live replica (counted for ``unavailable_after_s``, or
         marked down and not probing). A count of 0 younger than that is waited out, a little at a time, unless
@@ -401,7 +406,7 @@ class FusionService:
         while (state := self._replicas(modality, handle)) == "none_yet":
             if after_death:
                 return False
-            await asyncio.sleep(min(self.watch_interval_s, self.unavailable_after_s) / 4)
+            await asyncio.sleep(self._zero_poll_s)
         if state == "unknown":
             return self.encoder_health.allow(modality)
         return state == "live"
@@ -425,8 +430,7 @@ class FusionService:
                 if state == "none":
                     raise EncoderUnavailable(modality)
                 # a count of 0 is watched closely, so the modality is dropped as soon as its grace has passed
-                closely = min(self.watch_interval_s, self.unavailable_after_s) / 4
-                interval = closely if state == "none_yet" else self.watch_interval_s
+                interval = self._zero_poll_s if state == "none_yet" else self.watch_interval_s
         finally:
             if not task.done():
                 task.cancel()
