@@ -213,6 +213,20 @@ class FusionPipeline(_Pipeline):
     def __init__(self, weights_dir: str | Path | None = None, device: str = "cpu") -> None:
         super().__init__(weights_dir, None, device, precision="float32")  # a few small matmuls
         self.modalities: tuple[str, ...] = tuple(self.model.config.modalities)
+        self.warm_up()
+
+    def warm_up(self) -> None:
+        """Fuse a neutral input once per modality subset, so the first real request does not pay one-time costs.
+
+        The first attention call with a padding mask (any request missing a modality) makes torch import
+        sympy: over a second on an idle CPU, several on a busy one, and the server calls :meth:`fuse` on its
+        event loop.
+        """
+        uniform = np.full(NUM_CLASSES, 1.0 / NUM_CLASSES, dtype=np.float32)
+        zeros = np.zeros(self.model.config.embed_dim, dtype=np.float32)
+        for mask in range(1, 2 ** len(self.modalities)):
+            subset = [m for i, m in enumerate(self.modalities) if mask >> i & 1]
+            self.fuse(dict.fromkeys(subset, zeros), dict.fromkeys(subset, uniform))
 
     @torch.inference_mode()
     def fuse(self, embeddings: dict[str, np.ndarray], probabilities: dict[str, np.ndarray]) -> FusionResult:

@@ -6,6 +6,8 @@ above chance. These use ``../shared/data`` and skip with a reason when it is abs
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,8 @@ import pytest
 from models.inference import AudioPipeline, FusionPipeline, TextPipeline, VideoPipeline
 from models.labels import EMOTIONS
 from tests.synth import SHARED_DATA
+
+REPO = Path(__file__).resolve().parent.parent
 
 needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data (real datasets) is not present")
 
@@ -148,3 +152,17 @@ def test_pipeline_device_choice() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             FusionPipeline(device="cuda")
+
+
+def test_fusion_pays_its_one_time_costs_when_loaded_not_on_the_first_request() -> None:
+    # torch imports sympy at the first attention call with a padding mask (a request missing a modality); the
+    # server fuses on its event loop, so loading must have done it already. A fresh interpreter: other tests
+    # here may have imported sympy.
+    code = (
+        "import sys; from models.inference import FusionPipeline; "
+        "assert 'sympy' not in sys.modules, 'imported before loading'; FusionPipeline(); "
+        "assert 'sympy' in sys.modules, 'not warmed up'"
+    )
+    cmd = [sys.executable, "-c", code]
+    done = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
