@@ -219,7 +219,9 @@ class AppConfig(_Strict):
     access: AccessConfig = Field(default_factory=AccessConfig)
     stream: StreamConfig = Field(default_factory=StreamConfig)
     ingress_torch_threads: int = Field(1, ge=1)
-    health_timeout_s: float = Field(5.0, gt=0, description="how long /api/health waits for each encoder")
+    health_timeout_s: float = Field(
+        5.0, gt=0, description="how long /api/health, and a starting ingress replica, wait for each encoder"
+    )
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | AppConfig | None) -> AppConfig:

@@ -45,6 +45,8 @@ class FusionIngress:
             await self.service.load_fusion()
 
     async def __serve_build_asgi_app__(self) -> FastAPI:
+        """Serve calls this while the replica starts, before it routes any request to it."""
         if self.service.fusion is None:
             await self.service.load_fusion()
+        await self.service.warm_up()
         return create_app(self.service, self.config)

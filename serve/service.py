@@ -501,6 +501,20 @@ class FusionService:
         status = "ok" if all(s.loaded for s in models.values()) else "degraded"
         return HealthResponse(status=status, models=models)
 
+    async def warm_up(self) -> HealthResponse:
+        """Ask every encoder once before this replica takes traffic (bounded like :meth:`health`).
+
+        A handle opens its route to a deployment at its first call: it subscribes to the replica list and
+        asks each replica its queue length. Without this a new ingress replica (a replacement, a scale-up)
+        pays for that on its first requests, seconds on a busy machine; with it they find the routes open.
+        An encoder that does not answer in time is logged, not waited for: the replica starts anyway.
+        """
+        health = await self.health()
+        missing = {m: s.error for m, s in (health.models or {}).items() if not s.loaded}
+        if missing:
+            logger.warning("ingress started without an answer from: %s", missing)
+        return health
+
 
 def _cancel(response: Any) -> None:
     cancel = getattr(response, "cancel", None)

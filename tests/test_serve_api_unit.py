@@ -8,6 +8,7 @@ encoders each endpoint calls.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -283,6 +284,32 @@ def test_health_and_static_page(tmp_path: Path) -> None:
         ok_schema = post["responses"]["200"]["content"]["application/json"]["schema"]
         assert ok_schema["$ref"].endswith("/PredictionResponse"), path
     assert h.request("POST", "/api/predict", json={"text": "hi"}).status_code == 200  # API before the mount
+
+
+def test_warm_up_asks_every_encoder_and_does_not_wait_for_a_silent_one() -> None:
+    h = make({"health_timeout_s": 0.3})
+    asked: list[str] = []
+
+    class Counting(FakeHandle):
+        def options(self, method_name: str = "__call__", **_: Any) -> FakeHandle:
+            asked.append(f"{self.modality}.{method_name}")
+            return super().options(method_name)
+
+    class Silent(FakeHandle):  # its call waits in the router: no replica to take it
+        def options(self, method_name: str = "__call__", **_: Any) -> FakeHandle:
+            asked.append(f"{self.modality}.{method_name}")
+            return self
+
+        def remote(self, *args: Any) -> Any:
+            return asyncio.sleep(3600)
+
+    h.service.handles.update(text=Counting("text"), audio=Counting("audio"), video=Silent("video"))
+    start = time.monotonic()
+    health = asyncio.run(h.service.warm_up())
+    assert time.monotonic() - start < 2.0  # bounded by health_timeout_s, not by the silent encoder
+    assert sorted(asked) == ["audio.info", "text.info", "video.info"]
+    assert health.status == "degraded" and health.models is not None
+    assert health.models["text"].loaded and not health.models["video"].loaded
 
 
 def test_health_degraded_when_an_encoder_does_not_answer() -> None:
