@@ -66,6 +66,35 @@ def replica_pids(deployment: str, app: str = "emotion") -> list[int]:
     return sorted(pids)
 
 
+def ray_serve_log_dir() -> Path:
+    """Ray Serve's log folder of the newest local Ray session (where ``serve run`` writes replica logs)."""
+    try:
+        from ray._common.utils import get_default_ray_temp_dir
+
+        root = Path(get_default_ray_temp_dir())
+    except ImportError:  # Ray moved it: its default
+        root = Path("/tmp/ray")
+    return root / "session_latest" / "logs" / "serve"
+
+
+def initialized_replicas(deployment: str, app: str = "emotion") -> set[str]:
+    """IDs of the ``deployment`` replicas that finished starting (their Serve log says so).
+
+    A replica's process (:func:`replica_pids`) appears well before that: on a busy machine its imports and
+    model loading take seconds to tens of seconds more, and Serve routes to it only once it is initialized.
+    """
+    done = set()
+    for path in ray_serve_log_dir().glob(f"replica_{app}_{deployment}_*.log"):
+        try:
+            with path.open("rb") as fh:
+                head = fh.read(1 << 16)  # the line comes among the first of the file
+        except OSError:
+            continue
+        if b"Finished initializing replica" in head:
+            done.add(path.stem.rsplit("_", 1)[1])
+    return done
+
+
 def rss_mb(pid: int) -> float | None:
     """Resident memory of ``pid`` in MB (``None`` if it is gone)."""
     try:
