@@ -115,6 +115,25 @@ def live_replicas(handle: Any) -> int | None:
         return None
 
 
+def replicas_seen_dying(handle: Any) -> bool:
+    """True when ``handle``'s router has no replica left because it saw them die itself.
+
+    Serve 2.60's router drops a replica on its own when a call or a queue-length probe to it fails with
+    ``ActorDiedError``, and keeps that replica's cached queue length; a replica list from the controller (a scale
+    down, a hot weight swap) replaces the cache too. So no replica and a non-empty cache means deaths, which no
+    grace period will undo. Private API: anything unexpected gives ``False`` (the grace applies). Fake handles in
+    tests may define ``replicas_seen_dying()``.
+    """
+    own = getattr(type(handle), "replicas_seen_dying", None)
+    if callable(own):
+        return bool(own(handle))
+    try:
+        request_router = handle._router._asyncio_router._request_router
+        return not request_router.curr_replicas and bool(request_router._replica_queue_len_cache._cache)
+    except Exception:  # noqa: BLE001 - not a Serve handle, no router yet, or Serve's internals changed
+        return False
+
+
 class CallCoalescer:
     """Coalesces concurrent calls to one encoder into fewer handle calls (see the module docstring).
 
@@ -275,6 +294,7 @@ class FusionService:
         self.watch_interval_s = watch_interval_s
         self.unavailable_after_s = unavailable_after_s
         self._none_live_since: dict[str, float] = {}  # modality -> when its replica count was first seen at 0
+        self._seen_dying: set[str] = set()  # modalities whose 0 replicas are deaths the router saw (no grace)
         self.fusion: FusionPipeline | None = None
         self._fusion_key: tuple[Any, ...] | None = None
         self._coalescers: dict[str, CallCoalescer] = {}
@@ -382,15 +402,20 @@ class FusionService:
         return coalescer.submit(payload)
 
     def _replicas(self, modality: str, handle: Handle) -> ReplicaState:
-        """The encoder's replicas: ``live``; ``none`` (no live replica for ``unavailable_after_s``); ``none_yet``
-        (a count of 0 younger than that); ``unknown`` (the handle cannot count them)."""
+        """The encoder's replicas: ``live``; ``none`` (no live replica for ``unavailable_after_s``, or none because
+        they died: :func:`replicas_seen_dying`); ``none_yet`` (a count of 0 younger than that); ``unknown`` (the
+        handle cannot count them)."""
         count = live_replicas(handle)
         if count is None:
             return "unknown"
         if count > 0:
             self._none_live_since.pop(modality, None)
+            self._seen_dying.discard(modality)
             return "live"
         since = self._none_live_since.setdefault(modality, time.monotonic())
+        if modality in self._seen_dying or replicas_seen_dying(handle):
+            self._seen_dying.add(modality)  # until a replica is back (the controller's next list clears the sign)
+            return "none"
         return "none" if time.monotonic() - since >= self.unavailable_after_s else "none_yet"
 
     @property

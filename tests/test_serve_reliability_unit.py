@@ -24,7 +24,7 @@ from ray.exceptions import ActorDiedError
 
 from models.labels import MODALITIES
 from serve.config import AppConfig
-from serve.service import EncoderHealth, live_replicas, replica_gone
+from serve.service import EncoderHealth, live_replicas, replica_gone, replicas_seen_dying
 from tests.test_serve_api_unit import FACE, SPEECH, FakeHandle, Harness, answer, make
 
 
@@ -323,6 +323,47 @@ def test_zero_replicas_after_a_death_this_call_saw_is_answered_at_once() -> None
     assert r.status_code == 503 and "text encoder has no live replica (ActorDiedError)" in r.json()["detail"]
     assert time.monotonic() - start < h.service.unavailable_after_s / 2
     assert text.payloads == ["hello"]  # no retry: no replica left to retry on
+
+
+def test_replicas_seen_dying_reads_the_routers_own_drops() -> None:
+    def serve_handle(replicas: list[str], cached: dict[str, int]) -> SimpleNamespace:
+        """The parts of a Ray Serve 2.60 ``DeploymentHandle`` that :func:`replicas_seen_dying` reads."""
+        request_router = SimpleNamespace(
+            curr_replicas=replicas, _replica_queue_len_cache=SimpleNamespace(_cache=cached)
+        )
+        return SimpleNamespace(_router=SimpleNamespace(_asyncio_router=SimpleNamespace(_request_router=request_router)))
+
+    # the router dropped both replicas after ActorDiedError and still caches their queue lengths
+    assert replicas_seen_dying(serve_handle([], {"r1": 0, "r2": 1}))
+    # the controller's list emptied it (a hot swap, a scale down): the cache went with it
+    assert not replicas_seen_dying(serve_handle([], {}))
+    assert not replicas_seen_dying(serve_handle(["r2"], {"r1": 0, "r2": 1}))  # one left: live
+    assert not replicas_seen_dying(object()) and not replicas_seen_dying(SimpleNamespace(_router=None))
+
+
+class SeenDying(Counted):
+    """A handle whose router dropped its last replicas itself, on ``ActorDiedError``."""
+
+    replicas = 0
+
+    def replicas_seen_dying(self) -> bool:
+        return True
+
+
+def test_no_replica_because_the_router_saw_them_die_is_answered_without_the_grace() -> None:
+    handles = {m: (SeenDying if m == "video" else Counted)(m, None) for m in MODALITIES}
+    h = Harness(handles, AppConfig.from_args(None))  # type: ignore[arg-type]
+    h.service.unavailable_after_s = 60.0  # a grace this call must not wait out
+    start = time.monotonic()
+    r = h.request("POST", "/predict", data={"text": "hi"}, files={"video": ("face.mp4", FACE, "video/mp4")})
+    assert time.monotonic() - start < 30
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["dropped"]["video"].startswith("unavailable: the video encoder has no live replica"), body
+    assert handles["video"].payloads == []  # no call was made
+    handles["video"].replicas = 1  # a replacement is live: the next outage is judged afresh
+    assert h.request("POST", "/predict/video", files={"file": ("face.mp4", FACE, "video/mp4")}).status_code == 200
+    assert "video" not in h.service._seen_dying
 
 
 class Reconfiguring(Counted):
