@@ -505,9 +505,8 @@ def test_leave_actors_out_folds_cover_actors_once_and_fold_4_is_the_report_split
     assert not {p for p, _ in train_part} & {p for p, _ in val_part}
 
 
-def test_text_task_mixes_both_corpora_with_soft_multi_label_targets(tmp_path: Path) -> None:
-    from training.tasks import TaskOptions, TextTask
-
+def _text_corpora(tmp_path: Path) -> None:
+    """A tiny MELD (12 lines a split) and GoEmotions (30 comments a split, a third with two labels)."""
     (tmp_path / "meld_text").mkdir()
     (tmp_path / "goemotions_ekman").mkdir()
     header = "Sr No.,Utterance,Speaker,Emotion,Sentiment,Dialogue_ID,Utterance_ID\n"
@@ -517,6 +516,12 @@ def test_text_task_mixes_both_corpora_with_soft_multi_label_targets(tmp_path: Pa
     for name in ("train.csv", "val.csv"):
         rows = "".join(f"comment {i},{labels}\n" for i, labels in enumerate(["happy", "sad surprise", "fear"] * 10))
         (tmp_path / "goemotions_ekman" / name).write_text("text,labels\n" + rows)
+
+
+def test_text_task_mixes_both_corpora_with_soft_multi_label_targets(tmp_path: Path) -> None:
+    from training.tasks import TaskOptions, TextTask
+
+    _text_corpora(tmp_path)
     task = TextTask(TaskOptions(data_root=str(tmp_path), goemotions_per_epoch=6, batch_size=64))
     assert len(task.train) == 12 + 30 and task.epoch_size == 12 + 6
     two = next(i for i, (_, labels, _) in enumerate(task.items) if len(labels) == 2)
@@ -528,13 +533,56 @@ def test_text_task_mixes_both_corpora_with_soft_multi_label_targets(tmp_path: Pa
     assert weights[1] > weights[3]  # disgust (absent here) weighs more than the common happy
 
 
-@pytest.mark.parametrize("modality", ["text", "audio", "video", "fusion"])
-def test_recipe_files_parse_and_command_line_options_win(modality: str) -> None:
-    recipe = Path(__file__).resolve().parents[1] / "training" / "recipes" / f"{modality}.yaml"
+def test_text_sources_limit_what_is_trained_and_selected_on(tmp_path: Path) -> None:
+    from training.tasks import TaskOptions, TextTask
+
+    _text_corpora(tmp_path)
+    opts = TaskOptions(data_root=str(tmp_path), text_sources=("goemotions",), holdout=0.2, goemotions_per_epoch=99)
+    task = TextTask(opts)
+    assert set(task.source) == set(task.val_source) == {"goemotions"}
+    assert len(task.train) + len(task.val) == 30 and task.epoch_size == len(task.train)
+    assert "of each class of GoEmotions train" in task.selection_split
+    assert task.metadata()["data"] == "GoEmotions train"
+    assert train.text_sources(" goemotions, meld ,goemotions") == ("goemotions", "meld")
+    for bad in ("", "reddit", "meld,twitter"):
+        with pytest.raises(SystemExit, match="--text-sources"):
+            train.text_sources(bad)
+
+
+def test_length_buckets_batch_similar_lengths_in_random_order() -> None:
+    from training.tasks import length_bucketed
+
+    rng = random.Random(0)
+    lengths = [rng.randint(3, 60) for _ in range(1000)]
+    order = list(range(1000))
+    rng.shuffle(order)
+    batches = length_bucketed(order, lengths, size=32, window=10, rng=random.Random(1))
+    assert sorted(i for b in batches for i in b) == list(range(1000))  # every text once
+    assert max(len(b) for b in batches) == 32 and len(batches) == 32  # 1000 = 31 x 32 + 8
+
+    def padded(bs: list[list[int]]) -> int:
+        return sum(max(lengths[i] for i in b) * len(b) for b in bs)
+
+    random_batches = [order[k : k + 32] for k in range(0, 1000, 32)]
+    assert padded(batches) < 0.75 * padded(random_batches)
+    firsts = [lengths[b[0]] for b in batches]
+    assert firsts != sorted(firsts)  # the batches themselves come in random order
+    assert batches == length_bucketed(order, lengths, size=32, window=10, rng=random.Random(1))
+
+
+RECIPES = ["text", "text_goemotions_only", "audio", "video", "fusion"]
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_files_parse_and_command_line_options_win(name: str) -> None:
+    recipe = Path(__file__).resolve().parents[1] / "training" / "recipes" / f"{name}.yaml"
     args = train.parse_args(["--recipe", str(recipe), "--seed", "99"])
+    modality = name.split("_")[0]
     assert args.modality == modality and args.seed == 99  # the recipe sets the modality; the command line wins
     if modality == "audio":
         assert args.keep == "last" and "noise" in args.augment and args.audio_channels == (64, 128)
+    if name == "text_goemotions_only":
+        assert train.text_sources(args.text_sources) == ("goemotions",) and args.length_buckets == 50
 
 
 def test_recipe_with_an_unknown_option_is_refused(tmp_path: Path) -> None:
@@ -580,11 +628,12 @@ def test_video_recipe_writes_its_inference_option() -> None:
     assert train.parse_args(["--modality", "video"]).mirror_average is False
 
 
-@pytest.mark.parametrize("modality", ["text", "audio", "video", "fusion"])
-def test_each_recipe_trains_a_few_steps(modality: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("name", RECIPES)
+def test_each_recipe_trains_a_few_steps(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from models.checkpoint import DEFAULT_WEIGHTS_DIR
 
-    recipe = Path(__file__).resolve().parents[1] / "training" / "recipes" / f"{modality}.yaml"
+    recipe = Path(__file__).resolve().parents[1] / "training" / "recipes" / f"{name}.yaml"
+    modality = name.split("_")[0]
     _seed_layout(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
     small = (

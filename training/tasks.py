@@ -48,6 +48,8 @@ class TaskOptions:
     calm_as: str | None = "neutral"
     holdout: float = 0.0  # > 0: validate on this share of the training split instead of the val split
     goemotions_per_epoch: int = 20000  # text: GoEmotions comments drawn afresh each epoch, next to all of MELD
+    text_sources: tuple[str, ...] = ("meld", "goemotions")  # text: the corpora trained and selected on
+    length_buckets: int = 0  # text: > 0 batches texts of similar length, sorted within windows of this many batches
     class_weight_power: float = 0.3  # text: loss weight of a class = (its share) ** -power
     fold: int | None = None  # audio: leave-actors-out fold held out for validation (None: actors 17-20)
     folds: int = 5
@@ -59,6 +61,23 @@ class TaskOptions:
 def _chunks(indices: list[int], size: int) -> Iterator[list[int]]:
     for i in range(0, len(indices), size):
         yield indices[i : i + size]
+
+
+def length_bucketed(
+    order: list[int], lengths: list[int], size: int, window: int, rng: random.Random
+) -> list[list[int]]:
+    """Batches of ``size`` from shuffled ``order`` with little padding, still in random order.
+
+    Each run of ``window`` batches is sorted by length before it is cut, then all batches are shuffled:
+    a batch holds texts of similar length (about half the padded tokens of random batches on MELD and
+    GoEmotions) while which texts meet in a batch, and when, stays random.
+    """
+    batches = []
+    for start in range(0, len(order), size * window):
+        run = sorted(order[start : start + size * window], key=lengths.__getitem__)
+        batches += list(_chunks(run, size))
+    rng.shuffle(batches)
+    return batches
 
 
 class Task:
@@ -142,7 +161,10 @@ class TextTask(Task):
     def __init__(self, opts: TaskOptions) -> None:
         self.opts = opts
         if opts.layout == "shared":
-            train, val = read_text_corpora(opts.data_root, "train"), read_text_corpora(opts.data_root, "val")
+            train, val = (
+                [item for item in read_text_corpora(opts.data_root, split) if item[2] in opts.text_sources]
+                for split in ("train", "val")
+            )
         else:
             train, val = (
                 [(t, (y,), "seed") for t, y in read_split("text", opts.data_root, s, "seed")] for s in ("train", "val")
@@ -153,7 +175,7 @@ class TextTask(Task):
         if opts.holdout > 0:
             kept, held = split_holdout([(i, labels[0]) for i, (_, labels, _) in enumerate(train)], opts.holdout)
             train, val = [train[i] for i, _ in kept], [train[i] for i, _ in held]
-            self.selection_split = f"holdout: {opts.holdout:g} of each class of MELD train + GoEmotions train (seed 0)"
+            self.selection_split = f"holdout: {opts.holdout:g} of each class of {self.corpora} train (seed 0)"
         self.items, self.val_items = train, val
         self.train = [(text, labels[0]) for text, labels, _ in train]
         self.val = [(text, labels[0]) for text, labels, _ in val]
@@ -167,12 +189,21 @@ class TextTask(Task):
             self.targets[i, list(labels)] = 1.0 / len(labels)
         self.source = np.array([src for _, _, src in train])
         self.val_source = np.array([src for _, _, src in val])
+        self.lengths: list[int] = []
+        if opts.length_buckets > 0:
+            self.lengths = [len(ids) for ids in self.preprocessor.tokenizer([t for t, _ in self.train])["input_ids"]]
         self.setup_labels()
 
     @property
     def epoch_size(self) -> int:
         other = int((self.source != "goemotions").sum())
         return other + min(self.opts.goemotions_per_epoch, int((self.source == "goemotions").sum()))
+
+    @property
+    def corpora(self) -> str:
+        """The training corpora, as the model card names them."""
+        names = {"meld": "MELD", "goemotions": "GoEmotions"}
+        return " + ".join(names[s] for s in self.opts.text_sources)
 
     def class_weights(self) -> torch.Tensor:
         share = self.targets.sum(0) / self.targets.sum()
@@ -189,7 +220,11 @@ class TextTask(Task):
         order = np.flatnonzero(self.source != "goemotions").tolist()
         order += rng.sample(goemotions, min(self.opts.goemotions_per_epoch, len(goemotions)))
         rng.shuffle(order)
-        for idx in _chunks(order, self.opts.batch_size):
+        if self.opts.length_buckets > 0:
+            batches = length_bucketed(order, self.lengths, self.opts.batch_size, self.opts.length_buckets, rng)
+        else:
+            batches = list(_chunks(order, self.opts.batch_size))
+        for idx in batches:
             yield self.make_batch(idx, train=True, epoch=epoch), self.targets[idx]
 
     def make_batch(self, idx: list[int], train: bool, epoch: int) -> tuple[torch.Tensor, ...]:
@@ -210,7 +245,7 @@ class TextTask(Task):
 
     def metadata(self) -> dict[str, Any]:
         return {
-            "data": "MELD train + GoEmotions train",
+            "data": f"{self.corpora} train",
             "goemotions_per_epoch": self.opts.goemotions_per_epoch,
             "class_weight_power": self.opts.class_weight_power,
             "multi_label": "soft target shared equally between a comment's labels",

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from models.checkpoint import DEFAULT_WEIGHTS_DIR, load_model, save_model, weights_digest
 from models.common import device_option
 from training.calibration import fit_temperature
+from training.datasets import TEXT_SOURCES
 from training.distill import Distiller, load_teachers
 from training.metrics import classification_report
 from training.state import load_state, save_state
@@ -344,6 +345,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[argparse.Act
     t.add_argument("--trainable-layers", type=int, default=6)
     t.add_argument("--goemotions-per-epoch", type=int, default=20000, help="GoEmotions comments drawn each epoch")
     t.add_argument("--class-weight-power", type=float, default=0.3, help="loss weight of a class = share ** -power")
+    t.add_argument(
+        "--text-sources",
+        default="meld,goemotions",
+        help="comma-separated corpora to train and select on, from meld,goemotions",
+    )
+    t.add_argument(
+        "--length-buckets",
+        type=int,
+        default=0,
+        help="batch texts of similar length, sorted within windows of this many batches (0 = random batches); "
+        "about 2x fewer padded tokens",
+    )
 
     a = p.add_argument_group("audio")
     a.add_argument("--crop-seconds", type=float, default=3.0)
@@ -405,6 +418,15 @@ def foreign_options(
     ]
 
 
+def text_sources(value: str) -> tuple[str, ...]:
+    """The corpora named in ``--text-sources`` (at least one of :data:`TEXT_SOURCES`)."""
+    names = tuple(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+    unknown = set(names) - set(TEXT_SOURCES)
+    if not names or unknown:
+        raise SystemExit(f"--text-sources: expected some of {','.join(TEXT_SOURCES)}, got {value!r}")
+    return names
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p, owned = build_parser()
     # as parsed: argparse converts a string default with the option's type
@@ -446,6 +468,7 @@ def main(argv: list[str] | None = None) -> None:
         "calm_as": None if args.ravdess_calm == "drop" else args.ravdess_calm,
         "audio_channels": tuple(args.audio_channels),
         "audio_augment": tuple(a for a in args.augment.split(",") if a and a != "none"),
+        "text_sources": text_sources(args.text_sources),
     }
     same = {f.name: getattr(args, f.name) for f in dataclasses.fields(TaskOptions) if f.name not in converted}
     opts = TaskOptions(**same, **converted)
