@@ -543,10 +543,15 @@ def test_text_sources_limit_what_is_trained_and_selected_on(tmp_path: Path) -> N
     assert len(task.train) + len(task.val) == 30 and task.epoch_size == len(task.train)
     assert "of each class of GoEmotions train" in task.selection_split
     assert task.metadata()["data"] == "GoEmotions train"
-    assert train.text_sources(" goemotions, meld ,goemotions") == ("goemotions", "meld")
-    for bad in ("", "reddit", "meld,twitter"):
-        with pytest.raises(SystemExit, match="--text-sources"):
-            train.text_sources(bad)
+    parsed = train.parse_args(["--modality", "text", "--text-sources", " goemotions, meld ,goemotions"])
+    assert parsed.text_sources == ("goemotions", "meld")
+
+
+@pytest.mark.parametrize("bad", ["", "reddit", "meld,twitter"])
+def test_text_sources_must_name_known_corpora(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        train.parse_args(["--modality", "text", "--text-sources", bad])
+    assert "--text-sources" in capsys.readouterr().err
 
 
 def test_length_buckets_batch_similar_lengths_in_random_order() -> None:
@@ -582,7 +587,7 @@ def test_recipe_files_parse_and_command_line_options_win(name: str) -> None:
     if modality == "audio":
         assert args.keep == "last" and "noise" in args.augment and args.audio_channels == (64, 128)
     if name == "text_goemotions_only":
-        assert train.text_sources(args.text_sources) == ("goemotions",) and args.length_buckets == 50
+        assert args.text_sources == ("goemotions",) and args.length_buckets == 50
 
 
 def test_recipe_with_an_unknown_option_is_refused(tmp_path: Path) -> None:

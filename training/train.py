@@ -253,6 +253,14 @@ def _decay(text: str) -> float:
     return value
 
 
+def _text_sources(text: str) -> tuple[str, ...]:
+    """``"goemotions, meld"`` -> ``("goemotions", "meld")``: at least one of :data:`TEXT_SOURCES`, each once."""
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names or set(names) - set(TEXT_SOURCES):
+        raise argparse.ArgumentTypeError(f"expected some of {','.join(TEXT_SOURCES)}, got {text!r}")
+    return names
+
+
 def read_recipe(path: str | Path) -> dict[str, Any]:
     """A recipe file: a YAML mapping of ``training.train`` options (``backbone-lr: 6e-5``), dashes or underscores."""
     values = yaml.safe_load(Path(path).read_text()) or {}
@@ -347,6 +355,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[argparse.Act
     t.add_argument("--class-weight-power", type=float, default=0.3, help="loss weight of a class = share ** -power")
     t.add_argument(
         "--text-sources",
+        type=_text_sources,
         default="meld,goemotions",
         help="comma-separated corpora to train and select on, from meld,goemotions",
     )
@@ -418,15 +427,6 @@ def foreign_options(
     ]
 
 
-def text_sources(value: str) -> tuple[str, ...]:
-    """The corpora named in ``--text-sources`` (at least one of :data:`TEXT_SOURCES`)."""
-    names = tuple(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
-    unknown = set(names) - set(TEXT_SOURCES)
-    if not names or unknown:
-        raise SystemExit(f"--text-sources: expected some of {','.join(TEXT_SOURCES)}, got {value!r}")
-    return names
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p, owned = build_parser()
     # as parsed: argparse converts a string default with the option's type
@@ -468,7 +468,6 @@ def main(argv: list[str] | None = None) -> None:
         "calm_as": None if args.ravdess_calm == "drop" else args.ravdess_calm,
         "audio_channels": tuple(args.audio_channels),
         "audio_augment": tuple(a for a in args.augment.split(",") if a and a != "none"),
-        "text_sources": text_sources(args.text_sources),
     }
     same = {f.name: getattr(args, f.name) for f in dataclasses.fields(TaskOptions) if f.name not in converted}
     opts = TaskOptions(**same, **converted)
