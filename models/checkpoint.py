@@ -1,8 +1,8 @@
 """Saving and loading weights as ``model.safetensors`` + ``config.json`` (never pickle).
 
 ``config.json`` holds the model type, its architecture config, the label order and free-form
-metadata (training command, data, metrics). The text model stores only the parameters training
-changed; everything else is rebuilt from its (pip-installed or named) backbone.
+metadata (training command, data, metrics). The text model and the Whisper speech model store only
+the parameters training changed; everything else is rebuilt from their pip-installed backbones.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.audio.model import AudioModel, AudioModelConfig
+from models.audio.whisper_model import WhisperAudioModel, WhisperAudioModelConfig
 from models.fusion.model import FusionModel, FusionModelConfig
 from models.labels import EMOTIONS
 from models.text.model import TextModel, TextModelConfig
@@ -26,6 +27,7 @@ from models.video.model import VideoModel, VideoModelConfig
 MODEL_TYPES: dict[str, tuple[type[nn.Module], type]] = {
     "text": (TextModel, TextModelConfig),
     "audio": (AudioModel, AudioModelConfig),
+    "audio_whisper": (WhisperAudioModel, WhisperAudioModelConfig),
     "video": (VideoModel, VideoModelConfig),
     "fusion": (FusionModel, FusionModelConfig),
 }
@@ -67,9 +69,9 @@ def host_copy(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def stored_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors a checkpoint keeps: all of them, except a text backbone's frozen part."""
+    """The tensors a checkpoint keeps: all of them, except a pretrained backbone's frozen part."""
     state = model.state_dict()
-    if isinstance(model, TextModel):
+    if isinstance(model, TextModel | WhisperAudioModel):
         keep = set(model.trainable_parameter_names())
         state = {k: v for k, v in state.items() if not k.startswith("backbone.") or k in keep}
     return {k: host_copy(v) for k, v in state.items()}

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from models.audio.preprocessing import AudioFeatureConfig, LogMelExtractor, pad_features
+from models.audio.whisper import WhisperLogMel
+from models.audio.whisper_model import WhisperAudioModel
 from models.checkpoint import DEFAULT_WEIGHTS_DIR, load_model
 from models.common import Precision, forward_in_precision, prepare_for_inference, resolve_device, resolve_precision
 from models.fusion.model import PROB_FLOOR
@@ -127,7 +129,11 @@ class TextPipeline(_Pipeline):
 
 
 class AudioPipeline(_Pipeline):
-    """Speech: ffmpeg decode to 16 kHz mono, log-mel; batched CNN-BiGRU forward."""
+    """Speech: ffmpeg decode to 16 kHz mono, silence trim, log-mel; one batched forward.
+
+    The front end follows the checkpoint: Whisper's 80-bin log-mel (up to 30 s) for the Whisper-base model,
+    the 64-bin normalised log-mel (the centre 8 s) for the CNN + BiGRU model.
+    """
 
     modality = "audio"
 
@@ -141,20 +147,27 @@ class AudioPipeline(_Pipeline):
         super().__init__(weights_dir, None, device, precision)
         features = self.checkpoint.get("metadata", {}).get("features", {})
         self.extractor = LogMelExtractor(AudioFeatureConfig(**features))
+        self.whisper = WhisperLogMel() if isinstance(self.model, WhisperAudioModel) else None
         self.limits = limits
 
     def prepare(self, data: bytes) -> Prepared:
-        """Decode audio bytes (or a video's audio track) and compute its log-mel."""
+        """Decode audio bytes (or a video's audio track) and compute the model's log-mel."""
         start = time.perf_counter()
         wave = decode_audio(data, self.extractor.config.sample_rate, self.limits)
         decode_ms = _ms_since(start)
-        features = self.extractor(wave)
+        if self.whisper is not None:
+            features = self.whisper(self.extractor.trim_wave(torch.from_numpy(np.asarray(wave, dtype=np.float32))))
+        else:
+            features = self.extractor(wave)
         info = {"duration_s": round(len(wave) / self.extractor.config.sample_rate, 3), "decode_ms": round(decode_ms, 2)}
         return Prepared(features, info, _ms_since(start))
 
     @torch.inference_mode()
     def encode(self, items: list[Prepared]) -> list[EncoderResult]:
+        """One forward over the batch; clips are padded to the longest and masked."""
         batch, lengths = pad_features([it.data for it in items])
+        if self.whisper is not None:
+            batch = batch[:, 0]  # (B, 80, T): Whisper's stem is a 1-d convolution over mel bins as channels
         embedding, logits = self._forward(batch, lengths)
         return self._results(embedding, logits, items)
 

@@ -97,6 +97,16 @@ def read_ravdess(
     return samples
 
 
+def read_tess(root: str | Path) -> list[Sample]:
+    """TESS clips ``<speaker>/<speaker>_<word>_<label>.flac`` (two speakers; labels already the 7 classes)."""
+    samples = []
+    for path in sorted((Path(root) / "tess_speech").glob("*/*.flac")):
+        label = path.stem.rsplit("_", 1)[-1]
+        if label in EMOTION_TO_INDEX:
+            samples.append((str(path), EMOTION_TO_INDEX[label]))
+    return samples
+
+
 def read_image_folders(root: str | Path, extensions: set[str]) -> list[Sample]:
     """``root/<emotion>/<files>`` for the 7 class names (other folders are ignored)."""
     samples = []

@@ -1,0 +1,254 @@
+"""Train the Whisper-base speech emotion head on cached encoder states, with leave-actors-out cross-validation.
+
+``python -m training.whisper_head --data-root ../shared/data`` (after ``python -m training.whisper_features``):
+
+- Outer folds: fold ``k`` of 5 holds out RAVDESS actors ``4k+1 .. 4k+4``; the other 16 actors and all of TESS
+  train. Each fold's model goes to ``<out>/fold<k>``; fold 4 (actors 17-20 held out) is the shipped model.
+- Selection is nested: for each outer fold, every recipe of ``--grid`` is scored by 4 inner leave-4-actors-out
+  folds of its 16 training actors (TESS on the training side), and the best inner mean accuracy wins. The
+  held-out actors of the outer fold choose nothing: neither the recipe, nor the temperature, which is fitted
+  on the chosen recipe's inner out-of-fold logits.
+- Training clips are drawn each epoch from the clean states (version 0) or an augmented draw (versions 1, 2),
+  randomly cropped in time and time-masked. Calm trains as neutral; the held-out figures leave calm out.
+
+Every step is deterministic given ``--seed``; finished folds are skipped on a rerun (``--resume``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import random
+import time
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.audio.whisper_model import WhisperAudioModel, WhisperAudioModelConfig
+from models.checkpoint import save_model, weights_digest
+from models.labels import EMOTION_TO_INDEX
+from training.calibration import fit_temperature
+from training.datasets import ravdess_fold_actors, ravdess_label
+from training.metrics import classification_report
+from training.whisper_features import corpus_files, load_states
+
+
+@dataclass(frozen=True)
+class HeadRecipe:
+    """Optimisation and augmentation of one head training run."""
+
+    epochs: int = 30
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    dropout: float = 0.3
+    batch_size: int = 32
+    label_smoothing: float = 0.1
+    max_frames: int = 75  # random crops of at most 3 s (the states run at 25 a second)
+    time_mask: int = 8  # one span of up to this many states zeroed per clip
+    versions: tuple[int, ...] = (0, 1, 2)  # cached draws a training clip is taken from
+
+
+GRID: dict[str, HeadRecipe] = {
+    "base": HeadRecipe(),
+    "long": HeadRecipe(epochs=60, lr=5e-4),
+    "wide-dropout": HeadRecipe(dropout=0.5, weight_decay=0.1),
+}
+
+
+class StatePool:
+    """Cached states of every clip, one float16 tensor per augmentation version, with labels and speakers."""
+
+    def __init__(self, data_root: str, versions: tuple[int, ...], part_size: int = 200) -> None:
+        files = corpus_files(data_root)
+        self.paths = files["ravdess"] + files["tess"]
+        self.is_ravdess = np.array([True] * len(files["ravdess"]) + [False] * len(files["tess"]))
+        self.actor = np.array([int(Path(p).stem[-2:]) for p in files["ravdess"]] + [0] * len(files["tess"]))
+        self.is_calm = np.array(
+            [Path(p).stem.split("-")[2] == "02" for p in files["ravdess"]] + [False] * len(files["tess"])
+        )
+        labels = [ravdess_label(p, "neutral") for p in files["ravdess"]]
+        labels += [EMOTION_TO_INDEX[Path(p).stem.rsplit("_", 1)[-1]] for p in files["tess"]]
+        self.labels = torch.tensor(labels)
+        self.states: dict[int, torch.Tensor] = {}
+        self.offsets: dict[int, torch.Tensor] = {}
+        for v in versions:
+            parts = [load_states(c, v, len(files[c]), part_size) for c in ("ravdess", "tess")]
+            self.states[v] = torch.cat([parts[0][0], parts[1][0]])
+            self.offsets[v] = torch.cat([parts[0][1], parts[1][1][1:] + parts[0][1][-1]])
+
+    def clip(self, i: int, version: int) -> torch.Tensor:
+        """States of clip ``i`` (T, num_states, 512) in float16."""
+        off = self.offsets[version]
+        return self.states[version][off[i] : off[i + 1]]
+
+    def training_indices(self, held_actors: tuple[int, ...]) -> np.ndarray:
+        """TESS and the RAVDESS clips of every actor not in ``held_actors``."""
+        return np.flatnonzero(~self.is_ravdess | ~np.isin(self.actor, held_actors))
+
+    def held_indices(self, held_actors: tuple[int, ...]) -> np.ndarray:
+        """RAVDESS clips of ``held_actors``, calm left out (it is not one of the 7 classes)."""
+        return np.flatnonzero(self.is_ravdess & np.isin(self.actor, held_actors) & ~self.is_calm)
+
+
+def pad_states(clips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(T_i, S, D)`` clips -> ``(B, S, T_max, D)`` float32 plus lengths ``(B,)``."""
+    lengths = torch.tensor([c.shape[0] for c in clips])
+    batch = torch.zeros(len(clips), int(lengths.max()), *clips[0].shape[1:])
+    for i, c in enumerate(clips):
+        batch[i, : c.shape[0]] = c.float()
+    return batch.permute(0, 2, 1, 3), lengths
+
+
+def _training_clip(pool: StatePool, i: int, recipe: HeadRecipe, rng: random.Random) -> torch.Tensor:
+    clip = pool.clip(i, rng.choice(recipe.versions))
+    if clip.shape[0] > recipe.max_frames:
+        start = rng.randint(0, clip.shape[0] - recipe.max_frames)
+        clip = clip[start : start + recipe.max_frames]
+    if recipe.time_mask and clip.shape[0] > 4 * recipe.time_mask:
+        width = rng.randint(0, recipe.time_mask)
+        start = rng.randint(0, clip.shape[0] - width)
+        clip = clip.clone()
+        clip[start : start + width] = 0
+    return clip
+
+
+def train_head(pool: StatePool, train_idx: np.ndarray, recipe: HeadRecipe, seed: int) -> WhisperAudioModel:
+    """A head trained on ``train_idx`` with ``recipe`` (the encoder is not run: its states are cached)."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    config = WhisperAudioModelConfig(dropout=recipe.dropout, pretrained=False)
+    model = WhisperAudioModel(config)
+    params = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    steps = recipe.epochs * ((len(train_idx) + recipe.batch_size - 1) // recipe.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.lr, total_steps=steps, pct_start=0.1)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    model.train()
+    for _ in range(recipe.epochs):
+        order = list(train_idx)
+        rng.shuffle(order)
+        for start in range(0, len(order), recipe.batch_size):
+            idx = order[start : start + recipe.batch_size]
+            states, lengths = pad_states([_training_clip(pool, i, recipe, rng) for i in idx])
+            _, logits = model.forward_states(states, lengths)
+            loss = loss_fn(logits, pool.labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    model.eval()
+    return model
+
+
+@torch.inference_mode()
+def head_logits(model: WhisperAudioModel, pool: StatePool, idx: np.ndarray, version: int = 0) -> torch.Tensor:
+    """Logits of clips ``idx`` (clean states unless ``version`` says otherwise)."""
+    out = []
+    for start in range(0, len(idx), 64):
+        states, lengths = pad_states([pool.clip(int(i), version) for i in idx[start : start + 64]])
+        out.append(model.forward_states(states, lengths)[1])
+    return torch.cat(out)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(1) == labels).float().mean())
+
+
+def inner_cv(
+    pool: StatePool, actors: list[int], recipe: HeadRecipe, seed: int
+) -> tuple[float, torch.Tensor, np.ndarray]:
+    """Mean accuracy of ``recipe`` over 4 leave-actors-out folds of ``actors``, with the out-of-fold logits."""
+    groups = [tuple(actors[i::4]) for i in range(4)]  # interleaved: each inner fold mixes male and female actors
+    scores, logits, indices = [], [], []
+    outer_held = tuple(a for a in range(1, 21) if a not in actors)
+    for group in groups:
+        train_idx = pool.training_indices(group + outer_held)
+        held = pool.held_indices(group)
+        model = train_head(pool, train_idx, recipe, seed)
+        fold_logits = head_logits(model, pool, held)
+        scores.append(accuracy(fold_logits, pool.labels[held]))
+        logits.append(fold_logits)
+        indices.append(held)
+    return float(np.mean(scores)), torch.cat(logits), np.concatenate(indices)
+
+
+def run_fold(pool: StatePool, fold: int, grid: dict[str, HeadRecipe], args: argparse.Namespace) -> dict[str, Any]:
+    """Nested selection, then the fold's model trained on its 16 actors + TESS and scored on its 4."""
+    held_actors = ravdess_fold_actors(fold, 5)
+    actors = [a for a in range(1, 21) if a not in held_actors]
+    start = time.perf_counter()
+    inner = {name: inner_cv(pool, actors, recipe, args.seed) for name, recipe in grid.items()}
+    for name, (score, _, _) in inner.items():
+        print(f"fold {fold} inner CV {name}: {score:.3f}", flush=True)
+    best = max(inner, key=lambda name: inner[name][0])
+    _, oof_logits, oof_idx = inner[best]
+    temperature = fit_temperature(oof_logits, pool.labels[oof_idx])
+    model = train_head(pool, pool.training_indices(held_actors), grid[best], args.seed)
+    model.head.temperature.fill_(temperature)
+    held = pool.held_indices(held_actors)
+    logits = head_logits(model, pool, held)
+    report = classification_report(pool.labels[held].numpy(), logits.argmax(1).numpy())
+    seconds = time.perf_counter() - start
+    version = f"audio-whisper-{date.today():%Y%m%d}-{weights_digest(model)}"
+    metadata = {
+        "version": version,
+        "recipe": "training/whisper_head.py",
+        "head_recipe": {"name": best, **dataclasses.asdict(grid[best])},
+        "inner_cv_accuracy": {name: round(score, 4) for name, (score, _, _) in inner.items()},
+        "selection_split": f"inner leave-actors-out CV over actors {actors} (4 folds); "
+        "the temperature on its out-of-fold logits",
+        "fold": fold,
+        "train_actors": actors,
+        "data": "RAVDESS (calm as neutral) + TESS (both speakers)",
+        "ravdess_calm_as": "neutral",
+        "temperature": round(temperature, 4),
+        "command": "python -m training.whisper_head " + " ".join(args.argv),
+        "hardware": f"{platform.machine()}, {torch.get_num_threads()} CPU threads",
+        "train_seconds": round(seconds),
+        "held_out_accuracy": round(report["accuracy"], 4),
+        "held_out_macro_f1": round(report["macro_f1"], 4),
+    }
+    model.config = dataclasses.replace(model.config, pretrained=True)
+    save_model(model, Path(args.out) / f"fold{fold}", metadata)
+    print(
+        f"fold {fold}: recipe {best}, held-out actors {held_actors} accuracy {report['accuracy']:.3f} "
+        f"macro-F1 {report['macro_f1']:.3f} ({seconds:.0f} s)",
+        flush=True,
+    )
+    return metadata
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", default="../shared/data")
+    p.add_argument("--out", default="models/weights/audio_folds", help="one fold<k> folder per fold")
+    p.add_argument("--folds", default="0,1,2,3,4", help="comma-separated outer folds to run")
+    p.add_argument("--grid", default=",".join(GRID), help=f"recipes compared by inner CV, of {sorted(GRID)}")
+    p.add_argument("--seed", type=int, default=13)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--resume", action="store_true", help="skip folds whose model is already written")
+    args = p.parse_args(argv)
+    args.argv = argv if argv is not None else __import__("sys").argv[1:]
+    torch.set_num_threads(args.threads)
+    grid = {name: GRID[name] for name in args.grid.split(",")}
+    versions = tuple(sorted({v for r in grid.values() for v in r.versions}))
+    pool = StatePool(args.data_root, versions)
+    summary = {}
+    for fold in (int(f) for f in args.folds.split(",")):
+        if args.resume and (Path(args.out) / f"fold{fold}" / "config.json").is_file():
+            summary[fold] = json.loads((Path(args.out) / f"fold{fold}" / "config.json").read_text())["metadata"]
+            continue
+        summary[fold] = run_fold(pool, fold, grid, args)
+    accs = [m["held_out_accuracy"] for m in summary.values()]
+    print(f"held-out accuracy per fold {accs}: mean {np.mean(accs):.3f} ± {np.std(accs):.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
