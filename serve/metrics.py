@@ -127,6 +127,13 @@ METRICS: tuple[MetricSpec, ...] = (
         "or 'client' when the client closed",
         ("reason",),
     ),
+    MetricSpec(
+        "emotion_ray_internals_ok",
+        "gauge",
+        "1 when this ingress replica's start-up check could read the encoders' replica counts from Ray Serve's "
+        "router (serve/replicas.py); 0 when it fell back to retries and timeouts only",
+        (),
+    ),
 )
 METRIC_NAMES: tuple[str, ...] = tuple(m.name for m in METRICS)
 SPECS: dict[str, MetricSpec] = {m.name: m for m in METRICS}

@@ -88,6 +88,17 @@ class ModelStatus(BaseModel):
     error: str | None = None
 
 
+class RayInternals(BaseModel):
+    """Whether this ingress replica can read the encoders' replica counts from Ray Serve's router."""
+
+    ok: bool = Field(
+        description="true: a dead encoder's modality is dropped at once and coalescing follows the replica "
+        "count; false: the reads did not hold for this Ray version, and the ingress relies on retries and "
+        "timeouts only"
+    )
+    detail: str | None = Field(None, description="what did not hold, per encoder (when ok is false)")
+
+
 class HealthResponse(BaseModel):
     """Answer of ``GET /api/health``."""
 
@@ -97,6 +108,11 @@ class HealthResponse(BaseModel):
         None,
         description="each model's status and version; null when a key is required and none valid was sent "
         "(then status is liveness only)",
+    )
+    ray_internals: RayInternals | None = Field(
+        None,
+        description="the ingress's start-up check of Ray Serve's router state (serve/replicas.py); null before "
+        "it ran, or when a key is required and none valid was sent",
     )
 
 

@@ -11,15 +11,14 @@ Replica failures (inference is idempotent, so a call may be repeated):
   up to :attr:`FusionService.retries` times within the modality's timeout; Serve's router has dropped the
   dead replica by then, so the retry goes to another one;
 * an encoder with no live replica is answered ``unavailable`` at once instead of after its timeout: before a
-  call and while waiting for it, the ingress reads how many replicas its handle can route to
-  (:func:`live_replicas`); where that cannot be read, a replica-death error marks the encoder down for
-  ``probe_interval_s`` (:class:`EncoderHealth`), during which calls are refused except one probe per interval.
+  call and while waiting for it, the ingress asks :class:`serve.replicas.ReplicaWatch` how many replicas its
+  handle can route to; where that cannot be read, a replica-death error marks the encoder down for
+  ``probe_interval_s`` (:class:`serve.replicas.EncoderHealth`), during which calls are refused except one probe
+  per interval.
 
-Calls are coalesced under load (:class:`CallCoalescer`): per encoder, at most ``calls_per_replica`` handle calls
-per live replica are in flight; requests that arrive meanwhile wait in the ingress and leave together as one
-``encode_many`` call carrying a list. One Ray round trip, one serialisation and one replica dispatch then serve
-a whole batch, and the encoder's ``@serve.batch`` gets its items at once. A request that finds a free slot
-leaves at once as a plain call, so a lone request waits for nothing.
+Calls go through one :class:`serve.coalesce.CallCoalescer` per encoder, made with the service: under load,
+concurrent requests leave together as one list call. HTTP routes and live streams share the service and so its
+coalescers.
 """
 
 from __future__ import annotations
@@ -27,8 +26,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
-from typing import Any, Literal, Protocol
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
@@ -37,20 +36,14 @@ from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableE
 
 from models.inference import FusionPipeline
 from models.labels import EMOTIONS, MODALITIES
+from serve.coalesce import CallCoalescer, Handle
 from serve.config import AppConfig, IngressUserConfig
 from serve.errors import EncoderError, encoder_error, is_client_error
 from serve.metrics import Metrics
+from serve.replicas import UNAVAILABLE_AFTER_S, EncoderHealth, ReplicaState, ReplicaWatch, RouterReader
 from serve.schemas import DIGITS, EncoderAnswer, HealthResponse, ModelStatus, PredictionResponse
 
 logger = logging.getLogger("ray.serve")
-
-
-class Handle(Protocol):
-    """The part of ``DeploymentHandle`` used here (tests pass fakes)."""
-
-    def remote(self, *args: Any, **kwargs: Any) -> Any: ...
-
-    def options(self, **kwargs: Any) -> Handle: ...
 
 
 class PredictionFailed(Exception):
@@ -75,12 +68,7 @@ REPLICA_GONE: tuple[type[BaseException], ...] = (
     DeploymentUnavailableError,
 )
 RETRIES = 2  # extra attempts of an encoder call whose replica died
-PROBE_INTERVAL_S = 1.0  # how long a dead encoder is skipped when its replicas cannot be counted
 WATCH_INTERVAL_S = 0.2  # how often a waiting call checks that its encoder still has a live replica
-# How long an encoder must show no live replica before its modality is answered `unavailable`: the count can read
-# zero for a moment while Serve updates its replica list (seen during a hot weight swap), which is not an outage.
-UNAVAILABLE_AFTER_S = 0.5
-ReplicaState = Literal["live", "none", "none_yet", "unknown"]
 
 
 def replica_gone(exc: BaseException) -> bool:
@@ -88,178 +76,8 @@ def replica_gone(exc: BaseException) -> bool:
     return isinstance(exc, REPLICA_GONE) or isinstance(getattr(exc, "cause", None), REPLICA_GONE)
 
 
-def live_replicas(handle: Any) -> int | None:
-    """How many replicas ``handle``'s router can send to now; ``None`` when unknown.
-
-    Reads Ray Serve 2.60's router state (``DeploymentHandle._router._asyncio_router``; a dead replica leaves
-    that set as soon as a call to it fails, and every replica the controller reports is in it). A router that
-    has never been sent a non-empty replica list counts 0: its long poll answers within milliseconds of its
-    first call, so past the caller's grace (``unavailable_after_s``) that means the deployment has had no
-    running replica since (a router is made at a handle's first call: an ingress replica whose first call
-    to an encoder comes after all its replicas died, such as the replacement of a killed ingress).
-    Private API, so anything unexpected gives ``None`` and the caller falls back to :class:`EncoderHealth`.
-    Fake handles in tests may define ``live_replicas()``.
-    """
-    own = getattr(type(handle), "live_replicas", None)
-    if callable(own):
-        return own(handle)
-    try:
-        router = handle._router._asyncio_router
-        if not router.running_replicas_populated():
-            return 0
-        request_router = router._request_router
-        if request_router is not None:
-            return len(request_router.curr_replicas)
-        return len(router._running_replicas)
-    except Exception:  # noqa: BLE001 - not a Serve handle, or Serve's internals changed
-        return None
-
-
-def replicas_seen_dying(handle: Any) -> bool:
-    """True when ``handle``'s router has no replica left because it saw them die itself.
-
-    Serve 2.60's router drops a replica on its own when a call or a queue-length probe to it fails with
-    ``ActorDiedError``, and keeps that replica's cached queue length; a replica list from the controller (a scale
-    down, a hot weight swap) replaces the cache too. So no replica and a non-empty cache means deaths, which no
-    grace period will undo. Private API: anything unexpected gives ``False`` (the grace applies). Fake handles in
-    tests may define ``replicas_seen_dying()``.
-    """
-    own = getattr(type(handle), "replicas_seen_dying", None)
-    if callable(own):
-        return bool(own(handle))
-    try:
-        request_router = handle._router._asyncio_router._request_router
-        return not request_router.curr_replicas and bool(request_router._replica_queue_len_cache._cache)
-    except Exception:  # noqa: BLE001 - not a Serve handle, no router yet, or Serve's internals changed
-        return False
-
-
-class CallCoalescer:
-    """Coalesces concurrent calls to one encoder into fewer handle calls (see the module docstring).
-
-    :meth:`submit` returns an awaitable of the encoder's answer for one payload (a task or a future, both
-    cancellable). The failure of a list call (its replica died, say) is raised to every request in it, each of
-    which then retries on its own.
-    """
-
-    def __init__(self, handle: Handle, calls_per_replica: int, max_items: int, max_calls_per_replica: int = 0) -> None:
-        self.handle = handle
-        self.calls_per_replica = max(calls_per_replica, 1)
-        self.max_items = max(max_items, 1)
-        # Beyond calls_per_replica, a call leaves only with a full list (a backlog of a whole batch), up to this
-        # many per replica: the replica's ongoing calls then exceed calls_per_replica, which is what its
-        # autoscaling target (set at calls_per_replica) sees as load to scale on.
-        self.max_calls_per_replica = max(max_calls_per_replica, self.calls_per_replica)
-        self._many: Handle | None = None
-        self._queue: list[tuple[Any, asyncio.Future[Any]]] = []
-        self._in_flight = 0
-        self._tasks: set[asyncio.Task[Any]] = set()  # list calls under way (a reference keeps them alive)
-
-    def _limit(self) -> int:
-        return self.calls_per_replica * max(live_replicas(self.handle) or 1, 1)
-
-    def _may_send(self) -> bool:
-        """A call may leave now: a slot is free, or a full list waits and the overflow cap allows one more."""
-        if not self._queue:
-            return False
-        replicas = max(live_replicas(self.handle) or 1, 1)
-        if self._in_flight < self.calls_per_replica * replicas:
-            return True
-        return len(self._queue) >= self.max_items and self._in_flight < self.max_calls_per_replica * replicas
-
-    def submit(self, payload: Any) -> Any:
-        if not self._queue and self._in_flight < self._limit():
-            response = self.handle.remote(payload)  # may raise (e.g. the router is gone): nothing counted yet
-            self._in_flight += 1
-            return asyncio.ensure_future(self._single(response))
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((payload, future))
-        if len(self._queue) >= self.max_items:
-            self._pump()
-        return future
-
-    async def _single(self, response: Any) -> Any:
-        try:
-            return await response
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        self._in_flight -= 1
-        self._pump()
-
-    def _pump(self) -> None:
-        while self._may_send():
-            batch = [(p, f) for p, f in self._queue[: self.max_items] if not f.done()]  # done: timed out waiting
-            del self._queue[: self.max_items]
-            if not batch:
-                continue
-            self._in_flight += 1
-            task = asyncio.ensure_future(self._send(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _send(self, batch: list[tuple[Any, asyncio.Future[Any]]]) -> None:
-        try:
-            if len(batch) == 1:
-                answers = [await self.handle.remote(batch[0][0])]
-            else:
-                if self._many is None:
-                    self._many = self.handle.options(method_name="encode_many")
-                answers = await self._many.remote([p for p, _ in batch])
-                if not isinstance(answers, list) or len(answers) != len(batch):
-                    raise RuntimeError(f"encode_many answered {type(answers).__name__} for {len(batch)} items")
-        except asyncio.CancelledError:
-            for _, f in batch:
-                f.cancel()
-            raise
-        except Exception as exc:  # noqa: BLE001 - passed on to every request of the call
-            for _, f in batch:
-                if not f.done():
-                    f.set_exception(exc)
-        else:
-            for (_, f), answer in zip(batch, answers, strict=True):
-                if not f.done():
-                    f.set_result(answer)
-        finally:
-            self._release()
-
-
 class EncoderUnavailable(Exception):
     """The encoder has no live replica (raised while waiting for a call)."""
-
-
-class EncoderHealth:
-    """Per-encoder short circuit, for when live replicas cannot be counted.
-
-    ``mark_down`` after a call failed for a dead replica; while down, :meth:`allow` refuses calls except one
-    probe per ``probe_interval_s``; the first success clears it.
-    """
-
-    def __init__(self, probe_interval_s: float = PROBE_INTERVAL_S, clock: Any = time.monotonic) -> None:
-        self.probe_interval_s = probe_interval_s
-        self.clock = clock
-        self._down: dict[str, float] = {}  # modality -> when its last probe (or the failure) happened
-
-    def is_down(self, modality: str) -> bool:
-        return modality in self._down
-
-    def mark_down(self, modality: str) -> None:
-        self._down[modality] = self.clock()
-
-    def mark_up(self, modality: str) -> None:
-        self._down.pop(modality, None)
-
-    def allow(self, modality: str) -> bool:
-        """True if a call may go out now (the encoder is up, or this call is the interval's probe)."""
-        since = self._down.get(modality)
-        if since is None:
-            return True
-        now = self.clock()
-        if now - since >= self.probe_interval_s:
-            self._down[modality] = now
-            return True
-        return False
 
 
 def failure_status(failed: Mapping[str, EncoderError], primary: tuple[str, ...]) -> int:
@@ -273,8 +91,15 @@ def failure_status(failed: Mapping[str, EncoderError], primary: tuple[str, ...])
     return 503
 
 
+AnswerTimer = Callable[[str, float], None]  # (modality, ms since the prediction started), per encoder call
+
+
 class FusionService:
-    """Fan-out, fusion and bookkeeping for one ingress replica."""
+    """Fan-out, fusion and bookkeeping for one ingress replica.
+
+    Built once per replica with its encoders' handles: each handle gets its :class:`CallCoalescer` here, and every
+    caller (the HTTP routes, each live stream) shares them.
+    """
 
     def __init__(
         self,
@@ -292,12 +117,22 @@ class FusionService:
         self.retries = retries
         self.encoder_health = health or EncoderHealth()
         self.watch_interval_s = watch_interval_s
-        self.unavailable_after_s = unavailable_after_s
-        self._none_live_since: dict[str, float] = {}  # modality -> when its replica count was first seen at 0
-        self._seen_dying: set[str] = set()  # modalities whose 0 replicas are deaths the router saw (no grace)
+        self.router = RouterReader(self.metrics)
+        self.replicas = ReplicaWatch(self.router, unavailable_after_s)
         self.fusion: FusionPipeline | None = None
         self._fusion_key: tuple[Any, ...] | None = None
         self._coalescers: dict[str, CallCoalescer] = {}
+        for modality, handle in self.handles.items():
+            self._coalescer(modality, handle)
+
+    @property
+    def unavailable_after_s(self) -> float:
+        """How long an encoder must show no live replica before its modality is answered ``unavailable``."""
+        return self.replicas.unavailable_after_s
+
+    @unavailable_after_s.setter
+    def unavailable_after_s(self, value: float) -> None:
+        self.replicas.unavailable_after_s = value
 
     async def load_fusion(self, user_config: dict[str, Any] | None = None) -> None:
         """Load (or hot-swap) the fusion module: built fully, then one reference assignment."""
@@ -317,16 +152,19 @@ class FusionService:
         payloads: Mapping[str, str | bytes],
         primary: tuple[str, ...] | None = None,
         prefailed: Mapping[str, EncoderError] | None = None,
+        on_answer: AnswerTimer | None = None,
     ) -> PredictionResponse:
         """Run ``{modality: payload}`` through the encoders and combine what succeeded.
 
         ``primary`` names the modalities the client asked for (a video's audio track is secondary);
-        ``prefailed`` are modalities already known to be unusable (e.g. an empty upload).
+        ``prefailed`` are modalities already known to be unusable (e.g. an empty upload); ``on_answer(modality,
+        ms)`` is called when each encoder call ends (answered, failed or timed out; after a retry, again), with
+        the milliseconds since this prediction started.
         """
         start = time.perf_counter()
         primary = primary or tuple(payloads)
         names = [m for m in MODALITIES if m in payloads]
-        answers = await asyncio.gather(*(self._call(m, payloads[m]) for m in names))
+        answers = await asyncio.gather(*(self._call(m, payloads[m], start, on_answer) for m in names))
         ok: dict[str, EncoderAnswer] = {}
         failed: dict[str, EncoderError] = dict(prefailed or {})
         for m, answer in zip(names, answers, strict=True):
@@ -346,7 +184,9 @@ class FusionService:
         self.metrics.inc("emotion_predictions_total", emotion=response.emotion, modality="fused")
         return response
 
-    async def _call(self, modality: str, payload: str | bytes) -> EncoderAnswer | dict[str, Any]:
+    async def _call(
+        self, modality: str, payload: str | bytes, start: float, on_answer: AnswerTimer | None = None
+    ) -> EncoderAnswer | dict[str, Any]:
         """One encoder call with its timeout, retried on another replica if its replica dies; never raises.
 
         Returns the validated :class:`EncoderAnswer`, or an ``{"error": ...}`` dict.
@@ -364,6 +204,7 @@ class FusionService:
             try:
                 response = self._send(modality, handle, payload)
                 answer = await self._wait(modality, handle, response, deadline - time.monotonic())
+                self.router.confirm(modality, handle)
             except TimeoutError:
                 _cancel(response)
                 return encoder_error("timeout", f"the {modality} encoder did not answer within {timeout:g} s", 504)
@@ -378,6 +219,9 @@ class FusionService:
                 if replica_gone(exc):
                     self.encoder_health.mark_down(modality)
                 return encoder_error("unavailable", f"the {modality} encoder failed: {type(exc).__name__}", 503)
+            finally:
+                if response is not None and on_answer is not None:
+                    on_answer(modality, (time.perf_counter() - start) * 1000.0)
             self.encoder_health.mark_up(modality)
             if isinstance(answer, dict) and "error" in answer:
                 return answer
@@ -389,34 +233,31 @@ class FusionService:
         self.encoder_health.mark_down(modality)
         return self._unavailable(modality, gone)
 
-    def _send(self, modality: str, handle: Handle, payload: str | bytes) -> Any:
-        """Start one encoder call: through the modality's :class:`CallCoalescer`, or plainly when it is off."""
+    def _coalescer(self, modality: str, handle: Handle) -> CallCoalescer | None:
+        """``handle``'s :class:`CallCoalescer` (``None`` when coalescing is off for the modality). Made with the
+        service; made again only when the service's own handle for the modality was replaced (tests do)."""
         enc = self.config.encoders[modality]
         if not enc.calls_per_replica:
-            return handle.remote(payload)
+            return None
         coalescer = self._coalescers.get(modality)
         if coalescer is None or coalescer.handle is not handle:
             coalescer = self._coalescers[modality] = CallCoalescer(
-                handle, enc.calls_per_replica, enc.max_batch_size, enc.max_ongoing_requests
+                handle,
+                enc.calls_per_replica,
+                enc.max_batch_size,
+                enc.max_ongoing_requests,
+                replicas=lambda: self.router.replicas(handle),
             )
-        return coalescer.submit(payload)
+        return coalescer
+
+    def _send(self, modality: str, handle: Handle, payload: str | bytes) -> Any:
+        """Start one encoder call: through the modality's :class:`CallCoalescer`, or plainly when it is off."""
+        coalescer = self._coalescer(modality, handle)
+        return handle.remote(payload) if coalescer is None else coalescer.submit(payload)
 
     def _replicas(self, modality: str, handle: Handle) -> ReplicaState:
-        """The encoder's replicas: ``live``; ``none`` (no live replica for ``unavailable_after_s``, or none because
-        they died: :func:`replicas_seen_dying`); ``none_yet`` (a count of 0 younger than that); ``unknown`` (the
-        handle cannot count them)."""
-        count = live_replicas(handle)
-        if count is None:
-            return "unknown"
-        if count > 0:
-            self._none_live_since.pop(modality, None)
-            self._seen_dying.discard(modality)
-            return "live"
-        since = self._none_live_since.setdefault(modality, time.monotonic())
-        if modality in self._seen_dying or replicas_seen_dying(handle):
-            self._seen_dying.add(modality)  # until a replica is back (the controller's next list clears the sign)
-            return "none"
-        return "none" if time.monotonic() - since >= self.unavailable_after_s else "none_yet"
+        """The encoder's replicas (:meth:`serve.replicas.ReplicaWatch.state`)."""
+        return self.replicas.state(modality, handle)
 
     @property
     def _zero_poll_s(self) -> float:
@@ -524,7 +365,7 @@ class FusionService:
             device=str(fusion.device) if fusion else None,
         )
         status = "ok" if all(s.loaded for s in models.values()) else "degraded"
-        return HealthResponse(status=status, models=models)
+        return HealthResponse(status=status, models=models, ray_internals=self.router.report())
 
     async def warm_up(self) -> HealthResponse:
         """Ask every encoder once before this replica takes traffic (bounded like :meth:`health`).
@@ -533,12 +374,18 @@ class FusionService:
         asks each replica its queue length. Without this a new ingress replica (a replacement, a scale-up)
         pays for that on its first requests, seconds on a busy machine; with it they find the routes open.
         An encoder that does not answer in time is logged, not waited for: the replica starts anyway.
+
+        Then the start-up self-check of the router reads (:meth:`serve.replicas.RouterReader.check`): the
+        handles have just been used, so each has a router to read.
         """
         health = await self.health()
-        missing = {m: s.error for m, s in (health.models or {}).items() if not s.loaded}
+        models = health.models or {}
+        missing = {m: s.error for m, s in models.items() if not s.loaded}
         if missing:
             logger.warning("ingress started without an answer from: %s", missing)
-        return health
+        answered = [m for m in self.handles if m in models and models[m].loaded]
+        internals = self.router.check(self.handles, answered)
+        return health.model_copy(update={"ray_internals": internals})
 
 
 def _cancel(response: Any) -> None:

@@ -48,7 +48,6 @@ page's own or one of ``access.cors_origins``.
 from __future__ import annotations
 
 import asyncio
-import copy
 import io
 import json
 import logging
@@ -301,58 +300,6 @@ class StreamWindow:
             )
 
 
-# ---- timing each modality of an update ------------------------------------------------------------------
-
-
-class _TimedResponse:
-    """A handle's response that notes when it answered (milliseconds since the update started)."""
-
-    def __init__(self, response: Any, modality: str, timings: dict[str, float], start: float) -> None:
-        self._response = response
-        self._modality = modality
-        self._timings = timings
-        self._start = start
-
-    def __await__(self) -> Any:
-        return self._wait().__await__()
-
-    async def _wait(self) -> Any:
-        try:
-            return await self._response
-        finally:
-            self._timings[self._modality] = (time.perf_counter() - self._start) * 1000.0
-
-    def cancel(self) -> None:
-        cancel = getattr(self._response, "cancel", None)
-        if cancel is not None:
-            cancel()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._response, name)
-
-
-class _TimedHandle:
-    def __init__(self, handle: Any, modality: str, timings: dict[str, float], start: float) -> None:
-        self._handle = handle
-        self._args = (modality, timings, start)
-
-    def remote(self, *args: Any, **kwargs: Any) -> _TimedResponse:
-        return _TimedResponse(self._handle.remote(*args, **kwargs), *self._args)
-
-    def options(self, **kwargs: Any) -> _TimedHandle:
-        return _TimedHandle(self._handle.options(**kwargs), *self._args)
-
-    def live_replicas(self) -> int | None:
-        """What :func:`serve.service.live_replicas` reads of the wrapped handle (the service skips dead encoders)."""
-        from serve import service
-
-        count = getattr(service, "live_replicas", None)
-        return count(self._handle) if callable(count) else None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._handle, name)
-
-
 # ---- one connection --------------------------------------------------------------------------------------
 
 
@@ -446,14 +393,13 @@ class StreamSession:
     async def predict(self, snapshot: Snapshot) -> dict[str, Any]:
         """The update message for one window (a prediction, or an error saying why there is none)."""
         start = time.perf_counter()
-        timings: dict[str, float] = {}
-        # The ingress's service as it is now (its fusion, config, metrics), with handles that time each answer.
-        view = copy.copy(self.service)
-        view.handles = {m: _TimedHandle(h, m, timings, start) for m, h in self.service.handles.items()}
+        timings: dict[str, float] = {}  # modality -> ms from the update's start to its encoder's answer
         self.seq += 1
         body: dict[str, Any]
         try:
-            response = await view.predict(snapshot.payloads, primary=tuple(snapshot.payloads))
+            response = await self.service.predict(
+                snapshot.payloads, primary=tuple(snapshot.payloads), on_answer=timings.__setitem__
+            )
             body = {"type": "update", **response.model_dump(mode="json", exclude_none=True)}
         except PredictionFailed as exc:
             body = {"type": "error", "status": exc.status, "detail": exc.detail}

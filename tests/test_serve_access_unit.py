@@ -161,7 +161,7 @@ def test_health_without_a_key_is_liveness_only() -> None:
     h = Harness(KEYS_ON)
     anonymous = h.request("GET", "/api/health")
     assert anonymous.status_code == 200
-    assert anonymous.json() == {"status": "ok", "api_key_required": True, "models": None}
+    assert anonymous.json() == {"status": "ok", "api_key_required": True, "models": None, "ray_internals": None}
     assert "-test" not in anonymous.text  # the fake encoders' versions are "<modality>-test"
     wrong = h.request("GET", "/api/health", headers=bearer("not-a-valid-key-at-all"))
     assert wrong.json()["models"] is None

@@ -102,10 +102,11 @@ def test_build_app_binds_the_graph() -> None:
 
 
 def test_metric_list() -> None:
-    assert len(METRIC_NAMES) == len(set(METRIC_NAMES)) == 13
+    assert len(METRIC_NAMES) == len(set(METRIC_NAMES)) == 14
     assert all(n.startswith(PREFIX) for n in METRIC_NAMES)
     kinds = {m.name: m.kind for m in METRICS}
     assert kinds["emotion_requests_total"] == "counter"
+    assert kinds["emotion_ray_internals_ok"] == "gauge"
     assert kinds["emotion_encoder_latency_ms"] == "histogram"
     assert all(m.boundaries for m in METRICS if m.kind == "histogram")
 

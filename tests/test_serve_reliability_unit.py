@@ -2,7 +2,7 @@
 
 Encoders are fake handles (see ``tests/test_serve_api_unit.py``); a "dead replica" is a handle that raises Ray's
 ``ActorDiedError``, and "no live replica" a handle whose ``live_replicas()`` says 0 (what
-:func:`serve.service.live_replicas` reads from a real handle's router).
+:func:`serve.replicas.read_replicas` reads from a real handle's router).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from ray.exceptions import ActorDiedError
 
 from models.labels import MODALITIES
 from serve.config import AppConfig
-from serve.service import EncoderHealth, live_replicas, replica_gone, replicas_seen_dying
+from serve.replicas import EncoderHealth, RouterReader
+from serve.service import replica_gone
 from tests.test_serve_api_unit import FACE, SPEECH, FakeHandle, Harness, answer, make
 
 
@@ -155,18 +156,21 @@ def test_marked_down_encoder_is_skipped_until_a_probe_succeeds() -> None:
     assert h.request("POST", "/api/predict", json={"text": "d"}).status_code == 200 and calls[-1] == "d"
 
 
-def test_replica_gone_and_live_replicas_helpers() -> None:
+def test_replica_gone_and_router_reads_on_the_2_60_layout() -> None:
+    """The branches of the router reads, on stand-ins of the layout (tests/test_serve_replicas.py reads a real
+    router)."""
     assert replica_gone(ActorDiedError()) and not replica_gone(RuntimeError("x"))
 
     class Wrapped(Exception):
         cause = ActorDiedError()
 
     assert replica_gone(Wrapped())
-    assert live_replicas(object()) is None  # not a Serve handle: unknown
-    assert live_replicas(Counted("text")) == 1
+    reader = RouterReader()
+    assert reader.replicas(object()) is None  # not a Serve handle: unknown
+    assert reader.replicas(Counted("text")) == 1
 
     def serve_handle(populated: bool, replicas: list[str]) -> SimpleNamespace:
-        """The parts of a Ray Serve 2.60 ``DeploymentHandle`` that :func:`live_replicas` reads."""
+        """The parts of a Ray Serve 2.60 ``DeploymentHandle`` that :func:`read_replicas` reads."""
         router = SimpleNamespace(
             running_replicas_populated=lambda: populated,
             _request_router=SimpleNamespace(curr_replicas=replicas),
@@ -174,12 +178,14 @@ def test_replica_gone_and_live_replicas_helpers() -> None:
         )
         return SimpleNamespace(_router=SimpleNamespace(_asyncio_router=router))
 
-    assert live_replicas(serve_handle(True, ["r1", "r2"])) == 2
-    assert live_replicas(serve_handle(True, [])) == 0  # every replica it knew has died
+    assert reader.replicas(serve_handle(True, ["r1", "r2"])) == 2
+    assert reader.replicas(serve_handle(True, [])) == 0  # every replica it knew has died
     # never sent a replica (this ingress replica started after the encoder's last one died): none to call,
     # not "unknown", or the call would wait in Serve's router for a replacement instead of being dropped
-    assert live_replicas(serve_handle(False, [])) == 0
-    assert live_replicas(SimpleNamespace(_router=None)) is None  # no call made yet: no router to read
+    assert reader.replicas(serve_handle(False, [])) == 0
+    assert reader.replicas(SimpleNamespace(_router=None)) is None  # no call made yet: no router to read
+    reader.enabled = False  # the start-up check failed: nothing is read any more
+    assert reader.replicas(serve_handle(True, ["r1", "r2"])) is None and reader.replicas(Counted("text")) is None
 
 
 # ---- 413 on a real socket --------------------------------------------------------------------------------------
@@ -327,18 +333,21 @@ def test_zero_replicas_after_a_death_this_call_saw_is_answered_at_once() -> None
 
 def test_replicas_seen_dying_reads_the_routers_own_drops() -> None:
     def serve_handle(replicas: list[str], cached: dict[str, int]) -> SimpleNamespace:
-        """The parts of a Ray Serve 2.60 ``DeploymentHandle`` that :func:`replicas_seen_dying` reads."""
+        """The parts of a Ray Serve 2.60 ``DeploymentHandle`` that :func:`read_seen_dying` reads."""
         request_router = SimpleNamespace(
             curr_replicas=replicas, _replica_queue_len_cache=SimpleNamespace(_cache=cached)
         )
         return SimpleNamespace(_router=SimpleNamespace(_asyncio_router=SimpleNamespace(_request_router=request_router)))
 
+    reader = RouterReader()
     # the router dropped both replicas after ActorDiedError and still caches their queue lengths
-    assert replicas_seen_dying(serve_handle([], {"r1": 0, "r2": 1}))
+    assert reader.seen_dying(serve_handle([], {"r1": 0, "r2": 1}))
     # the controller's list emptied it (a hot swap, a scale down): the cache went with it
-    assert not replicas_seen_dying(serve_handle([], {}))
-    assert not replicas_seen_dying(serve_handle(["r2"], {"r1": 0, "r2": 1}))  # one left: live
-    assert not replicas_seen_dying(object()) and not replicas_seen_dying(SimpleNamespace(_router=None))
+    assert not reader.seen_dying(serve_handle([], {}))
+    assert not reader.seen_dying(serve_handle(["r2"], {"r1": 0, "r2": 1}))  # one left: live
+    assert not reader.seen_dying(object()) and not reader.seen_dying(SimpleNamespace(_router=None))
+    reader.enabled = False
+    assert not reader.seen_dying(serve_handle([], {"r1": 0, "r2": 1}))
 
 
 class SeenDying(Counted):
@@ -363,7 +372,7 @@ def test_no_replica_because_the_router_saw_them_die_is_answered_without_the_grac
     assert handles["video"].payloads == []  # no call was made
     handles["video"].replicas = 1  # a replacement is live: the next outage is judged afresh
     assert h.request("POST", "/predict/video", files={"file": ("face.mp4", FACE, "video/mp4")}).status_code == 200
-    assert "video" not in h.service._seen_dying
+    assert "video" not in h.service.replicas.seen_dying
 
 
 class Reconfiguring(Counted):
@@ -397,4 +406,4 @@ def test_no_replica_for_longer_is_unavailable_and_then_answered_at_once() -> Non
     assert h.handles["text"].payloads == []  # neither request made a call
     h.handles["text"].replicas = 1
     assert h.request("POST", "/api/predict", json={"text": "hello"}).status_code == 200
-    assert "text" not in h.service._none_live_since  # back: the next outage waits again
+    assert "text" not in h.service.replicas.none_live_since  # back: the next outage waits again

@@ -40,6 +40,7 @@ STREAM_OPEN = "ray_emotion_stream_open"
 STREAM_UPDATES = "ray_emotion_stream_updates_total"
 STREAM_LATENCY = "ray_emotion_stream_update_latency_ms"
 STREAM_CLOSES = "ray_emotion_stream_closes_total"
+RAY_INTERNALS_OK = "ray_emotion_ray_internals_ok"
 
 
 def _target(expr: str, legend: str, ref: str = "A", instant: bool = False) -> dict[str, Any]:
@@ -395,7 +396,22 @@ def panels() -> list[dict[str, Any]]:
             "Proxy HTTP latency (p50/p95/p99)",
             _quantiles("ray_serve_http_request_latency_ms", "route", "{{route}}"),
             unit="ms",
-            width=24,
+            width=16,
+        ),
+        _panel(
+            "Ingress replicas reading Serve's router state",
+            [
+                _target(f"sum({RAY_INTERNALS_OK}{{{APP}}})", "router reads on", "A"),
+                _target(
+                    f"count({RAY_INTERNALS_OK}{{{APP}}}) - sum({RAY_INTERNALS_OK}{{{APP}}})",
+                    "fallback: retries and timeouts only",
+                    "B",
+                ),
+            ],
+            width=8,
+            description="The ingress's start-up check of Ray Serve's private router state (serve/replicas.py). "
+            "A replica in fallback drops a dead encoder's modality after its timeout, not at once: update "
+            "serve/replicas.py for the installed Ray.",
         ),
     ]
 
