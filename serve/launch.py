@@ -27,41 +27,85 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "deploy" / "serve_config.yaml"
 
-# The Ray-instance-wide switches of the shipped setup. Measured in reports/bench.md ("Levers").
-FAST_INGRESS_ENV: dict[str, str] = {
+# Every Ray Serve environment switch this project sets, listed once: the variable, its value, the constant of the
+# installed Ray that reads it (tests/test_serve_replicas.py checks each is still read there, so a rename in a Ray
+# upgrade fails CI), and where it goes. Measured in reports/bench.md ("Levers").
+SwitchScope = Literal["haproxy", "plain_proxy", "replica"]
+RAY_CONSTANTS = "ray.serve._private.constants"
+
+
+@dataclass(frozen=True)
+class RaySwitch:
+    """One Ray Serve environment variable: ``scope`` ``haproxy`` (:data:`FAST_INGRESS_ENV`), ``plain_proxy``
+    (:data:`PLAIN_PROXY_ENV`) or ``replica`` (the ``runtime_env`` of ``deploy/serve_config*.yaml``)."""
+
+    env: str
+    value: str
+    constant: str  # the name under which `module` reads `env`
+    scope: SwitchScope
+    module: str = RAY_CONSTANTS
+
+
+RAY_SWITCHES: tuple[RaySwitch, ...] = (
     # HAProxy in front, HTTP straight into the ingress replica (implies direct ingress).
-    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    RaySwitch("RAY_SERVE_ENABLE_HA_PROXY", "1", "RAY_SERVE_ENABLE_HA_PROXY", "haproxy"),
     # Direct ingress keeps a stopping ingress replica open this long so external load balancers can
     # deregister it (default 30 s, which made Ctrl-C of `serve run` take 35+ s). On one node HAProxy is
     # reconfigured by the controller itself within a second.
-    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+    RaySwitch(
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S",
+        "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S",
+        "haproxy",
+    ),
     # Serve's throughput bundle: gRPC instead of Ray actor calls between deployments, buffered request logs,
     # no replica logs on stderr, the GC frozen after start-up, one event loop per replica.
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    RaySwitch("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED", "haproxy"),
     # The controller's loop ran 10 times a second (~2-5 % of a core on this machine, a cost per request at
     # video rates); twice a second still reacts to a dead replica or an autoscaling decision well within 1 s.
-    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+    RaySwitch("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5", "CONTROL_LOOP_INTERVAL_S", "haproxy"),
     # A request in flight on an ingress replica that dies gets no answer; HAProxy replays it on another replica
     # (Ray's default retries only a failed connect). Safe here: every endpoint is a stateless prediction.
-    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response",
+    RaySwitch(
+        "RAY_SERVE_HAPROXY_RETRY_ON",
+        "conn-failure empty-response junk-response",
+        "RAY_SERVE_HAPROXY_RETRY_ON",
+        "haproxy",
+    ),
     # Up to three replays. HAProxy balances by least connections, so a dead replica (none open) is picked again
     # until three errors in a row mark it down: the third replay at the latest goes to a live one.
-    "RAY_SERVE_HAPROXY_RETRIES": "3",
+    RaySwitch("RAY_SERVE_HAPROXY_RETRIES", "3", "RAY_SERVE_HAPROXY_RETRIES", "haproxy"),
     # HAProxy can replay only a request it still holds whole: 256 KiB covers the text and JSON requests and
     # a short WAV (Ray's default buffer is 16 KiB). Larger uploads stream through and are not replayed.
-    "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": "262144",
-}
+    RaySwitch("RAY_SERVE_HAPROXY_TUNE_BUFSIZE", "262144", "RAY_SERVE_HAPROXY_TUNE_BUFSIZE", "haproxy"),
+    # With Ray Serve's Python proxy (`--plain-proxy`): the proxy sends a request again when the ingress replica that
+    # had it died, instead of answering 500 (serve/proxy_replay.py). No request is lost to one ingress replica's
+    # death, which HAProxy cannot promise (docs/architecture.md, "An ingress death"); the proxy costs more CPU.
+    RaySwitch(
+        "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH",
+        "serve.proxy_replay:middlewares",
+        "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH",
+        "plain_proxy",
+    ),
+    # In the Serve config files' runtime_env (they reach only the replicas): each replica handles requests, runs
+    # the application's code and routes handle calls on one asyncio loop instead of three threads.
+    RaySwitch(
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "replica"
+    ),
+    RaySwitch("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", "replica"),
+)
 
-
-# With Ray Serve's Python proxy (`--plain-proxy`): the proxy sends a request again when the ingress replica that had
-# it died, instead of answering 500 (serve/proxy_replay.py). No request is lost to one ingress replica's death,
-# which HAProxy cannot promise (docs/architecture.md, "An ingress death"); the proxy costs more CPU per request.
-PLAIN_PROXY_ENV: dict[str, str] = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "serve.proxy_replay:middlewares"}
+# The Ray-instance-wide switches of the shipped setup (HAProxy in front).
+FAST_INGRESS_ENV: dict[str, str] = {s.env: s.value for s in RAY_SWITCHES if s.scope == "haproxy"}
+# With Ray Serve's Python proxy instead (`--plain-proxy`).
+PLAIN_PROXY_ENV: dict[str, str] = {s.env: s.value for s in RAY_SWITCHES if s.scope == "plain_proxy"}
 
 
 def launch_env(plain_proxy: bool = False, base: dict[str, str] | None = None) -> dict[str, str]:
