@@ -8,7 +8,8 @@
 - :func:`whisper_encoder_state` reads the encoder's tensors out of ``model.bin`` (CTranslate2's plain
   binary layout: names, shapes, dtypes, raw bytes) and renames them onto :class:`WhisperEncoderBackbone`.
 - :func:`whisper_model_folder` writes the joined folder once into a cache outside git, for
-  ``faster_whisper.WhisperModel`` (the transcriber).
+  ``faster_whisper.WhisperModel`` (the transcriber, :mod:`models.transcribe`); the encoder's tensors are read from
+  that same ``model.bin`` (:func:`assembled_model_bin`), so one reassembly serves both.
 - :class:`WhisperEncoderBackbone` runs the encoder on the frames present (the positional embedding is
   sliced, not every clip padded to 30 s) and returns every layer's hidden states.
 - :class:`WhisperLogMel` is Whisper's 80-bin log-mel front end, built on torchaudio.
@@ -163,7 +164,22 @@ def _encoder_state_from(variables: dict[str, np.ndarray], layers: int) -> dict[s
 @lru_cache(maxsize=1)
 def whisper_encoder_state() -> dict[str, torch.Tensor]:
     """Whisper-base's encoder weights (float32) from the installed packages, keyed for the backbone."""
-    return _encoder_state_from(ct2_variables(read_model_bin(), "encoder/"), BASE_CONFIG.encoder_layers)
+    return _encoder_state_from(ct2_variables(assembled_model_bin(), "encoder/"), BASE_CONFIG.encoder_layers)
+
+
+def assembled_model_bin() -> bytes:
+    """The ``model.bin`` of :func:`whisper_model_folder` (the one the transcriber loads), checked against the pin.
+
+    Where the cache folder cannot be written (a read-only home), the packages are joined in memory instead.
+    """
+    try:
+        data = (whisper_model_folder() / "model.bin").read_bytes()
+    except OSError:
+        return read_model_bin()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != MODEL_BIN_SHA256:
+        raise WhisperPackageError(f"cached Whisper model.bin has sha256 {digest}, expected {MODEL_BIN_SHA256}")
+    return data
 
 
 def default_cache_dir() -> Path:
@@ -180,11 +196,13 @@ def whisper_model_folder(cache_dir: str | Path | None = None) -> Path:
     part1, _ = package_dirs()
     data = read_model_bin()
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f"model.bin.tmp{os.getpid()}"
-    tmp.write_bytes(data)
-    tmp.replace(folder / "model.bin")
-    for name in FOLDER_FILES:
-        (folder / name).write_bytes((part1 / name).read_bytes())
+    # Every file is written aside and renamed into place: replicas starting together (the speech encoder and the
+    # transcriber) may assemble at once, and none may read a half-written file.
+    files = {"model.bin": data, **{name: (part1 / name).read_bytes() for name in FOLDER_FILES}}
+    for name, content in files.items():
+        tmp = folder / f"{name}.tmp{os.getpid()}"
+        tmp.write_bytes(content)
+        tmp.replace(folder / name)
     marker.write_text(MODEL_BIN_SHA256 + "\n")
     return folder
 
