@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import FastAPI, File, Form, HTTPException, Request, Security, UploadFile, WebSocket
+from fastapi import FastAPI, File, Form, HTTPException, Query, Request, Security, UploadFile, WebSocket
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models.labels import MODALITIES
 from serve.access import API_KEY_HEADER, BEARER, AccessControl, AccessMiddleware, Client, route_path
-from serve.config import AppConfig
+from serve.config import TRANSCRIBE_MODES, AppConfig, TranscribeMode
 from serve.errors import EncoderError
 from serve.metrics import Metrics
 from serve.schemas import ERROR_RESPONSES, HealthResponse, PredictionResponse, TextRequest
@@ -34,6 +34,13 @@ UPLOAD_PATHS = ("/predict", "/predict/audio", "/predict/video")  # multipart: wh
 PREDICT_PATHS = ("/api/predict", *UPLOAD_PATHS)  # what API keys and per-client limits guard
 SNIFF_BYTES = 512
 NON_EMPTY = {"minLength": 1}  # an uploaded file must have content (an empty one is answered 400)
+TRANSCRIBE_HELP = (
+    "off: no transcript; return: the words of the audio in `transcript`; fuse: also fused as the text modality "
+    "when the request has no text. A form field wins over the query parameter; default: the deployment's "
+    "transcriber.default_mode (return)"
+)
+TranscribeField = Annotated[TranscribeMode | None, Form(description=TRANSCRIBE_HELP)]
+TranscribeQuery = Annotated[TranscribeMode | None, Query(alias="transcribe", description=TRANSCRIBE_HELP)]
 
 
 class RequestMetricsMiddleware:
@@ -122,6 +129,11 @@ async def _read_upload(upload: UploadFile | None, field: str) -> bytes | None:
     return data
 
 
+def _transcribe_mode(field: TranscribeMode | None, query: TranscribeMode | None, config: AppConfig) -> TranscribeMode:
+    """The ``transcribe`` option: the form field, else the query parameter, else the deployment's default."""
+    return field or query or config.transcriber.default_mode
+
+
 def _split(uploads: dict[str, bytes]) -> tuple[dict[str, bytes], dict[str, EncoderError]]:
     """Separate empty uploads (known failures) from real payloads."""
     payloads = {m: d for m, d in uploads.items() if d}
@@ -198,24 +210,31 @@ def create_app(
             UploadFile,
             File(description="any ffmpeg-readable audio, or a video (its audio track)", json_schema_extra=NON_EMPTY),
         ],
+        transcribe: TranscribeField = None,
+        transcribe_query: TranscribeQuery = None,
     ) -> PredictionResponse:
-        """Emotion of speech."""
+        """Emotion of speech, and its words (``transcribe``)."""
+        mode = _transcribe_mode(transcribe, transcribe_query, config)
         data = await _read_upload(file, "audio") or b""
         payloads, empty = _split({"audio": data})
-        return await service.predict(payloads, primary=("audio",), prefailed=empty)
+        return await service.predict(payloads, primary=("audio",), prefailed=empty, transcribe=mode)
 
     @predict_route("/predict/video")
     async def predict_video(
         file: Annotated[
             UploadFile, File(description="a video, or a still image (a 1-frame video)", json_schema_extra=NON_EMPTY)
         ],
+        transcribe: TranscribeField = None,
+        transcribe_query: TranscribeQuery = None,
     ) -> PredictionResponse:
-        """Emotion of a face video; its audio track, if usable, is used too (else listed in ``dropped``)."""
+        """Emotion of a face video; its audio track, if usable, is used too (else listed in ``dropped``), and its
+        words are transcribed (``transcribe``)."""
+        mode = _transcribe_mode(transcribe, transcribe_query, config)
         data = await _read_upload(file, "video") or b""
         payloads, empty = _split({"video": data})
         if payloads:
             payloads["audio"] = data
-        return await service.predict(payloads, primary=("video",), prefailed=empty)
+        return await service.predict(payloads, primary=("video",), prefailed=empty, transcribe=mode)
 
     @predict_route("/predict")
     async def predict(
@@ -225,8 +244,11 @@ def create_app(
             UploadFile | None,
             File(description="face video or image; its audio track is used when no separate audio is given"),
         ] = None,
+        transcribe: TranscribeField = None,
+        transcribe_query: TranscribeQuery = None,
     ) -> PredictionResponse:
-        """Fused emotion of any non-empty subset of text, audio and video."""
+        """Fused emotion of any non-empty subset of text, audio and video; the audio's words (``transcribe``)."""
+        mode = _transcribe_mode(transcribe, transcribe_query, config)
         uploads = {
             m: d
             for m, d in (("audio", await _read_upload(audio, "audio")), ("video", await _read_upload(video, "video")))
@@ -242,7 +264,7 @@ def create_app(
             payloads["text"] = _clean_text(text or "", config)
         if "video" in payloads and "audio" not in uploads:
             payloads["audio"] = payloads["video"]  # the video's own audio track
-        return await service.predict(payloads, primary=primary, prefailed=empty)
+        return await service.predict(payloads, primary=primary, prefailed=empty, transcribe=mode)
 
     streams = StreamManager(service, config, access)
 
@@ -263,7 +285,8 @@ def _describe_fused_form(app: FastAPI) -> None:
     FastAPI writes each optional field as ``anyOf: [value, null]``, but a multipart form has no null (a fuzzer
     sends the text "null"), and it cannot say "at least one modality". Written here: files are binary (possibly
     empty: an HTML form sends an empty part for a file input left blank; an empty file is listed in ``dropped``),
-    text is a string, and the form needs a file or a text with a non-blank character.
+    text is a string, and the form needs a file or a text with a non-blank character. The ``transcribe`` option of
+    the media routes, a form field or a query parameter, is one of its strings (never null) too.
     """
     build = app.openapi
 
@@ -289,7 +312,22 @@ def _describe_fused_form(app: FastAPI) -> None:
             operation = spec.get("paths", {}).get("/predict", {}).get("post")
             if operation is not None and "requestBody" in operation:
                 operation["requestBody"]["required"] = True  # no body at all names no modality either
+            _transcribe_is_a_string(spec)
             app.openapi_schema = spec
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _transcribe_is_a_string(spec: dict[str, Any]) -> None:
+    """Write every ``transcribe`` option (form field or query parameter) as one of its strings, not ``anyOf`` null."""
+    mode = {"type": "string", "enum": list(TRANSCRIBE_MODES), "description": TRANSCRIBE_HELP}
+    for path in ("/predict", "/predict/audio", "/predict/video"):
+        operation = spec.get("paths", {}).get(path, {}).get("post", {})
+        for param in operation.get("parameters", []):
+            if param.get("name") == "transcribe":
+                param["schema"] = {**mode, "title": "Transcribe"}
+        ref = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data", {}).get("schema", {})
+        body = spec.get("components", {}).get("schemas", {}).get(str(ref.get("$ref", "")).rsplit("/", 1)[-1])
+        if body is not None and "transcribe" in body.get("properties", {}):
+            body["properties"]["transcribe"] = {**mode, "title": "Transcribe"}

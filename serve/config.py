@@ -23,8 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from models.common import Precision
 from models.labels import MODALITIES
 from models.media import DecodeLimits
+from models.transcribe import ComputeType, TranscriberSettings
 
 Device = Literal["auto", "cpu", "cuda"]
+TranscribeMode = Literal["off", "return", "fuse"]
+TRANSCRIBE_MODES: tuple[str, ...] = ("off", "return", "fuse")
 
 
 class _Strict(BaseModel):
@@ -210,6 +213,40 @@ class StreamConfig(_Strict):
     )
 
 
+class TranscriberConfig(_Strict):
+    """The ``Transcriber`` deployment (Whisper-base on faster-whisper) and the ingress's calls to it."""
+
+    default_mode: TranscribeMode = Field(
+        "return",
+        description="what a request without a `transcribe` option gets: off (no transcript), return (the words "
+        "in the answer) or fuse (also the text modality when the request has no text)",
+    )
+    timeout_s: float = Field(30.0, gt=0, description="the ingress drops the transcript after this (never the emotion)")
+    max_ongoing_requests: int = Field(4, ge=1, description="Serve's per-replica concurrency cap")
+    workers: int = Field(1, ge=1, description="transcriptions run at once per replica (CTranslate2 workers)")
+    cpu_threads: int = Field(1, ge=1, description="CTranslate2 threads per transcription on CPU")
+    prepare_threads: int = Field(2, ge=1, description="threads decoding uploads in parallel per replica")
+    device: Device = "auto"
+    compute_type: ComputeType = Field("auto", description="auto = int8 on CPU, float16 on a GPU")
+    beam_size: int = Field(1, ge=1, le=10, description="1: greedy decoding")
+    vad_min_s: float = Field(
+        10.0, ge=0, description="inputs at least this long go through the VAD filter (non-speech removed)"
+    )
+    language: str | None = Field(None, description="a Whisper language code; None: detected per input")
+
+    def settings(self) -> TranscriberSettings:
+        """The :class:`models.transcribe.TranscriberSettings` of these keys."""
+        return TranscriberSettings(
+            device=self.device,
+            compute_type=self.compute_type,
+            cpu_threads=self.cpu_threads,
+            workers=self.workers,
+            beam_size=self.beam_size,
+            vad_min_s=self.vad_min_s,
+            language=self.language,
+        )
+
+
 class AppConfig(_Strict):
     """Everything the application builder reads."""
 
@@ -218,6 +255,7 @@ class AppConfig(_Strict):
     encoders: EncodersConfig = Field(default_factory=EncodersConfig)
     access: AccessConfig = Field(default_factory=AccessConfig)
     stream: StreamConfig = Field(default_factory=StreamConfig)
+    transcriber: TranscriberConfig = Field(default_factory=TranscriberConfig)
     ingress_torch_threads: int = Field(1, ge=1)
     health_timeout_s: float = Field(
         5.0, gt=0, description="how long /api/health, and a starting ingress replica, wait for each encoder"
@@ -240,6 +278,10 @@ class AppConfig(_Strict):
             "max_batch_size": enc.max_batch_size,
             "batch_wait_timeout_s": enc.batch_wait_timeout_s,
         }
+
+    def transcriber_user_config(self) -> dict[str, Any]:
+        """The ``user_config`` of the transcriber: a new ``models.revision`` reloads its model in place."""
+        return {"revision": self.models.revision}
 
     def ingress_user_config(self) -> dict[str, Any]:
         """The ``user_config`` of the fusion ingress (hot-swappable fusion weights)."""

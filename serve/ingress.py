@@ -22,7 +22,8 @@ from serve.service import FusionService
 @serve.deployment(name="FusionIngress")
 @serve.ingress()
 class FusionIngress:
-    """Fans requests out to ``TextEncoder``/``AudioEncoder``/``VideoEncoder`` and fuses their embeddings."""
+    """Fans requests out to ``TextEncoder``/``AudioEncoder``/``VideoEncoder`` (and the ``Transcriber``) and fuses
+    their embeddings."""
 
     def __init__(
         self,
@@ -30,10 +31,13 @@ class FusionIngress:
         audio: DeploymentHandle,
         video: DeploymentHandle,
         config: dict[str, Any] | None = None,
+        transcriber: DeploymentHandle | None = None,
     ) -> None:
         self.config = AppConfig.from_args(config)
         torch.set_num_threads(self.config.ingress_torch_threads)
-        self.service = FusionService({"text": text, "audio": audio, "video": video}, self.config)
+        self.service = FusionService(
+            {"text": text, "audio": audio, "video": video}, self.config, transcriber=transcriber
+        )
 
     async def reconfigure(self, user_config: dict[str, Any] | None) -> None:
         """Load or hot-swap the fusion weights (``{"fusion_weights": dir, "revision": ...}``)."""

@@ -38,6 +38,7 @@ LATENCY_BOUNDARIES_MS: tuple[float, ...] = (
     30000,
 )
 BATCH_BOUNDARIES: tuple[float, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+RTF_BOUNDARIES: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1, 1.5, 2, 3, 5, 10)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,21 @@ METRICS: tuple[MetricSpec, ...] = (
     ),
     MetricSpec(
         "emotion_encoder_batch_size", "histogram", "Size of each batched forward", ("modality",), BATCH_BOUNDARIES
+    ),
+    MetricSpec(
+        "emotion_transcribe_latency_ms",
+        "histogram",
+        "End-to-end time of one transcript inside the Transcriber: decode and transcription (ms)",
+        (),
+        LATENCY_BOUNDARIES_MS,
+    ),
+    MetricSpec(
+        "emotion_transcribe_rtf",
+        "histogram",
+        "Real-time factor of one transcript: transcription time over the audio's duration (below 1: faster "
+        "than real time)",
+        (),
+        RTF_BOUNDARIES,
     ),
     MetricSpec(
         "emotion_requests_total", "counter", "HTTP requests by endpoint and status code", ("endpoint", "status")

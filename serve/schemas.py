@@ -45,6 +45,9 @@ class ModalityResult(BaseModel):
     duration_s: float | None = Field(None, description="audio: seconds decoded")
     frames: int | None = Field(None, description="video: frames used (uniformly sampled)")
     face_detected: bool | None = Field(None, description="video: whether any frame had a detected face")
+    source: Literal["transcript"] | None = Field(
+        None, description="text: 'transcript' when the text is the audio's transcript (transcribe=fuse)"
+    )
 
 
 class EncoderAnswer(ModalityResult):
@@ -64,6 +67,35 @@ class EncoderAnswer(ModalityResult):
         return ModalityResult.model_construct(**self.model_dump(exclude={"modality", "embedding"}, exclude_none=True))
 
 
+class TranscriptSegment(BaseModel):
+    """One stretch of speech in the transcript."""
+
+    start: float = Field(description="seconds from the start of the audio")
+    end: float = Field(description="seconds from the start of the audio")
+    text: str
+
+
+class Transcript(BaseModel):
+    """The words spoken in the request's audio (or its video's audio track), from the ``Transcriber``."""
+
+    text: str = Field(description="the segments' text joined; empty when no speech was found")
+    language: str = Field(description="Whisper's language code, detected unless the deployment fixes it")
+    language_probability: float
+    segments: list[TranscriptSegment]
+    duration_s: float = Field(description="seconds of audio transcribed")
+    fused: bool = Field(False, description="true when the text was fused as the text modality (transcribe=fuse)")
+    latency_ms: float = Field(description="end-to-end time inside the Transcriber replica: decode and transcription")
+    model_ms: float = Field(description="transcription time (Whisper's encoder and decoding)")
+    real_time_factor: float = Field(description="model_ms over the audio's duration (0.1: 10x faster than real time)")
+    model_version: str
+
+
+class TranscriptAnswer(Transcript):
+    """What a ``Transcriber`` replica answers (validated once in the ingress)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 class PredictionResponse(BaseModel):
     """Answer of every prediction endpoint."""
 
@@ -74,9 +106,15 @@ class PredictionResponse(BaseModel):
         description="weight of each modality used, summing to 1 (one modality: its own answer, weight 1)"
     )
     modalities: dict[Modality, ModalityResult]
-    dropped: dict[Modality, str] = Field(description="modalities that failed or timed out, with the reason")
+    dropped: dict[Modality | Literal["transcript"], str] = Field(
+        description="modalities that failed or timed out, with the reason; 'transcript' when a transcript was "
+        "asked for and none came"
+    )
     model_version: str = Field(description="versions of the encoders used (and of fusion when used), joined by '+'")
     latency_ms: float = Field(description="time spent in the ingress for this request")
+    transcript: Transcript | None = Field(
+        None, description="the words of the audio, unless transcribe=off or the request had no audio"
+    )
 
 
 class ModelStatus(BaseModel):

@@ -19,6 +19,13 @@ Replica failures (inference is idempotent, so a call may be repeated):
 Calls go through one :class:`serve.coalesce.CallCoalescer` per encoder, made with the service: under load,
 concurrent requests leave together as one list call. HTTP routes and live streams share the service and so its
 coalescers.
+
+Transcripts (``transcribe`` ``return`` or ``fuse``): the audio payload also goes to the ``Transcriber``, in the same
+fan-out as the encoders, with its own timeout (``transcriber.timeout_s``) and the same replica-death handling. A
+transcript that fails or times out is listed in ``dropped`` as ``transcript`` (not when the audio itself was
+unusable: ``dropped["audio"]`` says why); it never fails the answer. With ``fuse`` and no text in the request, the
+transcript's words go to the ``TextEncoder`` as soon as they arrive and are fused as the text modality
+(``modalities.text.source`` is ``transcript``). A service made without a transcriber answers without transcripts.
 """
 
 from __future__ import annotations
@@ -37,11 +44,19 @@ from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableE
 from models.inference import FusionPipeline
 from models.labels import EMOTIONS, MODALITIES
 from serve.coalesce import CallCoalescer, Handle
-from serve.config import AppConfig, IngressUserConfig
+from serve.config import AppConfig, IngressUserConfig, TranscribeMode
 from serve.errors import EncoderError, encoder_error, is_client_error
 from serve.metrics import Metrics
 from serve.replicas import UNAVAILABLE_AFTER_S, EncoderHealth, ReplicaState, ReplicaWatch, RouterReader
-from serve.schemas import DIGITS, EncoderAnswer, HealthResponse, ModelStatus, PredictionResponse
+from serve.schemas import (
+    DIGITS,
+    EncoderAnswer,
+    HealthResponse,
+    ModelStatus,
+    PredictionResponse,
+    Transcript,
+    TranscriptAnswer,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -68,6 +83,7 @@ REPLICA_GONE: tuple[type[BaseException], ...] = (
     DeploymentUnavailableError,
 )
 RETRIES = 2  # extra attempts of an encoder call whose replica died
+TRANSCRIPT = "transcript"  # the transcriber's key in dropped, health and the replica bookkeeping
 WATCH_INTERVAL_S = 0.2  # how often a waiting call checks that its encoder still has a live replica
 
 
@@ -110,8 +126,10 @@ class FusionService:
         health: EncoderHealth | None = None,
         watch_interval_s: float = WATCH_INTERVAL_S,
         unavailable_after_s: float = UNAVAILABLE_AFTER_S,
+        transcriber: Handle | None = None,
     ) -> None:
         self.handles = dict(handles)
+        self.transcriber = transcriber
         self.config = config
         self.metrics = metrics or Metrics()
         self.retries = retries
@@ -153,25 +171,52 @@ class FusionService:
         primary: tuple[str, ...] | None = None,
         prefailed: Mapping[str, EncoderError] | None = None,
         on_answer: AnswerTimer | None = None,
+        transcribe: TranscribeMode = "off",
     ) -> PredictionResponse:
         """Run ``{modality: payload}`` through the encoders and combine what succeeded.
 
         ``primary`` names the modalities the client asked for (a video's audio track is secondary);
         ``prefailed`` are modalities already known to be unusable (e.g. an empty upload); ``on_answer(modality,
         ms)`` is called when each encoder call ends (answered, failed or timed out; after a retry, again), with
-        the milliseconds since this prediction started.
+        the milliseconds since this prediction started. ``transcribe`` (``off``, ``return``, ``fuse``) says what
+        to do with the words of the audio payload (see the module docstring).
         """
         start = time.perf_counter()
         primary = primary or tuple(payloads)
-        names = [m for m in MODALITIES if m in payloads]
-        answers = await asyncio.gather(*(self._call(m, payloads[m], start, on_answer) for m in names))
+        audio = payloads.get("audio")
+        words = None  # the transcript, on its way
+        if transcribe != "off" and isinstance(audio, bytes) and self.transcriber is not None:
+            words = asyncio.ensure_future(self._transcribe(self.transcriber, audio, start, on_answer))
+        fuse_words = words is not None and transcribe == "fuse" and "text" not in payloads
+        names = [m for m in MODALITIES if m in payloads or (m == "text" and fuse_words)]
+        calls = [
+            self._call(m, payloads[m], start, on_answer)
+            if m in payloads
+            else self._call_on_words(words, start, on_answer)
+            for m in names
+        ]
+        try:
+            answers = await asyncio.gather(*calls)
+        except BaseException:
+            _cancel(words)
+            raise
         ok: dict[str, EncoderAnswer] = {}
         failed: dict[str, EncoderError] = dict(prefailed or {})
         for m, answer in zip(names, answers, strict=True):
             if isinstance(answer, EncoderAnswer):
                 ok[m] = answer
-            else:
+            elif answer is not None:  # None: no words to fuse as text
                 failed[m] = answer["error"]
+        if not ok:
+            _cancel(words)
+        transcript: Transcript | None = None
+        if words is not None and ok:
+            heard = await words
+            if isinstance(heard, TranscriptAnswer):
+                fused = fuse_words and "text" in ok
+                transcript = Transcript.model_validate({**heard.model_dump(), "fused": fused})
+            elif not (is_client_error(heard) and "audio" in failed):  # else dropped["audio"] says why already
+                failed[TRANSCRIPT] = heard
         for m, err in failed.items():
             self.metrics.inc("emotion_dropped_modalities_total", modality=m, reason=err["code"])
         if not ok:
@@ -179,6 +224,11 @@ class FusionService:
             reasons = "; ".join(f"{m}: {failed[m]['message']}" for m in order)
             raise PredictionFailed(failure_status(failed, primary), f"no modality could be used ({reasons})")
         response = self._combine(ok, failed, start)
+        if transcript is not None:
+            modalities = dict(response.modalities)
+            if transcript.fused:
+                modalities["text"] = modalities["text"].model_copy(update={"source": "transcript"})
+            response = response.model_copy(update={"transcript": transcript, "modalities": modalities})
         for m, r in ok.items():
             self.metrics.inc("emotion_predictions_total", emotion=r.emotion, modality=m)
         self.metrics.inc("emotion_predictions_total", emotion=response.emotion, modality="fused")
@@ -232,6 +282,62 @@ class FusionService:
                 return encoder_error("internal", f"the {modality} encoder gave an unexpected answer", 500)
         self.encoder_health.mark_down(modality)
         return self._unavailable(modality, gone)
+
+    async def _call_on_words(
+        self, words: asyncio.Future[TranscriptAnswer | EncoderError], start: float, on_answer: AnswerTimer | None
+    ) -> EncoderAnswer | dict[str, Any] | None:
+        """The ``TextEncoder``'s answer for the transcript's words once they arrive; None when there are none."""
+        heard = await asyncio.shield(words)  # the transcript outlives this call: the answer returns it
+        if not isinstance(heard, TranscriptAnswer) or not heard.text.strip():
+            return None
+        return await self._call("text", heard.text, start, on_answer)
+
+    async def _transcribe(
+        self, handle: Handle, payload: bytes, start: float, on_answer: AnswerTimer | None = None
+    ) -> TranscriptAnswer | EncoderError:
+        """One ``Transcriber`` call with its timeout, retried on another replica if its replica dies; never raises.
+
+        Returns the validated :class:`TranscriptAnswer`, or the :class:`EncoderError` to list in ``dropped``.
+        """
+        timeout = self.config.transcriber.timeout_s
+        deadline = time.monotonic() + timeout
+        gone: BaseException | None = None
+        for _ in range(1 + self.retries):
+            if not await self._may_call(TRANSCRIPT, handle, after_death=gone is not None):
+                return self._unavailable(TRANSCRIPT, gone)["error"]
+            response = None
+            try:
+                response = handle.remote(payload)
+                answer = await self._wait(TRANSCRIPT, handle, response, deadline - time.monotonic())
+            except TimeoutError:
+                _cancel(response)
+                return EncoderError(code="timeout", message=f"no transcript within {timeout:g} s", status=504)
+            except EncoderUnavailable:
+                _cancel(response)
+                return self._unavailable(TRANSCRIPT, gone)["error"]
+            except Exception as exc:  # replica died, back-pressure, ...
+                if replica_gone(exc) and time.monotonic() < deadline:
+                    gone = exc
+                    continue
+                logger.warning("transcriber call failed: %r", exc, exc_info=True)
+                if replica_gone(exc):
+                    self.encoder_health.mark_down(TRANSCRIPT)
+                return EncoderError(
+                    code="unavailable", message=f"the transcriber failed: {type(exc).__name__}", status=503
+                )
+            finally:
+                if response is not None and on_answer is not None:
+                    on_answer(TRANSCRIPT, (time.perf_counter() - start) * 1000.0)
+            self.encoder_health.mark_up(TRANSCRIPT)
+            if isinstance(answer, dict) and "error" in answer:
+                return answer["error"]
+            try:
+                return TranscriptAnswer.model_validate(answer)
+            except ValidationError:
+                logger.warning("the transcriber gave an unexpected answer", exc_info=True)
+                return EncoderError(code="internal", message="the transcriber gave an unexpected answer", status=500)
+        self.encoder_health.mark_down(TRANSCRIPT)
+        return self._unavailable(TRANSCRIPT, gone)["error"]
 
     def _coalescer(self, modality: str, handle: Handle) -> CallCoalescer | None:
         """``handle``'s :class:`CallCoalescer` (``None`` when coalescing is off for the modality). Made with the
@@ -303,7 +409,8 @@ class FusionService:
 
     def _unavailable(self, modality: str, cause: BaseException | None) -> dict[str, Any]:
         why = f" ({type(cause).__name__})" if cause is not None else ""
-        return encoder_error("unavailable", f"the {modality} encoder has no live replica{why}", 503)
+        who = "the transcriber" if modality == TRANSCRIPT else f"the {modality} encoder"
+        return encoder_error("unavailable", f"{who} has no live replica{why}", 503)
 
     def _combine(
         self, ok: dict[str, EncoderAnswer], failed: Mapping[str, EncoderError], start: float
@@ -348,16 +455,18 @@ class FusionService:
         timeout = self.config.health_timeout_s
 
         async def ask(m: str) -> ModelStatus:
+            handle = self.transcriber if m == "transcriber" else self.handles[m]
             try:
-                info = await asyncio.wait_for(_resolve(self.handles[m].options(method_name="info").remote()), timeout)
+                info = await asyncio.wait_for(_resolve(handle.options(method_name="info").remote()), timeout)
                 return ModelStatus(
                     loaded=bool(info.get("loaded")), version=info.get("version"), device=info.get("device")
                 )
             except Exception as exc:  # noqa: BLE001 - health reports failures, it does not raise
                 return ModelStatus(loaded=False, error=f"{type(exc).__name__}: {str(exc)[:200]}")
 
-        statuses = await asyncio.gather(*(ask(m) for m in MODALITIES))
-        models = dict(zip(MODALITIES, statuses, strict=True))
+        asked = [*MODALITIES, *(["transcriber"] if self.transcriber is not None else [])]
+        statuses = await asyncio.gather(*(ask(m) for m in asked))
+        models = dict(zip(asked, statuses, strict=True))
         fusion = self.fusion
         models["fusion"] = ModelStatus(
             loaded=fusion is not None,

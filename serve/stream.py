@@ -15,16 +15,20 @@ Client to server:
 * binary ``0x01`` + PCM: audio, signed 16-bit little-endian, mono, 16 kHz, any whole number of samples;
 * binary ``0x02`` + JPEG: one video frame, a complete JPEG file (``FF D8 FF`` ... ``FF D9``);
 * text ``{"type": "text", "text": "..."}``: the text used from now on (``""`` clears it);
-* text ``{"type": "clear"}``: empty the window (audio, frames and text).
+* text ``{"type": "clear"}``: empty the window (audio, frames and text);
+* text ``{"type": "transcribe", "mode": "off" | "return" | "fuse"}``: from the next update on, ``return`` adds the
+  window's ``transcript`` (its audio's words) to each update, ``fuse`` also fuses them as the text modality when no
+  text was set; ``off`` (a new stream's mode) stops it.
 
 Server to client, JSON text messages:
 
 * ``{"type": "ready", "protocol": 1, "sample_rate": 16000, "update_interval_s": ..., ...}`` once accepted;
 * ``{"type": "update", "seq", "window", "update_ms", "dropped_frames", ...}`` plus every field of a
   ``POST /predict`` answer (``emotion``, ``confidence``, ``probabilities``, ``contributions``, ``modalities``,
-  ``dropped``, ``model_version``, ``latency_ms``). ``window`` is the span predicted, in seconds since the stream
-  opened on the server's clock (arrival times): ``start_s``, ``end_s``, ``audio_s``, ``frames``, ``text``.
-  ``update_ms`` is the time from the window snapshot to the update;
+  ``dropped``, ``model_version``, ``latency_ms``, and ``transcript`` when asked for). ``window`` is the span
+  predicted, in seconds since the stream opened on the server's clock (arrival times): ``start_s``, ``end_s``,
+  ``audio_s``, ``frames``, ``text``. ``update_ms`` is the time from the window snapshot to the update (with a
+  transcript, the update waits for it: the update rate then follows the transcriber's speed);
 * ``{"type": "error", "seq", "window", "status", "detail", ...}`` when no modality of a window could be used
   (the HTTP status ``POST /predict`` would answer); the stream goes on.
 
@@ -63,7 +67,7 @@ from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket
 
 from serve.access import AccessControl, Rejection
-from serve.config import AppConfig, StreamConfig
+from serve.config import TRANSCRIBE_MODES, AppConfig, StreamConfig, TranscribeMode
 from serve.service import FusionService, PredictionFailed
 
 logger = logging.getLogger("ray.serve")
@@ -109,6 +113,7 @@ class Snapshot:
 
     payloads: dict[str, str | bytes]
     span: WindowSpan
+    transcribe: TranscribeMode = "off"
 
 
 def pcm_to_wav(pcm: bytes, sample_rate: int = SAMPLE_RATE) -> bytes:
@@ -137,6 +142,7 @@ class StreamWindow:
         self._frame_tokens = self.frame_burst
         self._tokens_at: float | None = None
         self.text = ""
+        self.transcribe: TranscribeMode = "off"  # what the client asked for the audio's words
         self.version = 0  # bumped by every change; an update runs only when it moved
         self.dropped_frames = 0
 
@@ -236,7 +242,7 @@ class StreamWindow:
             frames=len(self._frames),
             text="text" in payloads,
         )
-        return Snapshot(payloads, span)
+        return Snapshot(payloads, span, self.transcribe)
 
     # ---- the protocol: one client message into the window ----------------------------------------------
 
@@ -294,9 +300,16 @@ class StreamWindow:
             self.set_text(value)
         elif kind == "clear":
             self.clear()
+        elif kind == "transcribe":
+            mode = body.get("mode")
+            if mode not in TRANSCRIBE_MODES:
+                raise StreamClosed(INVALID, f"'mode' must be one of {', '.join(TRANSCRIBE_MODES)}", "bad_frame")
+            self.transcribe = mode
         else:
             raise StreamClosed(
-                UNSUPPORTED, f"unknown message type {str(kind)[:40]!r} (expected 'text' or 'clear')", "unsupported"
+                UNSUPPORTED,
+                f"unknown message type {str(kind)[:40]!r} (expected 'text', 'clear' or 'transcribe')",
+                "unsupported",
             )
 
 
@@ -356,6 +369,7 @@ class StreamSession:
             "max_fps": c.max_fps,
             "max_message_bytes": c.max_message_bytes,
             "idle_timeout_s": c.idle_timeout_s,
+            "transcribe_modes": list(TRANSCRIBE_MODES),
         }
 
     async def _receive(self) -> None:
@@ -398,7 +412,10 @@ class StreamSession:
         body: dict[str, Any]
         try:
             response = await self.service.predict(
-                snapshot.payloads, primary=tuple(snapshot.payloads), on_answer=timings.__setitem__
+                snapshot.payloads,
+                primary=tuple(snapshot.payloads),
+                on_answer=timings.__setitem__,
+                transcribe=snapshot.transcribe,
             )
             body = {"type": "update", **response.model_dump(mode="json", exclude_none=True)}
         except PredictionFailed as exc:

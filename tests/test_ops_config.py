@@ -37,6 +37,7 @@ from tests.ops_helpers import (
 SERVE_CPU = REPO / "deploy" / "serve_config.yaml"
 SERVE_GPU = REPO / "deploy" / "serve_config.gpu.yaml"
 RAYSERVICE = REPO / "deploy" / "kubernetes" / "rayservice.yaml"
+GPU_DEPLOYMENTS = ("TextEncoder", "AudioEncoder", "VideoEncoder", "Transcriber")  # each on a fraction of a GPU
 
 
 def _validate_serve_config(path: Path) -> dict:
@@ -272,14 +273,15 @@ def test_rayservice_has_a_gpu_worker_group() -> None:
 
 
 def test_gpu_serve_config_uses_fractional_gpus() -> None:
-    """Each encoder in the GPU config asks for a fraction of a GPU (so the worker group above can host them)."""
+    """Each encoder and the transcriber in the GPU config ask for a fraction of a GPU (so the worker group above can
+    host them)."""
     config = _validate_serve_config(SERVE_GPU)
     gpus = {
         d["name"]: d.get("ray_actor_options", {}).get("num_gpus", 0)
         for app in config["applications"]
         for d in app.get("deployments", [])
     }
-    for name in ("TextEncoder", "AudioEncoder", "VideoEncoder"):
+    for name in GPU_DEPLOYMENTS:
         assert 0 < gpus.get(name, 0) <= 1, f"{name}: num_gpus {gpus.get(name)}"
 
 
@@ -311,20 +313,20 @@ def test_hot_update_goes_through_deployment_user_config_not_args() -> None:
 
 
 def _encoder_resources() -> tuple[float, float]:
-    """CPUs and GPUs that one replica of each encoder asks for in the GPU config."""
+    """CPUs and GPUs that one replica of each encoder and of the transcriber asks for in the GPU config."""
     config = _validate_serve_config(SERVE_GPU)
     opts = [
         d.get("ray_actor_options", {})
         for app in config["applications"]
         for d in app.get("deployments", [])
-        if d["name"] in ("TextEncoder", "AudioEncoder", "VideoEncoder")
+        if d["name"] in GPU_DEPLOYMENTS
     ]
-    assert len(opts) == 3
+    assert len(opts) == len(GPU_DEPLOYMENTS)
     return sum(o.get("num_cpus", 1) for o in opts), sum(o.get("num_gpus", 0) for o in opts)
 
 
 def test_one_gpu_worker_hosts_one_replica_of_each_encoder() -> None:
-    """The GPU worker of cluster.yaml and of the RayService can hold Text+Audio+Video replicas together."""
+    """The GPU worker of cluster.yaml and of the RayService can hold Text+Audio+Video+Transcriber replicas together."""
     cpus, gpus = _encoder_resources()
     raw = yaml.safe_load((REPO / "cluster.yaml").read_text())
     worker = next(t for n, t in raw["available_node_types"].items() if n != raw["head_node_type"])

@@ -14,8 +14,8 @@ from serve.metrics import METRIC_NAMES, METRICS, PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"cpu": REPO / "deploy" / "serve_config.yaml", "gpu": REPO / "deploy" / "serve_config.gpu.yaml"}
-DEPLOYMENTS = {"TextEncoder", "AudioEncoder", "VideoEncoder", "FusionIngress"}
-ENCODERS = ("TextEncoder", "AudioEncoder", "VideoEncoder")
+DEPLOYMENTS = {"TextEncoder", "AudioEncoder", "VideoEncoder", "Transcriber", "FusionIngress"}
+ENCODERS = ("TextEncoder", "AudioEncoder", "VideoEncoder", "Transcriber")  # each scales on its own, on GPU a share
 
 
 def test_defaults() -> None:
@@ -29,6 +29,17 @@ def test_defaults() -> None:
         assert enc.max_batch_size <= enc.max_ongoing_requests
         assert enc.timeout_s > 0
     assert cfg.models.weights("fusion") is None
+    assert cfg.transcriber.default_mode == "return" and cfg.transcriber.timeout_s > 0
+    assert cfg.transcriber.settings().compute_type == "auto"  # int8 on CPU, float16 on a GPU
+
+
+def test_transcriber_keys_are_validated() -> None:
+    cfg = AppConfig.from_args({"transcriber": {"default_mode": "fuse", "workers": 2, "language": "de"}})
+    assert cfg.transcriber.default_mode == "fuse" and cfg.transcriber.settings().workers == 2
+    assert cfg.transcriber.settings().language == "de"
+    for bad in ({"default_mode": "always"}, {"compute_type": "int4"}, {"beam_size": 0}, {"timeout": 3}):
+        with pytest.raises(ValidationError):
+            AppConfig.from_args({"transcriber": bad})
 
 
 def test_args_are_validated() -> None:
@@ -63,6 +74,7 @@ def test_user_configs_carry_weights_and_batching() -> None:
     assert cfg.encoder_user_config("audio")["backbone"] is None  # the backbone override is text-only
     EncoderUserConfig.model_validate(text)  # what reconfigure accepts
     assert cfg.ingress_user_config() == {"fusion_weights": None, "revision": "r2"}
+    assert cfg.transcriber_user_config() == {"revision": "r2"}  # a new revision reloads the transcriber in place
 
 
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
@@ -99,15 +111,20 @@ def test_build_app_binds_the_graph() -> None:
     assert video._deployment_config.user_config["max_batch_size"] == 4
     assert video._deployment_config.autoscaling_config is not None
     assert video.ray_actor_options["num_gpus"] == 0
+    transcriber = by_name["Transcriber"]
+    assert transcriber._deployment_config.autoscaling_config is not None
+    assert transcriber._deployment_config.max_ongoing_requests == AppConfig().transcriber.max_ongoing_requests
+    assert transcriber.init_args[0]["transcriber"]["default_mode"] == "return"
 
 
 def test_metric_list() -> None:
-    assert len(METRIC_NAMES) == len(set(METRIC_NAMES)) == 14
+    assert len(METRIC_NAMES) == len(set(METRIC_NAMES)) == 16
     assert all(n.startswith(PREFIX) for n in METRIC_NAMES)
     kinds = {m.name: m.kind for m in METRICS}
     assert kinds["emotion_requests_total"] == "counter"
     assert kinds["emotion_ray_internals_ok"] == "gauge"
     assert kinds["emotion_encoder_latency_ms"] == "histogram"
+    assert kinds["emotion_transcribe_latency_ms"] == kinds["emotion_transcribe_rtf"] == "histogram"
     assert all(m.boundaries for m in METRICS if m.kind == "histogram")
 
 

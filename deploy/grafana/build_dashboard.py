@@ -40,6 +40,8 @@ STREAM_OPEN = "ray_emotion_stream_open"
 STREAM_UPDATES = "ray_emotion_stream_updates_total"
 STREAM_LATENCY = "ray_emotion_stream_update_latency_ms"
 STREAM_CLOSES = "ray_emotion_stream_closes_total"
+TR_LATENCY = "ray_emotion_transcribe_latency_ms"
+TR_RTF = "ray_emotion_transcribe_rtf"
 RAY_INTERNALS_OK = "ray_emotion_ray_internals_ok"
 
 
@@ -270,6 +272,37 @@ def panels() -> list[dict[str, Any]]:
             unit="reqps",
             width=8,
             description="A modality that failed, timed out or was absent is left out.",
+        ),
+        _row("Transcripts (Transcriber: Whisper-base on faster-whisper)"),
+        _panel(
+            "Transcript latency (p50/p95/p99)",
+            _quantiles(TR_LATENCY, "deployment", "transcript"),
+            unit="ms",
+            width=8,
+            description="One transcript inside the Transcriber replica: decode and transcription. It runs next to "
+            "the encoders, so a request with a transcript takes the longer of the two.",
+        ),
+        _panel(
+            "Transcription real-time factor (p50/p95/p99)",
+            _quantiles(TR_RTF, "deployment", "real-time factor"),
+            width=8,
+            description="Transcription time over the audio's duration: 0.1 is ten times faster than real time; "
+            "above 1 the transcriber falls behind a live stream.",
+        ),
+        _panel(
+            "Transcripts per second, and dropped ones by reason",
+            [
+                _target(f"sum(rate({TR_LATENCY}_count{{{APP}}}[{RATE}]))", "transcribed", "A"),
+                _target(
+                    f'sum by (reason) (rate({DROPPED}{{{APP}, modality="transcript"}}[{RATE}]))',
+                    "dropped: {{reason}}",
+                    "B",
+                ),
+            ],
+            unit="reqps",
+            width=8,
+            description="A transcript asked for but not given (timeout, unavailable, no audio track...): the "
+            "emotion is answered without it.",
         ),
         _row("Live streams (/ws/stream)"),
         _panel(
