@@ -47,6 +47,8 @@ def test_live_mode_fills_the_timeline(page: sync_api.Page) -> None:  # noqa: F81
     }
     assert used and used <= {"audio", "video"}
     sync_api.expect(page.locator("#live-status")).to_contain_text("update")
+    # The page asks for each window's words: shown under the timeline (the fake microphone beeps: maybe no words).
+    page.wait_for_function("['words', 'silence'].includes(document.getElementById('live-transcript').dataset.state)")
     LIVE_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     page.locator("#live-panel").screenshot(path=str(LIVE_SCREENSHOT))
 

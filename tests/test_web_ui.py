@@ -161,6 +161,7 @@ def test_audio_and_image_both_contribute(page: sync_api.Page) -> None:
     for modality in ("audio", "video"):
         row = page.locator(f"#per-modality tbody tr[data-modality='{modality}']")
         assert re.search(r"\d ms", row.inner_text()), "per-modality latency is shown"
+    sync_api.expect(page.locator("#transcript-text")).to_contain_text("wonderful news")  # what was said
 
     # Add a sentence and analyse all three together; this fused result is the README's screenshot.
     page.get_by_label("Text to analyse").fill("Thank you so much, this is wonderful news, I am so happy!")

@@ -12,8 +12,8 @@
   const EMOJI = {
     angry: "😠", disgust: "🤢", fear: "😨", happy: "😄", neutral: "😐", sad: "😢", surprise: "😲",
   };
-  const MODALITY_LABEL = { text: "Text", audio: "Audio", video: "Video" };
-  const MODALITY_ICON = { text: "💬", audio: "🎙️", video: "🙂" };
+  const MODALITY_LABEL = { text: "Text", audio: "Audio", video: "Video", transcript: "Transcript" };
+  const MODALITY_ICON = { text: "💬", audio: "🎙️", video: "🙂", transcript: "📝" };
   const MAX_MIC_SECONDS = 30;
   const CLIP_SECONDS = 3;
 
@@ -52,6 +52,10 @@
     contribStack: $("contrib-stack"),
     contributions: $("contributions"),
     perModality: $("per-modality"),
+    transcribeMode: $("transcribe-mode"),
+    transcriptBlock: $("transcript-block"),
+    transcriptText: $("transcript-text"),
+    transcriptMeta: $("transcript-meta"),
     droppedBlock: $("dropped-block"),
     dropped: $("dropped"),
     meta: $("result-meta"),
@@ -506,6 +510,7 @@
     if (typeof info.frames === "number") notes.push(`${info.frames} frame${info.frames === 1 ? "" : "s"}`);
     if (info.face_detected === true) notes.push("face found");
     if (info.face_detected === false) notes.push("no face detected");
+    if (info.source === "transcript") notes.push("from the transcript");
     return notes.join(" · ");
   }
 
@@ -554,6 +559,21 @@
     }
   }
 
+  /** The words of the uploaded audio or video (`transcript` of the answer), or nothing. */
+  function renderTranscript(transcript) {
+    el.transcriptBlock.hidden = !transcript;
+    if (!transcript) return;
+    const text = String(transcript.text || "").trim();
+    el.transcriptText.textContent = text || "No speech found.";
+    el.transcriptText.dataset.empty = String(!text);
+    const parts = [];
+    if (transcript.language) parts.push(`language: ${transcript.language}`);
+    if (typeof transcript.duration_s === "number") parts.push(`${transcript.duration_s.toFixed(1)} s of audio`);
+    if (transcript.latency_ms !== undefined) parts.push(`transcribed in ${ms(transcript.latency_ms)}`);
+    if (transcript.fused) parts.push("used as the text");
+    el.transcriptMeta.textContent = parts.join(" · ");
+  }
+
   function renderResult(data) {
     const emotion = String(data.emotion || "");
     el.emoji.textContent = EMOJI[emotion] || "❓";
@@ -564,6 +584,7 @@
     renderBars(data.probabilities || {}, emotion);
     renderContributions(data.contributions);
     renderPerModality(data.modalities);
+    renderTranscript(data.transcript);
     renderDropped(data.dropped);
     const meta = [];
     if (data.model_version) meta.push(`Model ${data.model_version}`);
@@ -613,6 +634,7 @@
     if (text) body.append("text", text);
     if (state.audio) body.append("audio", state.audio, state.audio.name);
     if (state.video) body.append("video", state.video, state.video.name);
+    body.append("transcribe", el.transcribeMode.value);
     if (!text && !state.audio && !state.video) {
       el.result.hidden = true;
       showError("Nothing to analyse", "Type some text, add an audio recording, or add a video or photo.", "");
@@ -695,7 +717,8 @@
   /*
    * Live mode streams the microphone (AudioContext -> 16 kHz mono PCM16) and the webcam (canvas -> JPEG) over
    * the WebSocket `ws/stream` (protocol in serve/stream.py: binary 0x01 + PCM, 0x02 + JPEG; JSON text
-   * {"type": "text"}) and draws each update on a one-minute timeline.
+   * {"type": "text"}, {"type": "transcribe"}) and draws each update on a one-minute timeline, with the words of
+   * the last window under it.
    */
   const LIVE_URL = "ws/stream";
   const LIVE_WINDOW_S = 60;
@@ -716,6 +739,7 @@
     confidence: $("live-confidence"),
     modalities: $("live-modalities"),
     timeline: $("live-timeline"),
+    transcript: $("live-transcript"),
   };
 
   function setLiveUi(on) {
@@ -809,6 +833,27 @@
     liveSend(JSON.stringify({ type: "text", text: el.text.value.trim().slice(0, 5000) }));
   }
 
+  /** Ask the stream for (or stop) each window's words, as the page's "words spoken" choice says. */
+  function sendLiveTranscribe() {
+    liveSend(JSON.stringify({ type: "transcribe", mode: el.transcribeMode.value }));
+  }
+
+  function renderLiveTranscript(msg) {
+    const node = liveEl.transcript;
+    if (msg.transcript) {
+      const text = String(msg.transcript.text || "").trim();
+      node.textContent = text || "(no speech)";
+      node.dataset.state = text ? "words" : "silence";
+      node.dataset.seq = String(msg.seq);
+    } else if (msg.dropped && msg.dropped.transcript) {
+      node.textContent = `Not transcribed: ${formatDetail(msg.dropped.transcript)}`;
+      node.dataset.state = "dropped";
+    } else if (el.transcribeMode.value === "off") {
+      node.textContent = "Transcription is off.";
+      node.dataset.state = "off";
+    }
+  }
+
   async function startLive() {
     if (live.ws) return;
     if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia || typeof WebSocket === "undefined") {
@@ -836,6 +881,7 @@
     ws.addEventListener("open", () => {
       liveEl.status.textContent = "Live: waiting for the first answer…";
       sendLiveText();
+      sendLiveTranscribe();
       live.audio = startLiveAudio(stream);
       startLiveFrames(stream);
     });
@@ -909,6 +955,7 @@
       `${win.frames ? `, ${win.frames} frames` : ""} · ${ms(msg.update_ms)}` +
       (msg.dropped_frames || live.skipped ? ` · frames dropped: ${msg.dropped_frames + live.skipped}` : "");
     renderTimeline();
+    renderLiveTranscript(msg);
   }
 
   function svg(tag, attrs) {
@@ -945,6 +992,7 @@
   }
 
   liveEl.button.addEventListener("click", () => (live.ws ? stopLive() : startLive()));
+  el.transcribeMode.addEventListener("change", sendLiveTranscribe);
   el.text.addEventListener("input", () => {
     if (!live.ws) return;
     clearTimeout(live.textTimer);
