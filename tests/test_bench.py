@@ -227,8 +227,10 @@ def test_request_shapes() -> None:
     assert request_factory(ENDPOINTS["text"], media)(1) == {"json": {"text": TEXTS[1]}}
     audio = request_factory(ENDPOINTS["audio"], media)(0)
     assert audio["files"][0] == ("file", ("speech.wav", b"RIFF", "audio/wav"))
+    assert audio["data"] == {"transcribe": "off"}  # the emotion path, as the naive server has it
     fused = request_factory(ENDPOINTS["fused"], media)(0)
-    assert fused["data"] == {"text": TEXTS[0]} and [f[0] for f in fused["files"]] == ["audio", "video"]
+    assert fused["data"] == {"text": TEXTS[0], "transcribe": "off"}
+    assert [f[0] for f in fused["files"]] == ["audio", "video"]
 
 
 def test_gpu_sample_parsing() -> None:
@@ -262,8 +264,8 @@ def test_encoded_requests_are_what_the_service_parses() -> None:
     assert headers["Content-Type"].startswith("multipart/form-data")
     parts = body.split(b"--" + boundary.encode())[1:-1]
     names = [p.split(b'name="')[1].split(b'"')[0] for p in parts]
-    assert names == [b"text", b"audio", b"video"]
-    assert b"RIFF1234" in parts[1] and b"mp4data" in parts[2] and TEXTS[0].encode() in parts[0]
+    assert names == [b"text", b"transcribe", b"audio", b"video"]
+    assert b"RIFF1234" in parts[2] and b"mp4data" in parts[3] and TEXTS[0].encode() in parts[0]
 
 
 def test_cpu_delta_survives_replaced_processes() -> None:
