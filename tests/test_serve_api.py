@@ -53,6 +53,8 @@ def test_health(http: httpx.Client) -> None:
     assert set(body["models"]) == {"text", "audio", "video", "fusion"}
     for status in body["models"].values():
         assert status["loaded"] is True and status["version"] and status["device"] == "cpu"
+    # the ingress's start-up check found Ray Serve's router state readable on its real handles
+    assert body["ray_internals"] == {"ok": True, "detail": None}
 
 
 def test_text(http: httpx.Client) -> None:
