@@ -232,7 +232,7 @@ def measure_load(server: Any, clients: int, duration: float, rate: int, raw_dir:
 
 def measure_single(base_url: str, n: int) -> dict[str, Any]:
     """Medians over ``n`` sequential text requests: client wall time and the service's own timings."""
-    from serve.latency import TEXT
+    from bench.latency import TEXT
 
     wall, ingress, encoder, model = [], [], [], []
     with httpx.Client(base_url=base_url, timeout=30, trust_env=False) as client:

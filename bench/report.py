@@ -11,7 +11,8 @@ from typing import Any
 from bench.load import ENDPOINTS
 from bench.stats import LoadResult, best_ceiling, composite_ceiling, ratio
 
-TARGET_CEILING_RATIO = 0.4  # issue 23, on the 2-core machine: Serve >= 0.4x the in-process ceiling (text, 32 clients)
+# The throughput targets at 32 concurrent clients on the 2-core reference machine:
+TARGET_CEILING_RATIO = 0.4  # text through Serve >= 0.4x the in-process batched ceiling
 TARGET_NAIVE_RATIO = 1.5  # ... and >= 1.5x the naive single-process server
 TARGET_TEXT_BATCH = 8.0  # the text encoder's mean batch at 32 clients
 TARGET_MEDIA_NAIVE_RATIO = 1.0  # fused /predict and /predict/video at 32 clients: no slower than naive
@@ -73,7 +74,7 @@ def _at_least(value: float | None, target: float) -> bool | None:
 
 
 def evaluate_targets(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """The issue's targets at 32 concurrent clients through the Serve graph.
+    """The throughput targets at 32 concurrent clients through the Serve graph (the ``TARGET_*`` constants).
 
     Text: throughput over the in-process ceiling and over the naive server, and the text encoder's mean batch;
     fused ``/predict`` and ``/predict/video``: throughput over the naive server's.
@@ -279,7 +280,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
 
 
 def target_lines(targets: Mapping[str, Any]) -> list[str]:
-    """One markdown bullet per target of issue 23."""
+    """One markdown bullet per throughput target (see :func:`evaluate_targets`)."""
     specs = (
         ("text_32_vs_ceiling", "text: Serve / in-process batched ceiling", 2, ""),
         ("text_32_vs_naive", "text: Serve / naive server", 2, ""),
@@ -378,7 +379,7 @@ def levers_section(levers: Mapping[str, Any] | None) -> list[str]:
     if not rows:
         return []
     lines = [
-        "## Levers tried (issue 23)",
+        "## Levers tried",
         "",
         str(levers.get("method", "")),
         "",

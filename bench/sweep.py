@@ -17,10 +17,7 @@ import json
 import os
 from typing import Any
 
-from bench.inputs import load_media
-from bench.load import ENDPOINTS
-from bench.report import ceilings_by_endpoint
-from bench.run import (
+from bench.harness import (
     _floats,
     _ints,
     add_common_args,
@@ -36,6 +33,9 @@ from bench.run import (
     serve_env,
     serve_overrides,
 )
+from bench.inputs import load_media
+from bench.load import ENDPOINTS
+from bench.report import ceilings_by_endpoint
 from bench.servers import deep_merge, serve_server
 from bench.stats import best_ceiling, ratio
 

@@ -328,7 +328,7 @@ def test_health_degraded_when_an_encoder_does_not_answer() -> None:
 def test_latency_script_report() -> None:
     from starlette.testclient import TestClient
 
-    from serve.latency import TARGETS_MS, percentile, run
+    from bench.latency import TARGETS_MS, percentile, run
 
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5 and percentile([5.0], 95) == 5.0
     h = make()

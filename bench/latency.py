@@ -2,7 +2,7 @@
 
 Starts nothing: run the service first (``serve run deploy/serve_config.yaml``), then::
 
-    python -m serve.latency --url http://127.0.0.1:8000 --requests 50 --out reports/serve_latency.json
+    python -m bench.latency --url http://127.0.0.1:8000 --requests 50 --out reports/serve_latency.json
 
 Requests are sent one at a time (no concurrency), after a few warm-up requests, with the test
 fixtures as inputs: a short text, 5 s of speech (WAV), a 16-frame face video without audio (the
@@ -27,21 +27,12 @@ from typing import Any
 
 import httpx
 
+from bench.stats import percentile
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
 TARGETS_MS = {"text": 20.0, "audio": 80.0, "video": 200.0}
 TEXT = "I can't believe we finally won the match, this is the best day ever!"
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (q in [0, 100])."""
-    ordered = sorted(values)
-    if len(ordered) == 1:
-        return ordered[0]
-    pos = (len(ordered) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 def _cases() -> dict[str, Callable[[httpx.Client], httpx.Response]]:
