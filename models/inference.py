@@ -21,7 +21,7 @@ from models.audio.whisper_model import WhisperAudioModel
 from models.checkpoint import DEFAULT_WEIGHTS_DIR, load_model
 from models.common import Precision, forward_in_precision, prepare_for_inference, resolve_device, resolve_precision
 from models.fusion.model import PROB_FLOOR
-from models.labels import EMOTIONS, MODALITIES, NUM_CLASSES
+from models.labels import EMOTIONS, NUM_CLASSES
 from models.media import DEFAULT_LIMITS, DecodeLimits, decode_audio, decode_frames
 from models.text.preprocessing import TextPreprocessor
 from models.video.preprocessing import FaceConfig, FaceCropper, faces_to_tensor, pad_clips
@@ -267,7 +267,3 @@ class FusionPipeline(_Pipeline):
         probs = self.model.probabilities(logits, present)[0].float().cpu().numpy()
         contrib = contributions[0].float().cpu().numpy()
         return FusionResult(probs, {m: float(contrib[i]) for i, m in enumerate(self.modalities) if m in embeddings})
-
-
-PIPELINES = {"text": TextPipeline, "audio": AudioPipeline, "video": VideoPipeline}
-assert set(PIPELINES) == set(MODALITIES)
