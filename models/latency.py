@@ -71,9 +71,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--out", type=Path, default=Path("reports/model_latency.json"))
+    p.add_argument(
+        "--audio-only",
+        type=Path,
+        metavar="WEIGHTS_DIR",
+        help="measure only this audio model (latency and this process's resident memory), e.g. to compare two",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.audio_only:
+        audio_only(args)
+        return
     audio = args.audio.read_bytes() if args.audio else synth_media("audio")
     video = args.video.read_bytes() if args.video else synth_media("video")
     text = TextPipeline()
@@ -103,6 +112,30 @@ def main(argv: list[str] | None = None) -> None:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     for name, r in results.items():
         print(f"{name:16s} p50 {r['p50_ms']:7.2f} ms  p95 {r['p95_ms']:7.2f} ms  (target {r['target_ms']} ms)")
+
+
+def resident_mb() -> float:
+    """This process's resident memory (VmRSS) in MiB, as a replica holding the model would use."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def audio_only(args: argparse.Namespace) -> None:
+    """One audio model: single-request latency and the resident memory of a process that holds only it."""
+    audio = args.audio.read_bytes() if args.audio else synth_media("audio")
+    speech = AudioPipeline(args.audio_only)
+    result = measure(lambda: speech.encode([speech.prepare(audio)]), args.repeats)
+    result |= {
+        "resident_mb": round(resident_mb(), 1),
+        "model": speech.version,
+        "input": str(args.audio or "synthetic 5 s tone"),
+        "torch_threads": torch.get_num_threads(),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -103,16 +103,27 @@ def test_a_clip_gives_the_same_states_alone_and_padded_in_a_batch(
 def test_head_pools_time_without_reading_the_padding() -> None:
     torch.manual_seed(0)
     model = WhisperAudioModel(WhisperAudioModelConfig(pretrained=False)).eval()
-    states = torch.randn(1, 7, 33, 512)
-    padded = torch.cat([states, 100 * torch.randn(1, 7, 9, 512)], dim=2)
+    states = torch.randn(1, 33, 7, 512)
+    padded = torch.cat([states, 100 * torch.randn(1, 9, 7, 512)], dim=1)
     pooled, lengths = model.pool_time(states, torch.tensor([33]))
-    assert pooled.shape == (1, 7, 17, 512) and lengths.tolist() == [17]
-    torch.testing.assert_close(pooled[0, :, 0], states[0, :, :2].mean(1))
-    torch.testing.assert_close(pooled[0, :, 16], states[0, :, 32])  # a last, unpaired state stays itself
+    assert pooled.shape == (1, 17, 7, 512) and lengths.tolist() == [17]
+    torch.testing.assert_close(pooled[0, 0], states[0, :2].mean(0))
+    torch.testing.assert_close(pooled[0, 16], states[0, 32])  # a last, unpaired state stays itself
     with torch.no_grad():
         emb1, logits1 = model.forward_states(*model.pool_time(states, torch.tensor([33])))
         emb2, _ = model.forward_states(*model.pool_time(padded, torch.tensor([33])))
     assert emb1.shape == (1, 256) and logits1.shape == (1, NUM_CLASSES)
+    torch.testing.assert_close(emb1, emb2, atol=1e-5, rtol=1e-5)
+
+
+def test_layer_weights_mix_the_encoder_states() -> None:
+    model = WhisperAudioModel(WhisperAudioModelConfig(pretrained=False)).eval()
+    states = torch.randn(2, 5, 7, 512)
+    with torch.no_grad():
+        model.layer_logits.fill_(-30.0)
+        model.layer_logits[3] = 30.0  # all weight on one state: the rest must not matter
+        emb1, _ = model.forward_states(states, torch.tensor([5, 4]))
+        emb2, _ = model.forward_states(states * (torch.arange(7) == 3)[None, None, :, None], torch.tensor([5, 4]))
     torch.testing.assert_close(emb1, emb2, atol=1e-5, rtol=1e-5)
 
 

@@ -21,7 +21,7 @@ from models.video.preprocessing import FaceConfig, faces_to_tensor, pad_clips
 from training.audio_augment import DEGRADATIONS
 from training.datasets import check_holdout_fraction, read_ravdess, read_split, read_text_corpora, split_holdout
 from training.degrade import build_degraded
-from training.features import CACHE_DIR, audio_features, face_crops
+from training.features import CACHE_DIR, audio_features, face_crops, whisper_log_mels
 
 
 def _weights_digest(weights_dir: Path, preprocessing: object = None) -> str:
@@ -71,7 +71,8 @@ def encode_split(
     """
     source, holdout = parse_split(split)  # a bad split fails here, before the cache or the model is touched
     weights_dir = Path(weights_dir)
-    precision = resolve_precision("auto", torch.device("cpu"))
+    whisper = read_config(weights_dir)["model_type"] == "audio_whisper"
+    precision = "float32" if whisper else resolve_precision("auto", torch.device("cpu"))  # as the pipelines run
     features = (
         AudioFeatureConfig(**read_config(weights_dir)["metadata"].get("features", {})) if modality == "audio" else None
     )
@@ -111,6 +112,13 @@ def encode_split(
         def make(idx: list[int]) -> tuple[torch.Tensor, ...]:
             tok = tokenizer([samples[i][0] for i in idx])
             return tok.input_ids, tok.attention_mask
+    elif modality == "audio" and whisper:
+        mels = whisper_log_mels(samples)
+        order.sort(key=lambda i: mels[i].shape[1])  # similar lengths together: less padding
+
+        def make(idx: list[int]) -> tuple[torch.Tensor, ...]:
+            batch, lengths = pad_features([mels[i] for i in idx])
+            return batch[:, 0], lengths
     elif modality == "audio":
         feats = audio_features(samples, features)
 

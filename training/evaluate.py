@@ -34,10 +34,10 @@ DATASETS = {
 }
 TARGETS = {  # (report row, metric, goal)
     "text": [("meld_dev", "weighted_f1", 0.58), ("goemotions_val", "macro_f1", 0.60)],
-    "audio": [("actors_17_20", "accuracy", 0.65)],
+    "audio": [("actors_17_20", "accuracy", 0.72)],
     "video": [("publictest", "accuracy", 0.66)],
 }
-AUDIO_LOAO_GOAL, AUDIO_DEGRADED_MAX_DROP = 0.62, 0.10
+AUDIO_LOAO_GOAL, AUDIO_DEGRADED_MAX_DROP = 0.78, 0.08
 CARD = Path(__file__).resolve().parents[1] / "models" / "MODEL_CARD.md"
 START, END = "<!-- metrics:start -->", "<!-- metrics:end -->"
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from models.audio.preprocessing import AudioFeatureConfig, LogMelExtractor
+from models.audio.whisper import WhisperLogMel
 from models.media import decode_audio, decode_frames
 from models.video.preprocessing import FaceConfig, FaceCropper
 from training.datasets import IMAGE_EXTENSIONS
@@ -43,6 +44,12 @@ def audio_features(samples: Sequence[tuple[str, int]], config: AudioFeatureConfi
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({str(i): f for i, f in enumerate(feats)}, str(path))
     return feats
+
+
+def whisper_log_mels(samples: Sequence[tuple[str, int]]) -> list[torch.Tensor]:
+    """Whisper log-mels of each audio file as the serving pipeline computes them (decode, silence trim)."""
+    frontend, trimmer = WhisperLogMel(), LogMelExtractor()
+    return [frontend(trimmer.trim_wave(w)) for w in audio_waves(samples, 16000)]
 
 
 def audio_waves(samples: Sequence[tuple[str, int]], sample_rate: int) -> list[torch.Tensor]:
@@ -77,8 +84,8 @@ def face_crops(samples: Sequence[tuple[str, int]], config: FaceConfig) -> tuple[
             frames = image[None]
         else:  # a video file in the seed layout: its first frame, decoded as when serving
             frames = decode_frames(Path(p).read_bytes(), num_frames=1)
-        crop, found = cropper.crop(frames)
-        faces[i], detected[i] = crop[0], found
+        crops = cropper.crop(frames)
+        faces[i], detected[i] = crops.faces[0], crops.face_detected
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, faces=faces, detected=detected)
     return faces, detected

@@ -11,6 +11,7 @@ with a seed derived from ``k`` and the clip. Each version is written in parts of
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import time
 from pathlib import Path
@@ -72,10 +73,10 @@ def encode_version(files: list[str], corpus: str, version: int, part_size: int, 
             mel = frontend(wave)
             with torch.inference_mode():
                 pooled, n = model.encoder_states(mel[None], torch.tensor([mel.shape[1]]))
-            states.append(pooled[0, :, : int(n[0])].transpose(0, 1).half())  # (T, S, 512)
+            states.append(pooled[0, : int(n[0])].half())  # (T, S, 512)
             lengths.append(int(n[0]))
         CACHE.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
         save_file({"states": torch.cat(states).contiguous(), "lengths": torch.tensor(lengths)}, str(tmp))
         tmp.replace(path)
         print(

