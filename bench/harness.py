@@ -18,6 +18,7 @@ from bench.load import ENDPOINTS, Endpoint, run_load
 from bench.machine import GpuMonitor, cpu_delta_by_label, machine_info, process_tree_cpu
 from bench.servers import CPU_CONFIG, GPU_CONFIG, INGRESS_MODES, ManagedServer
 from bench.stats import LoadResult
+from bench.stream import hold_text_stream, ws_url
 
 ALL_TARGETS = ("ceiling", "naive", "serve")
 
@@ -99,6 +100,12 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run Serve without API keys and per-client limits (the GPU config has both; the load generator sends no "
         "key and its clients share one address)",
+    )
+    p.add_argument(
+        "--stream-open",
+        action="store_true",
+        help="keep one live stream open on /ws/stream during each Serve cell (a text that changes twice a "
+        "second): its updates share the ingress's text encoder calls with the HTTP load",
     )
     p.add_argument(
         "--ingress",
@@ -186,6 +193,10 @@ def measure_cell(
     pid = server.proc.pid if server.proc is not None else -1
 
     async def measured() -> tuple[LoadResult, dict[str, float], float, float]:
+        stop = asyncio.Event()
+        stream = None
+        if getattr(args, "stream_open", False) and target == "serve":
+            stream = asyncio.create_task(hold_text_stream(ws_url(server.base_url), stop))
         server0, client0, t0 = process_tree_cpu(pid), time.process_time(), time.perf_counter()
         result = await run_load(
             server.base_url,
@@ -199,6 +210,15 @@ def measure_cell(
             target,
         )
         server1, client1, t1 = process_tree_cpu(pid), time.process_time(), time.perf_counter()
+        if stream is not None:
+            stop.set()
+            held = await stream
+            result.extra["stream"] = {
+                "updates": len(held.updates),
+                "errors": len(held.errors),
+                "seconds": round(held.streamed_s, 1),
+                "close_code": held.close_code,
+            }
         delta = cpu_delta_by_label(server0, server1) if server0 else {}
         return result, delta, client1 - client0, t1 - t0
 
@@ -277,6 +297,7 @@ def base_meta(
             "ceiling_min_time_s": args.ceiling_time,
             "quick": args.quick,
             "ingress": args.ingress,
+            "stream_open": getattr(args, "stream_open", False),
         },
     }
 

@@ -154,6 +154,45 @@ async def stream_media(
     return result
 
 
+async def hold_text_stream(url: str, stop: asyncio.Event, interval_s: float = 0.5) -> StreamResult:
+    """One live stream kept open until ``stop`` is set: a new text every ``interval_s`` (so every update has a
+    changed window to predict), its updates read as they come. ``bench.run --stream-open`` runs it next to the HTTP
+    load: its updates go through the ingress's text encoder calls with the HTTP requests."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    result = StreamResult()
+    async with connect(url, max_size=2**22, open_timeout=30) as ws:
+        start = time.monotonic()
+
+        async def reader() -> None:
+            try:
+                async for raw in ws:
+                    result.messages.append((time.monotonic() - start, json.loads(raw)))
+            except ConnectionClosed:
+                pass
+
+        reading = asyncio.create_task(reader())
+        i = 0
+        try:
+            while not stop.is_set():
+                i += 1
+                await ws.send(json.dumps({"type": "text", "text": f"Live caption {i}: we are so glad you came!"}))
+                try:
+                    await asyncio.wait_for(stop.wait(), interval_s)
+                except TimeoutError:
+                    pass
+        except ConnectionClosed:
+            pass
+        finally:
+            result.streamed_s = time.monotonic() - start
+            await ws.close()
+            await reading
+        result.close_code = ws.close_code
+        result.close_reason = ws.close_reason
+    return result
+
+
 # ---- the benchmark ---------------------------------------------------------------------------------------
 
 
