@@ -173,7 +173,7 @@ class AudioPipeline(_Pipeline):
 
 
 class VideoPipeline(_Pipeline):
-    """Faces: ffmpeg decode of up to N uniformly sampled frames, Haar face crops; batched forward."""
+    """Faces: ffmpeg decode of up to N uniformly sampled frames, eye-levelled face crops; batched forward."""
 
     modality = "video"
 
@@ -195,9 +195,18 @@ class VideoPipeline(_Pipeline):
         start = time.perf_counter()
         frames = decode_frames(data, self.num_frames, self.limits)
         decode_ms = _ms_since(start)
-        faces, detected = self.cropper.crop(frames)
-        info = {"frames": len(frames), "face_detected": detected, "decode_ms": round(decode_ms, 2)}
-        return Prepared(faces_to_tensor(faces), info, _ms_since(start))
+        tensor, info = self.faces(frames)
+        info["decode_ms"] = round(decode_ms, 2)
+        return Prepared(tensor, info, _ms_since(start))
+
+    def faces(self, frames: np.ndarray) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Decoded ``(T, H, W)`` frames -> the model's face input and what the answer says about the faces."""
+        crops = self.cropper.crop(frames)
+        info: dict[str, Any] = {"frames": len(frames), "face_detected": crops.face_detected}
+        if crops.score is not None:
+            info["face_score"] = round(crops.score, 3)
+            info["face_detector"] = crops.detector
+        return faces_to_tensor(crops.faces), info
 
     @torch.inference_mode()
     def encode(self, items: list[Prepared]) -> list[EncoderResult]:

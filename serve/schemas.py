@@ -48,6 +48,12 @@ class ModalityResult(BaseModel):
     source: Literal["transcript"] | None = Field(
         None, description="text: 'transcript' when the text is the audio's transcript (transcribe=fuse)"
     )
+    face_score: float | None = Field(
+        None, description="video: the face detector's score for the face used, mean over the frames it ran on"
+    )
+    face_detector: str | None = Field(
+        None, description="video: which detector found the face (hog, cnn, haar); scores compare within one"
+    )
 
 
 class EncoderAnswer(ModalityResult):

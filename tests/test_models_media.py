@@ -121,23 +121,23 @@ def test_still_image_is_a_one_frame_video() -> None:
 
 def test_centre_crop_fallback_when_no_face() -> None:
     frames = decode_frames(pattern_mp4(seconds=1.0, with_audio=False), num_frames=4)
-    faces, detected = FaceCropper().crop(frames)
-    assert detected is False
-    assert faces.shape == (4, 48, 48)
-    tensor = faces_to_tensor(faces)
+    crops = FaceCropper().crop(frames)
+    assert crops.face_detected is False
+    assert crops.faces.shape == (4, 48, 48)
+    tensor = faces_to_tensor(crops.faces)
     assert tensor.shape == (4, 1, 48, 48) and float(tensor.min()) >= -1 and float(tensor.max()) <= 1
 
 
 @needs_data
 def test_real_face_is_detected_in_a_video() -> None:
     image = SHARED_DATA / "fer2013" / "val" / "happy"
-    # Not every 48x48 FER crop has enough context for a Haar detector: at least one of a few must work.
+    # Not every 48x48 FER crop is a findable face (profiles, hands over the face): most of a few must be.
     found = []
     for path in sorted(image.iterdir())[:10]:
-        faces, detected = FaceCropper().crop(decode_frames(still_video(path), num_frames=16))
-        assert faces.shape[1:] == (48, 48)
-        found.append(detected)
-    assert any(found)
+        crops = FaceCropper().crop(decode_frames(still_video(path), num_frames=16))
+        assert crops.faces.shape[1:] == (48, 48)
+        found.append(crops.face_detected)
+    assert sum(found) >= 8, found
 
 
 @pytest.mark.parametrize(
