@@ -79,7 +79,8 @@ ZERO_WHEN_HEALTHY = {
     ("Queued requests at handles", "A"),
     ("Queued requests at handles", "B"),
     ("Open live streams", "A"),
-}  # every live stream has ended
+    ("Transcripts per second, and dropped ones by reason", "B"),
+}  # every live stream has ended; no transcript dropped
 LATENCY_PANEL = "Encoder latency per modality (p50/p95/p99)"
 THROUGHPUT_PANEL = "Encoder throughput per modality"
 VIDEO_REQUESTS = 3

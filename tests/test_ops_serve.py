@@ -224,6 +224,8 @@ def test_metrics_exported(service: Service) -> None:
         expected.append(
             ("ray_emotion_stream_update_latency_ms_count", {"modality": modality, "deployment": "FusionIngress"})
         )
+    for name in ("ray_emotion_transcribe_latency_ms_count", "ray_emotion_transcribe_rtf_count"):
+        expected.append((name, {"deployment": "Transcriber", "application": app}))  # audio answers carry words
     expected.append(("ray_emotion_stream_updates_total", {"outcome": "update"}))
     expected.append(("ray_emotion_stream_closes_total", {"reason": "client"}))
     # Every Ray Serve built-in the dashboard queries (steady-state ones) must be exported too.

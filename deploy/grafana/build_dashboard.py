@@ -293,8 +293,9 @@ def panels() -> list[dict[str, Any]]:
             "Transcripts per second, and dropped ones by reason",
             [
                 _target(f"sum(rate({TR_LATENCY}_count{{{APP}}}[{RATE}]))", "transcribed", "A"),
+                # 0, not "no data", while no transcript is dropped.
                 _target(
-                    f'sum by (reason) (rate({DROPPED}{{{APP}, modality="transcript"}}[{RATE}]))',
+                    f'sum by (reason) (rate({DROPPED}{{{APP}, modality="transcript"}}[{RATE}])) or vector(0)',
                     "dropped: {{reason}}",
                     "B",
                 ),
