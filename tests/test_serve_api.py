@@ -50,7 +50,7 @@ def ok(response: httpx.Response) -> dict[str, Any]:
 def test_health(http: httpx.Client) -> None:
     body = http.get("/api/health").json()
     assert body["status"] == "ok"
-    assert set(body["models"]) == {"text", "audio", "video", "fusion"}
+    assert set(body["models"]) == {"text", "audio", "video", "fusion", "transcriber"}
     for status in body["models"].values():
         assert status["loaded"] is True and status["version"] and status["device"] == "cpu"
     # the ingress's start-up check found Ray Serve's router state readable on its real handles
