@@ -80,6 +80,8 @@ class _Pipeline:
         self.model, self.checkpoint = load_model(directory, overrides)
         self.device = resolve_device(device)
         self.model.to(self.device)
+        if precision == "auto" and self.device.type == "cpu" and getattr(self.model, "float32_on_cpu", False):
+            precision = "float32"
         self.precision = resolve_precision(precision, self.device)
         prepare_for_inference(self.model, self.precision)
         self.version = str(self.checkpoint.get("metadata", {}).get("version", "unversioned"))

@@ -116,6 +116,14 @@ def test_head_pools_time_without_reading_the_padding() -> None:
     torch.testing.assert_close(emb1, emb2, atol=1e-5, rtol=1e-5)
 
 
+def test_statistics_are_each_states_mean_and_spread_over_the_frames_present() -> None:
+    states = torch.randn(2, 10, 7, 512)
+    stats = WhisperAudioModel.pooled_statistics(states, torch.tensor([10, 6]))
+    assert stats.shape == (2, 7, 1024)
+    torch.testing.assert_close(stats[1, :, :512], states[1, :6].mean(0))
+    torch.testing.assert_close(stats[1, :, 512:], states[1, :6].std(0, unbiased=False), atol=1e-4, rtol=1e-4)
+
+
 def test_layer_weights_mix_the_encoder_states() -> None:
     model = WhisperAudioModel(WhisperAudioModelConfig(pretrained=False)).eval()
     states = torch.randn(2, 5, 7, 512)

