@@ -49,7 +49,7 @@ class ModalityResult(BaseModel):
         None, description="text: 'transcript' when the text is the audio's transcript (transcribe=fuse)"
     )
     face_score: float | None = Field(
-        None, description="video: the face detector's score for the face used, mean over the frames it ran on"
+        None, description="video: the face detector's score for the face used, mean over the frames it was found in"
     )
     face_detector: str | None = Field(
         None, description="video: which detector found the face (hog, cnn, haar); scores compare within one"

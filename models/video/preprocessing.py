@@ -58,7 +58,7 @@ class FaceCrops:
 
     faces: np.ndarray  # (T, S, S) uint8
     face_detected: bool
-    score: float | None = None  # the detector's mean score over the frames it found the face in
+    score: float | None = None  # the detector's score for the face, mean over the detection frames it was found in
     detector: str | None = None  # which detector found it (scores of different detectors do not compare)
     regions: list[Region] = field(default_factory=list)  # per frame, in frame coordinates
     landmarks: list[np.ndarray | None] = field(default_factory=list)  # per frame, (5, 2) in frame coordinates
@@ -84,7 +84,7 @@ class FaceCropper:
             scale = side / min(frame.shape)
             small, _ = warp_view(frame, angle, scale)
             found = self.models.detect(small, detector, max(20, int(c.min_face_fraction * side)), c.threshold)
-            faces = [Face(tuple(v / scale for v in box), score, detector, angle) for box, score in found]  # type: ignore[arg-type]
+            faces = [Face(_scaled(box, 1 / scale), score, detector, angle) for box, score in found]
             confident = [f for f in faces if f.score >= 0 or detector == "haar"]
             if confident:
                 return max(confident, key=lambda f: f.side), p
@@ -151,6 +151,11 @@ class FaceCropper:
         back = cv2.invertAffineTransform(m)
         points = points @ back[:, :2].T + back[:, 2]
         return map_region(region, back, face.angle), points
+
+
+def _scaled(box: tuple[float, float, float, float], k: float) -> tuple[float, float, float, float]:
+    left, top, right, bottom = box
+    return left * k, top * k, right * k, bottom * k
 
 
 def _centre_square(shape: tuple[int, int]) -> Region:
