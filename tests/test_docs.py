@@ -92,7 +92,7 @@ def test_readme_shows_the_main_entry_points() -> None:
         "bench.run",
         "bench.soak",
         "training.train",
-        "training.crossval",
+        "training.whisper_head",
         "training.degrade",
         "training.evaluate",
     ):
