@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from models.audio.preprocessing import AudioFeatureConfig, LogMelExtractor, pad_features
-from models.audio.whisper import WhisperLogMel
+from models.audio.whisper import WhisperFrontEnd
 from models.audio.whisper_model import WhisperAudioModel
 from models.checkpoint import DEFAULT_WEIGHTS_DIR, load_model
 from models.common import Precision, forward_in_precision, prepare_for_inference, resolve_device, resolve_precision
@@ -149,7 +149,7 @@ class AudioPipeline(_Pipeline):
         super().__init__(weights_dir, None, device, precision)
         features = self.checkpoint.get("metadata", {}).get("features", {})
         self.extractor = LogMelExtractor(AudioFeatureConfig(**features))
-        self.whisper = WhisperLogMel() if isinstance(self.model, WhisperAudioModel) else None
+        self.whisper = WhisperFrontEnd() if isinstance(self.model, WhisperAudioModel) else None
         self.limits = limits
 
     def prepare(self, data: bytes) -> Prepared:
@@ -158,7 +158,7 @@ class AudioPipeline(_Pipeline):
         wave = decode_audio(data, self.extractor.config.sample_rate, self.limits)
         decode_ms = _ms_since(start)
         if self.whisper is not None:
-            features = self.whisper(self.extractor.trim_wave(torch.from_numpy(np.asarray(wave, dtype=np.float32))))
+            features = self.whisper(wave)
         else:
             features = self.extractor(wave)
         info = {"duration_s": round(len(wave) / self.extractor.config.sample_rate, 3), "decode_ms": round(decode_ms, 2)}

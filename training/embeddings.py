@@ -71,11 +71,10 @@ def encode_split(
     """
     source, holdout = parse_split(split)  # a bad split fails here, before the cache or the model is touched
     weights_dir = Path(weights_dir)
-    whisper = read_config(weights_dir)["model_type"] == "audio_whisper"
+    stored = read_config(weights_dir)
+    whisper = stored["model_type"] == "audio_whisper"
     precision = "float32" if whisper else resolve_precision("auto", torch.device("cpu"))  # as the pipelines run
-    features = (
-        AudioFeatureConfig(**read_config(weights_dir)["metadata"].get("features", {})) if modality == "audio" else None
-    )
+    features = AudioFeatureConfig(**stored["metadata"].get("features", {})) if modality == "audio" else None
     cache = CACHE_DIR / f"emb-{modality}-{split}-{layout}-{precision}-nhwc-{_weights_digest(weights_dir, features)}.npz"
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as data:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from models.audio.preprocessing import AudioFeatureConfig, LogMelExtractor
-from models.audio.whisper import WhisperLogMel
+from models.audio.whisper import WhisperFrontEnd
 from models.media import decode_audio, decode_frames
 from models.video.preprocessing import FaceConfig, FaceCropper
 from training.datasets import IMAGE_EXTENSIONS
@@ -48,8 +48,8 @@ def audio_features(samples: Sequence[tuple[str, int]], config: AudioFeatureConfi
 
 def whisper_log_mels(samples: Sequence[tuple[str, int]]) -> list[torch.Tensor]:
     """Whisper log-mels of each audio file as the serving pipeline computes them (decode, silence trim)."""
-    frontend, trimmer = WhisperLogMel(), LogMelExtractor()
-    return [frontend(trimmer.trim_wave(w)) for w in audio_waves(samples, 16000)]
+    frontend = WhisperFrontEnd()
+    return [frontend(w) for w in audio_waves(samples, 16000)]
 
 
 def audio_waves(samples: Sequence[tuple[str, int]], sample_rate: int) -> list[torch.Tensor]:

