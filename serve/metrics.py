@@ -5,17 +5,25 @@ next to Serve's built-in ones, and Serve adds the ``deployment``, ``replica`` an
 :data:`METRICS` is the single list that the README, the Grafana dashboard and the tests read.
 
 Recording never raises: a metrics problem must not fail a request.
+
+A gauge is exported only while it is being set: Ray's exporters drop a gauge value that was not recorded again
+within about two report intervals. So :class:`Metrics` keeps each gauge's last value and records it again every
+:data:`GAUGE_REFRESH_S` from a daemon thread, so that a gauge set once (the start-up self-check's
+``emotion_ray_internals_ok``, ``emotion_stream_open`` on a replica with no streams) stays on the dashboard.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
 logger = logging.getLogger(__name__)
 
 PREFIX = "emotion_"
+GAUGE_REFRESH_S = 4.0  # under Ray's default metrics report interval (10 s), so a held gauge never ages out
 LATENCY_BOUNDARIES_MS: tuple[float, ...] = (
     1,
     2,
@@ -159,8 +167,12 @@ assert all(name.startswith(PREFIX) for name in METRIC_NAMES)
 class Metrics:
     """Lazily created ``ray.serve.metrics`` objects (create inside the replica that records them)."""
 
-    def __init__(self) -> None:
+    def __init__(self, refresh_s: float = GAUGE_REFRESH_S) -> None:
         self._objects: dict[str, Any] = {}
+        self._gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self._lock = threading.Lock()
+        self._refresh_s = refresh_s
+        self._refresher: threading.Thread | None = None
 
     def _get(self, name: str) -> Any:
         metric = self._objects.get(name)
@@ -187,9 +199,32 @@ class Metrics:
             logger.debug("could not record %s", name, exc_info=True)
 
     def set(self, name: str, value: float, **tags: str) -> None:
-        """Set a gauge."""
+        """Set a gauge; its value is recorded again every ``refresh_s`` until the next ``set``."""
+        with self._lock:
+            self._gauges[(name, tuple(sorted(tags.items())))] = float(value)
+            if self._refresher is None and self._refresh_s > 0:
+                self._refresher = threading.Thread(target=self._refresh_forever, name="gauge-refresh", daemon=True)
+                self._refresher.start()
+        self._record_gauge(name, float(value), dict(tags))
+
+    def held_gauges(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """The gauges being kept alive: ``(name, sorted tags) -> last value``."""
+        with self._lock:
+            return dict(self._gauges)
+
+    def refresh(self) -> None:
+        """Record every held gauge's last value again."""
+        for (name, tags), value in self.held_gauges().items():
+            self._record_gauge(name, value, dict(tags))
+
+    def _refresh_forever(self) -> None:
+        while True:
+            time.sleep(self._refresh_s)
+            self.refresh()
+
+    def _record_gauge(self, name: str, value: float, tags: dict[str, str]) -> None:
         try:
-            self._get(name).set(float(value), tags=dict(tags))
+            self._get(name).set(value, tags=tags)
         except Exception:  # metrics are best effort
             logger.debug("could not record %s", name, exc_info=True)
 
