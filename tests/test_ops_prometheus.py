@@ -80,7 +80,8 @@ ZERO_WHEN_HEALTHY = {
     ("Queued requests at handles", "B"),
     ("Open live streams", "A"),
     ("Transcripts per second, and dropped ones by reason", "B"),
-}  # every live stream has ended; no transcript dropped
+    ("Ingress replicas reading Serve's router state", "B"),
+}  # every live stream has ended; no transcript dropped; no ingress replica on the fallback
 LATENCY_PANEL = "Encoder latency per modality (p50/p95/p99)"
 THROUGHPUT_PANEL = "Encoder throughput per modality"
 VIDEO_REQUESTS = 3
