@@ -6,6 +6,9 @@ trip, one serialisation and one replica dispatch then serve a whole batch, and t
 gets its items at once. A request that finds a free slot leaves at once as a plain call, so a lone request
 waits for nothing.
 
+A request that is cancelled (its timeout, or its client went away) cancels its handle call, and so the work on the
+encoder replica; a list call is cancelled once all of its requests are.
+
 A :class:`CallCoalescer` belongs to one handle: :class:`serve.service.FusionService` makes one per encoder when
 it is built, and every caller (HTTP routes and live streams alike) goes through it, so its in-flight count is
 the whole ingress replica's.
@@ -91,6 +94,9 @@ class CallCoalescer:
     async def _single(self, response: Any) -> Any:
         try:
             return await response
+        except asyncio.CancelledError:
+            _cancel_remote(response)  # awaiting a DeploymentResponse is not the request: cancel that too
+            raise
         finally:
             self._release()
 
@@ -108,18 +114,24 @@ class CallCoalescer:
             task = asyncio.ensure_future(self._send(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            for _, f in batch:
+                f.add_done_callback(lambda _, task=task, batch=batch: _abandon_if_unwanted(task, batch))
 
     async def _send(self, batch: list[tuple[Any, asyncio.Future[Any]]]) -> None:
+        response = None
         try:
             if len(batch) == 1:
-                answers = [await self.handle.remote(batch[0][0])]
+                response = self.handle.remote(batch[0][0])
+                answers = [await response]
             else:
                 if self._many is None:
                     self._many = self.handle.options(method_name="encode_many")
-                answers = await self._many.remote([p for p, _ in batch])
+                response = self._many.remote([p for p, _ in batch])
+                answers = await response
                 if not isinstance(answers, list) or len(answers) != len(batch):
                     raise RuntimeError(f"encode_many answered {type(answers).__name__} for {len(batch)} items")
         except asyncio.CancelledError:
+            _cancel_remote(response)
             for _, f in batch:
                 f.cancel()
             raise
@@ -133,3 +145,16 @@ class CallCoalescer:
                     f.set_result(answer)
         finally:
             self._release()
+
+
+def _abandon_if_unwanted(task: asyncio.Task[Any], batch: list[tuple[Any, asyncio.Future[Any]]]) -> None:
+    """Cancel a list call once every request in it was cancelled (a timeline whose client went away)."""
+    if not task.done() and all(f.cancelled() for _, f in batch):
+        task.cancel()
+
+
+def _cancel_remote(response: Any) -> None:
+    """Cancel the encoder's work for ``response`` (a ``DeploymentResponse``; fakes may have no ``cancel``)."""
+    cancel = getattr(response, "cancel", None)
+    if callable(cancel):
+        cancel()
