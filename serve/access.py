@@ -1,4 +1,4 @@
-"""Access control of the prediction endpoints: API keys, per-client request rate and concurrent uploads.
+"""Access control of the prediction endpoints: API keys, per-client request rate, concurrent uploads and timelines.
 
 :class:`AccessMiddleware` decides before FastAPI reads the request body, so a caller without a valid key, or
 over its limits, is answered (401, or 429 with ``Retry-After``) without the ingress reading its upload.
@@ -236,6 +236,8 @@ class AccessControl:
         self.rate = RateLimiter(per_minute, self.limits.burst, clock) if per_minute else None
         uploads = self.limits.max_concurrent_uploads
         self.uploads = UploadSlots(uploads) if uploads else None
+        timelines = self.limits.max_concurrent_timelines
+        self.timelines = UploadSlots(timelines) if timelines else None
 
     @property
     def keys_required(self) -> bool:
@@ -263,19 +265,34 @@ class AccessControl:
         name = key_id(digest)
         return Client(bucket=name, label=name)
 
-    async def admit(self, conn: HTTPConnection, upload: bool) -> Client | Rejection:
-        """Identify the caller and apply its limits; an admitted upload holds a slot until :meth:`release`."""
+    async def admit(self, conn: HTTPConnection, upload: bool, timeline: bool = False) -> Client | Rejection:
+        """Identify the caller and apply its limits; an admitted upload or timeline holds a slot until
+        :meth:`release`."""
         who = await self.identify(conn)
         if isinstance(who, Client):
             who = self._limit(who, upload)
+        slots = self.timelines
+        if isinstance(who, Client) and timeline and slots is not None and not slots.acquire(who.bucket):
+            if upload:
+                self.release(who)
+            who = Rejection(
+                429,
+                f"too many timelines in progress from this client (at most {slots.limit} at once); "
+                "retry when one has finished",
+                "too_many_timelines",
+                {"Retry-After": "5"},
+                who.label,
+            )
         decision = who.decision if isinstance(who, Rejection) else "allowed"
         self.metrics.inc(ACCESS_METRIC, decision=decision, client=who.label)
         return who
 
-    def release(self, client: Client) -> None:
-        """End an admitted upload."""
-        if self.uploads is not None:
+    def release(self, client: Client, upload: bool = True, timeline: bool = False) -> None:
+        """End an admitted upload (and/or timeline)."""
+        if upload and self.uploads is not None:
             self.uploads.release(client.bucket)
+        if timeline and self.timelines is not None:
+            self.timelines.release(client.bucket)
 
     def _limit(self, client: Client, upload: bool) -> Client | Rejection:
         if self.rate is not None:
@@ -307,25 +324,31 @@ class AccessMiddleware:
     """Apply :class:`AccessControl` to ``paths`` before the body is read; ``upload_paths`` count as uploads."""
 
     def __init__(
-        self, app: ASGIApp, access: AccessControl, paths: Collection[str], upload_paths: Collection[str] = ()
+        self,
+        app: ASGIApp,
+        access: AccessControl,
+        paths: Collection[str],
+        upload_paths: Collection[str] = (),
+        timeline_paths: Collection[str] = (),
     ) -> None:
         self.app = app
         self.access = access
         self.paths = frozenset(paths)
         self.upload_paths = frozenset(upload_paths)
+        self.timeline_paths = frozenset(timeline_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = route_path(scope) if scope["type"] == "http" else ""
         if path not in self.paths:
             await self.app(scope, receive, send)
             return
-        upload = path in self.upload_paths
-        who = await self.access.admit(HTTPConnection(scope), upload)
+        upload, timeline = path in self.upload_paths, path in self.timeline_paths
+        who = await self.access.admit(HTTPConnection(scope), upload, timeline)
         if isinstance(who, Rejection):
             await who.response()(scope, receive, send)
             return
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send)  # a streamed answer holds its slot until its last line
         finally:
-            if upload:
-                self.access.release(who)
+            if upload or timeline:
+                self.access.release(who, upload, timeline)

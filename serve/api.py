@@ -8,6 +8,7 @@ first: request metrics, CORS (only with an allow-list), access control (:mod:`se
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,28 +17,59 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
+from pydantic.json_schema import models_json_schema
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models.labels import MODALITIES
+from models.media import MediaError
+from models.recording import RecordingTooLong
 from serve.access import API_KEY_HEADER, BEARER, AccessControl, AccessMiddleware, Client, route_path
-from serve.config import TRANSCRIBE_MODES, AppConfig, TranscribeMode
+from serve.config import TRANSCRIBE_MODES, AppConfig, Segmentation, TranscribeMode
 from serve.errors import EncoderError
 from serve.metrics import Metrics
-from serve.schemas import ERROR_RESPONSES, HealthResponse, PredictionResponse, TextRequest
+from serve.schemas import (
+    ERROR_RESPONSES,
+    TIMELINE_LINES,
+    TIMELINE_RESPONSES,
+    HealthResponse,
+    PredictionResponse,
+    TextRequest,
+)
 from serve.service import FusionService, PredictionFailed
 from serve.stream import StreamManager
+from serve.timeline import NDJSONResponse, TimelineBusy, TimelineRunner, encode_line
 from serve.uploads import UploadLimitMiddleware, check_media
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-ENDPOINTS = ("/api/health", "/api/predict", "/predict", "/predict/audio", "/predict/video", "/docs", "/openapi.json")
+TIMELINE_PATH = "/predict/timeline"
+ENDPOINTS = (
+    "/api/health",
+    "/api/predict",
+    "/predict",
+    "/predict/audio",
+    "/predict/video",
+    TIMELINE_PATH,
+    "/docs",
+    "/openapi.json",
+)
 UPLOAD_PATHS = ("/predict", "/predict/audio", "/predict/video")  # multipart: what the upload cap counts
-PREDICT_PATHS = ("/api/predict", *UPLOAD_PATHS)  # what API keys and per-client limits guard
+PREDICT_PATHS = ("/api/predict", *UPLOAD_PATHS, TIMELINE_PATH)  # what API keys and per-client limits guard
 SNIFF_BYTES = 512
 NON_EMPTY = {"minLength": 1}  # an uploaded file must have content (an empty one is answered 400)
 TRANSCRIBE_HELP = (
     "off: no transcript; return: the words of the audio in `transcript`; fuse: also fused as the text modality "
     "when the request has no text. A form field wins over the query parameter; default: the deployment's "
     "transcriber.default_mode (return)"
+)
+SEGMENT_HELP = "fixed segmentation: seconds per segment (default: the deployment's timeline.segment_s, 3)"
+HOP_HELP = "fixed segmentation: seconds between segment starts, at most segment_s (default: segment_s, no overlap)"
+SEGMENTATION_HELP = (
+    "fixed: segment_s every hop_s; speech: one segment per stretch of speech, cut halfway through the pauses "
+    "(a recording without audio is cut fixed). Default: the deployment's timeline.segmentation (fixed)"
+)
+TIMELINE_TRANSCRIBE_HELP = (
+    "off: no words; return: each segment's words in its `transcript`; fuse: also fused as its text when the "
+    "request has no text. Default: the deployment's timeline.default_transcribe (off)"
 )
 TranscribeField = Annotated[TranscribeMode | None, Form(description=TRANSCRIBE_HELP)]
 TranscribeQuery = Annotated[TranscribeMode | None, Query(alias="transcribe", description=TRANSCRIBE_HELP)]
@@ -163,8 +195,18 @@ def create_app(
         version="1.0",
     )
     app.add_middleware(MethodGuardMiddleware, api=app)
-    app.add_middleware(UploadLimitMiddleware, max_bytes=config.limits.max_upload_bytes)
-    app.add_middleware(AccessMiddleware, access=access, paths=PREDICT_PATHS, upload_paths=UPLOAD_PATHS)
+    app.add_middleware(
+        UploadLimitMiddleware,
+        max_bytes=config.limits.max_upload_bytes,
+        path_limits={TIMELINE_PATH: config.limits.max_timeline_upload_bytes},
+    )
+    app.add_middleware(
+        AccessMiddleware,
+        access=access,
+        paths=PREDICT_PATHS,
+        upload_paths=UPLOAD_PATHS,
+        timeline_paths=(TIMELINE_PATH,),
+    )
     if config.access.cors_origins:  # none: browsers allow the page's own origin only
         app.add_middleware(
             CORSMiddleware,
@@ -266,6 +308,72 @@ def create_app(
             payloads["audio"] = payloads["video"]  # the video's own audio track
         return await service.predict(payloads, primary=primary, prefailed=empty, transcribe=mode)
 
+    timelines = TimelineRunner(service, config)
+
+    @app.post(
+        TIMELINE_PATH,
+        status_code=200,
+        response_class=NDJSONResponse,
+        responses=TIMELINE_RESPONSES,
+        tags=["predict"],
+        dependencies=security,
+    )
+    async def predict_timeline(
+        audio: Annotated[UploadFile | None, File(description="a recording's audio (or a video: its track)")] = None,
+        video: Annotated[
+            UploadFile | None, File(description="a video: its frames, and its audio track unless 'audio' is given")
+        ] = None,
+        text: Annotated[str | None, Form(description="text fused into every segment (blank counts as absent)")] = None,
+        segment_s: Annotated[float | None, Form(ge=1.0, le=30.0, description=SEGMENT_HELP)] = None,
+        hop_s: Annotated[float | None, Form(ge=0.5, le=30.0, description=HOP_HELP)] = None,
+        segmentation: Annotated[Segmentation | None, Form(description=SEGMENTATION_HELP)] = None,
+        transcribe: Annotated[TranscribeMode | None, Form(description=TIMELINE_TRANSCRIBE_HELP)] = None,
+        transcribe_query: Annotated[
+            TranscribeMode | None, Query(alias="transcribe", description=TIMELINE_TRANSCRIBE_HELP)
+        ] = None,
+    ) -> NDJSONResponse:
+        """Emotion over time of a long recording (up to ``limits.max_timeline_seconds``), streamed as NDJSON: a
+        ``start`` line, one ``segment`` line per segment in order as they are answered, then a ``summary``."""
+        if audio is None and video is None:
+            raise HTTPException(422, "give file 'audio' or file 'video'")
+        segment = segment_s or config.timeline.segment_s
+        if segment > config.limits.max_media_seconds:
+            raise HTTPException(422, f"segment_s is over limits.max_media_seconds ({config.limits.max_media_seconds})")
+        if hop_s is not None and hop_s > segment:
+            raise HTTPException(422, f"hop_s ({hop_s:g}) must not exceed segment_s ({segment:g}): no gaps")
+        words = _clean_text(text, config) if text is not None and text.strip() else None
+        mode = transcribe or transcribe_query or config.timeline.default_transcribe
+        try:
+            release = timelines.reserve()
+        except TimelineBusy as exc:
+            raise HTTPException(503, f"{exc}; retry later", headers={"Retry-After": "10"}) from exc
+        try:
+            audio_data = await _read_upload(audio, "audio")
+            video_data = await _read_upload(video, "video")
+            if audio_data is None and video_data is None:
+                raise HTTPException(422, "give file 'audio' or file 'video'")
+            if audio_data == b"" or video_data == b"":
+                raise HTTPException(400, "the uploaded file is empty")
+            try:
+                if video_data is not None:
+                    recording = await timelines.decode(video_data, True, audio_data)
+                else:
+                    recording = await timelines.decode(audio_data or b"", False)
+            except RecordingTooLong as exc:
+                raise HTTPException(422, f"{exc} (limits.max_timeline_seconds)") from exc
+            except MediaError as exc:
+                raise HTTPException(400, str(exc)) from exc
+            plan = await timelines.plan(recording, segment_s, hop_s, segmentation)
+        except BaseException:
+            release()
+            raise
+
+        async def lines() -> AsyncIterator[bytes]:
+            async for line in timelines.lines(recording, plan, words, mode):
+                yield encode_line(line)
+
+        return NDJSONResponse(lines(), on_close=release)
+
     streams = StreamManager(service, config, access)
 
     @app.websocket("/ws/stream")
@@ -313,6 +421,7 @@ def _describe_fused_form(app: FastAPI) -> None:
             if operation is not None and "requestBody" in operation:
                 operation["requestBody"]["required"] = True  # no body at all names no modality either
             _transcribe_is_a_string(spec)
+            _describe_timeline_form(spec)
             app.openapi_schema = spec
         return app.openapi_schema
 
@@ -331,3 +440,31 @@ def _transcribe_is_a_string(spec: dict[str, Any]) -> None:
         body = spec.get("components", {}).get("schemas", {}).get(str(ref.get("$ref", "")).rsplit("/", 1)[-1])
         if body is not None and "transcribe" in body.get("properties", {}):
             body["properties"]["transcribe"] = {**mode, "title": "Transcribe"}
+
+
+def _describe_timeline_form(spec: dict[str, Any]) -> None:
+    """The OpenAPI form of ``POST /predict/timeline`` as the route takes it (see :func:`_describe_fused_form`): each
+    field its one type, never null; a file ``audio`` or ``video`` required; and the NDJSON lines' schemas."""
+    operation = spec.get("paths", {}).get(TIMELINE_PATH, {}).get("post")
+    if operation is None:
+        return
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    ref = operation["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
+    body = schemas[ref.rsplit("/", 1)[-1]]
+    for name, prop in body["properties"].items():
+        kept = [s for s in prop.pop("anyOf", []) if s.get("type") != "null"]
+        prop.update(kept[0] if kept else {})
+        if name in ("audio", "video"):
+            prop.update(type="string", contentMediaType="application/octet-stream")
+    for param in operation.get("parameters", []):
+        if param.get("name") == "transcribe":
+            param["schema"] = {"type": "string", "enum": list(TRANSCRIBE_MODES), "title": "Transcribe"}
+    body["anyOf"] = [{"required": ["audio"]}, {"required": ["video"]}]
+    operation["requestBody"]["required"] = True
+    for content in operation["responses"]["200"].get("content", {}).values():
+        content.get("schema", {}).pop("type", None)  # FastAPI's default for a custom response class; lines are objects
+    _, defs = models_json_schema(
+        [(line, "serialization") for line in TIMELINE_LINES], ref_template="#/components/schemas/{model}"
+    )
+    for name, schema in defs.get("$defs", {}).items():
+        schemas.setdefault(name, schema)

@@ -28,6 +28,7 @@ from models.transcribe import ComputeType, TranscriberSettings
 Device = Literal["auto", "cpu", "cuda"]
 TranscribeMode = Literal["off", "return", "fuse"]
 TRANSCRIBE_MODES: tuple[str, ...] = ("off", "return", "fuse")
+Segmentation = Literal["fixed", "speech"]
 
 
 class _Strict(BaseModel):
@@ -63,10 +64,20 @@ class LimitsConfig(_Strict):
     num_frames: int = Field(16, ge=1, le=64, description="frames sampled uniformly from a video")
     decode_timeout_s: float = Field(20.0, gt=0, description="wall-clock limit of one ffmpeg decode")
     max_media_seconds: float = Field(30.0, gt=0, description="audio/video beyond this is not decoded")
+    max_timeline_seconds: float = Field(
+        900.0, gt=0, description="longest recording POST /predict/timeline takes; longer ones are answered 422"
+    )
+    max_timeline_upload_mb: float = Field(
+        200.0, gt=0, description="request body limit of POST /predict/timeline (413), enforced while reading"
+    )
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_timeline_upload_bytes(self) -> int:
+        return int(self.max_timeline_upload_mb * 1024 * 1024)
 
     def decode_limits(self) -> DecodeLimits:
         """The matching :class:`models.media.DecodeLimits`."""
@@ -163,6 +174,9 @@ class ClientLimitsConfig(_Strict):
     max_concurrent_uploads: int | None = Field(
         None, ge=1, description="media requests (/predict, /predict/audio, /predict/video) in flight per client"
     )
+    max_concurrent_timelines: int | None = Field(
+        2, ge=1, description="POST /predict/timeline requests in progress per client (429 beyond); None: no limit"
+    )
 
 
 class AccessConfig(_Strict):
@@ -213,6 +227,44 @@ class StreamConfig(_Strict):
     )
 
 
+class TimelineConfig(_Strict):
+    """``POST /predict/timeline`` (:mod:`serve.timeline`): how a long recording is cut, and how hard it is pushed."""
+
+    segment_s: float = Field(3.0, ge=1.0, le=30.0, description="segment length when the request names none")
+    hop_s: float | None = Field(
+        None, ge=0.5, le=30.0, description="seconds between segment starts (<= segment_s); None: segment_s"
+    )
+    segmentation: Segmentation = Field(
+        "fixed",
+        description="how a request without the option is cut: fixed (segment_s every hop_s) or speech (one segment "
+        "per stretch of speech, cut halfway through the pauses; fixed when the recording has no audio)",
+    )
+    speech_max_s: float = Field(
+        10.0, ge=1.0, le=30.0, description="speech segmentation: a longer stretch is cut into equal parts"
+    )
+    min_segment_s: float = Field(1.0, ge=0.1, description="a shorter segment joins its neighbour")
+    fps: float = Field(5.0, gt=0, le=30.0, description="video frames decoded per second of the recording")
+    segments_in_flight: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="segments of one timeline sent to the encoders at once (the coalescer spreads them over the "
+        "replicas and batches); the next leaves as one finishes",
+    )
+    max_active: int = Field(4, ge=1, description="timelines in progress per ingress replica (503 beyond)")
+    decode_timeout_s: float = Field(300.0, gt=0, description="wall-clock limit of decoding one whole recording")
+    default_transcribe: TranscribeMode = Field(
+        "off", description="transcribe without a request option: per-segment words cost a Whisper call per segment"
+    )
+    moments: int = Field(5, ge=0, le=50, description="strongest moments listed in the summary")
+
+    @model_validator(mode="after")
+    def _hop_fits(self) -> TimelineConfig:
+        if self.hop_s is not None and self.hop_s > self.segment_s:
+            raise ValueError(f"timeline.hop_s ({self.hop_s}) must be <= segment_s ({self.segment_s}): no gaps")
+        return self
+
+
 class TranscriberConfig(_Strict):
     """The ``Transcriber`` deployment (Whisper-base on faster-whisper) and the ingress's calls to it."""
 
@@ -256,10 +308,21 @@ class AppConfig(_Strict):
     access: AccessConfig = Field(default_factory=AccessConfig)
     stream: StreamConfig = Field(default_factory=StreamConfig)
     transcriber: TranscriberConfig = Field(default_factory=TranscriberConfig)
+    timeline: TimelineConfig = Field(default_factory=TimelineConfig)
     ingress_torch_threads: int = Field(1, ge=1)
     health_timeout_s: float = Field(
         5.0, gt=0, description="how long /api/health, and a starting ingress replica, wait for each encoder"
     )
+
+    @model_validator(mode="after")
+    def _segments_decodable(self) -> AppConfig:
+        longest = max(self.timeline.segment_s, self.timeline.speech_max_s)
+        if longest > self.limits.max_media_seconds:
+            raise ValueError(
+                f"timeline.segment_s and speech_max_s ({longest}) must be <= limits.max_media_seconds "
+                f"({self.limits.max_media_seconds}): the encoders decode no more of a segment"
+            )
+        return self
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | AppConfig | None) -> AppConfig:

@@ -4,7 +4,8 @@ Ray Serve's proxy answers 500 when the ``FusionIngress`` replica serving a reque
 replica is reachable). Every endpoint of this service is a stateless prediction, so such a request can be sent
 again: :class:`ReplayMiddleware` keeps the request body (up to ``max_body_bytes``), holds the answer until it is
 complete, and sends the request again, after a short wait, when the attempt failed that way. Other answers,
-including the application's own 503s (JSON), pass through unchanged.
+including the application's own 503s (JSON), pass through unchanged. A timeline (``POST /predict/timeline``)
+passes through untouched: its lines must reach the client as they come, and a replay would start it over.
 
 It runs inside the proxy actor: ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve.proxy_replay:middlewares``
 (``python -m serve.launch --plain-proxy`` sets it). Behind HAProxy (the default) requests do not pass through
@@ -24,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 logger = logging.getLogger("ray.serve")  # the proxy's log file
 MAX_BODY_BYTES = 8 * 1024 * 1024
 SERVE_PATHS = ("/-/",)  # Serve's /-/healthz and /-/routes: a load balancer wants their 503 at once
+STREAMED_PATHS = ("/predict/timeline",)  # answered line by line as the work goes: never held back, never replayed
 ATTEMPTS = 6
 BACKOFF_S = (0.05, 0.1, 0.2, 0.4, 0.8)
 
@@ -56,6 +58,7 @@ class ReplayMiddleware:
         if (
             scope["type"] != "http"
             or scope.get("path", "").startswith(SERVE_PATHS)  # the proxy's own health and routes: answered as is
+            or scope.get("path", "").endswith(STREAMED_PATHS)  # a timeline streams its lines as they come
             or self._declared_length(scope) > self.max_body_bytes
         ):
             await self.app(scope, receive, send)

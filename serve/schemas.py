@@ -203,3 +203,103 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     },
     504: {"model": ErrorResponse, "description": "no encoder answered in time"},
 }
+
+
+# ---- POST /predict/timeline: NDJSON lines -------------------------------------------------------------------------
+
+
+class TimelineStart(BaseModel):
+    """First line of a timeline: what will come."""
+
+    type: Literal["start"] = "start"
+    duration_s: float = Field(description="seconds of the recording analysed")
+    segmentation: Literal["fixed", "speech"] = Field(
+        description="fixed: segment_s every hop_s; speech: one segment per stretch of speech"
+    )
+    segment_s: float = Field(description="fixed: each segment's length; speech: the longest a segment may be")
+    hop_s: float | None = Field(None, description="fixed: seconds between segment starts (segment_s: no overlap)")
+    segments: int = Field(description="segment lines that will follow")
+    modalities: list[Modality] = Field(description="what each segment is sent as (text: the request's context)")
+    transcribe: Literal["off", "return", "fuse"]
+
+
+class TimelineError(BaseModel):
+    """Why a segment has no answer: the HTTP status ``POST /predict`` would answer, and its detail."""
+
+    status: int
+    detail: str
+
+
+class TimelineSegment(BaseModel):
+    """One segment's answer (or its ``error``), one line each, in the order of the recording."""
+
+    type: Literal["segment"] = "segment"
+    index: int = Field(description="0, 1, ... in the order of the recording")
+    start_s: float
+    end_s: float
+    emotion: Emotion | None = None
+    confidence: float | None = None
+    probabilities: Probabilities | None = None
+    contributions: dict[Modality, float] | None = None
+    dropped: dict[Modality | Literal["transcript"], str] = Field(default_factory=dict)
+    transcript: Transcript | None = Field(None, description="the segment's words (transcribe=return or fuse)")
+    latency_ms: float = Field(description="time from the segment's start to its answer in the ingress")
+    error: TimelineError | None = Field(None, description="no modality of this segment could be used")
+
+
+class TimelineMoment(BaseModel):
+    """A segment where an emotion was strongest."""
+
+    index: int
+    start_s: float
+    end_s: float
+    emotion: Emotion
+    confidence: float
+
+
+class TimelineSummary(BaseModel):
+    """Last line of a timeline."""
+
+    type: Literal["summary"] = "summary"
+    duration_s: float
+    segments: int
+    answered: int
+    failed: int
+    dominant: Emotion | None = Field(description="the emotion with the largest share of the time")
+    shares: dict[Emotion, float] = Field(
+        description="each emotion's share of the answered time (each second counted once where segments overlap)"
+    )
+    seconds: dict[Emotion, float] = Field(description="each emotion's answered seconds")
+    strongest: list[TimelineMoment] = Field(
+        description="the most confident segments, strongest first (non-neutral ones when there are any)"
+    )
+    latency_ms: float = Field(description="time from the first segment sent to the last answered")
+
+
+TIMELINE_LINES: tuple[type[BaseModel], ...] = (TimelineStart, TimelineSegment, TimelineSummary)
+TIMELINE_RESPONSES: dict[int | str, dict[str, object]] = {
+    200: {
+        "description": "NDJSON, one JSON object a line: a `start` line, one `segment` line per segment in the order "
+        "of the recording (each as soon as it and those before it are answered), then a `summary` line",
+        "content": {
+            "application/x-ndjson": {
+                "schema": {"oneOf": [{"$ref": f"#/components/schemas/{m.__name__}"} for m in TIMELINE_LINES]}
+            }
+        },
+    },
+    400: {"model": ErrorResponse, "description": "undecodable, corrupt or empty media, or no stream to use"},
+    401: ERROR_RESPONSES[401],
+    413: {"model": ErrorResponse, "description": "request body over limits.max_timeline_upload_mb"},
+    415: ERROR_RESPONSES[415],
+    422: {
+        "model": ValidationErrorResponse,
+        "description": "the recording is longer than limits.max_timeline_seconds, hop_s exceeds segment_s, no file "
+        "given, or the request does not fit the schema",
+    },
+    429: {
+        "model": ErrorResponse,
+        "description": "this client has its maximum of timelines in progress, or is over its request rate; retry "
+        "after the Retry-After header's seconds",
+    },
+    503: {"model": ErrorResponse, "description": "this ingress replica runs its maximum of timelines; retry later"},
+}

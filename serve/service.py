@@ -172,22 +172,25 @@ class FusionService:
         prefailed: Mapping[str, EncoderError] | None = None,
         on_answer: AnswerTimer | None = None,
         transcribe: TranscribeMode = "off",
+        known: Mapping[str, EncoderAnswer] | None = None,
     ) -> PredictionResponse:
         """Run ``{modality: payload}`` through the encoders and combine what succeeded.
 
         ``primary`` names the modalities the client asked for (a video's audio track is secondary);
-        ``prefailed`` are modalities already known to be unusable (e.g. an empty upload); ``on_answer(modality,
-        ms)`` is called when each encoder call ends (answered, failed or timed out; after a retry, again), with
-        the milliseconds since this prediction started. ``transcribe`` (``off``, ``return``, ``fuse``) says what
-        to do with the words of the audio payload (see the module docstring).
+        ``prefailed`` are modalities already known to be unusable (e.g. an empty upload); ``known`` are answers
+        already in hand (a timeline's text, encoded once for all its segments), combined as if just answered;
+        ``on_answer(modality, ms)`` is called when each encoder call ends (answered, failed or timed out; after a
+        retry, again), with the milliseconds since this prediction started. ``transcribe`` (``off``, ``return``,
+        ``fuse``) says what to do with the words of the audio payload (see the module docstring).
         """
         start = time.perf_counter()
-        primary = primary or tuple(payloads)
+        known = known or {}
+        primary = primary or (*payloads, *known)
         audio = payloads.get("audio")
         words = None  # the transcript, on its way
         if transcribe != "off" and isinstance(audio, bytes) and self.transcriber is not None:
             words = asyncio.ensure_future(self._transcribe(self.transcriber, audio, start, on_answer))
-        fuse_words = words is not None and transcribe == "fuse" and "text" not in payloads
+        fuse_words = words is not None and transcribe == "fuse" and "text" not in payloads and "text" not in known
         names = [m for m in MODALITIES if m in payloads or (m == "text" and fuse_words)]
         calls = [
             self._call(m, payloads[m], start, on_answer)
@@ -200,7 +203,7 @@ class FusionService:
         except BaseException:
             _cancel(words)
             raise
-        ok: dict[str, EncoderAnswer] = {}
+        ok: dict[str, EncoderAnswer] = dict(known)
         failed: dict[str, EncoderError] = dict(prefailed or {})
         for m, answer in zip(names, answers, strict=True):
             if isinstance(answer, EncoderAnswer):
@@ -233,6 +236,11 @@ class FusionService:
             self.metrics.inc("emotion_predictions_total", emotion=r.emotion, modality=m)
         self.metrics.inc("emotion_predictions_total", emotion=response.emotion, modality="fused")
         return response
+
+    async def encode(self, modality: str, payload: str | bytes) -> EncoderAnswer | EncoderError:
+        """One encoder's answer for ``payload`` (the calls, retries and timeout of :meth:`predict`); never raises."""
+        answer = await self._call(modality, payload, time.perf_counter())
+        return answer if isinstance(answer, EncoderAnswer) else answer["error"]
 
     async def _call(
         self, modality: str, payload: str | bytes, start: float, on_answer: AnswerTimer | None = None

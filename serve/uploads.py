@@ -22,9 +22,12 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Mapping
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve.access import route_path
 
 
 class BodyTooLarge(HTTPException):
@@ -42,29 +45,34 @@ DRAIN_TIMEOUT_S = 30.0
 
 
 class UploadLimitMiddleware:
-    """Answer 413 for request bodies over ``max_bytes``, checking while the body is read."""
+    """Answer 413 for request bodies over ``max_bytes`` (or the path's own limit in ``path_limits``), checking
+    while the body is read."""
 
     def __init__(
-        self, app: ASGIApp, max_bytes: int, drain_bytes: int | None = None, drain_timeout_s: float = DRAIN_TIMEOUT_S
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        drain_bytes: int | None = None,
+        drain_timeout_s: float = DRAIN_TIMEOUT_S,
+        path_limits: Mapping[str, int] | None = None,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
-        self.drain_bytes = 4 * max_bytes if drain_bytes is None else drain_bytes
+        self.drain_bytes = drain_bytes
         self.drain_timeout_s = drain_timeout_s
+        self.path_limits = dict(path_limits or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes = self.path_limits.get(route_path(scope), self.max_bytes)
+        drain_bytes = 4 * max_bytes if self.drain_bytes is None else self.drain_bytes
         declared = _content_length(scope)
-        if declared is not None and declared > self.max_bytes:
-            drain = not _expects_continue(scope) and declared <= self.drain_bytes
+        if declared is not None and declared > max_bytes:
+            drain = not _expects_continue(scope) and declared <= drain_bytes
             await _send_413(
-                send,
-                BodyTooLarge(self.max_bytes).detail,
-                receive if drain else None,
-                self.drain_bytes,
-                self.drain_timeout_s,
+                send, BodyTooLarge(max_bytes).detail, receive if drain else None, drain_bytes, self.drain_timeout_s
             )
             return
 
@@ -77,11 +85,11 @@ class UploadLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > max_bytes:
                     too_large = True
                     if message.get("more_body", False):  # read the rest away, so the client can read the 413
-                        await _drain(receive, self.drain_bytes, self.drain_timeout_s)
-                    raise BodyTooLarge(self.max_bytes)
+                        await _drain(receive, drain_bytes, self.drain_timeout_s)
+                    raise BodyTooLarge(max_bytes)
             return message
 
         async def tracking_send(message: Message) -> None:
