@@ -37,7 +37,7 @@ from serve.schemas import (
 )
 from serve.service import FusionService, PredictionFailed
 from serve.stream import StreamManager
-from serve.timeline import NDJSONResponse, TimelineBusy, TimelineRunner, encode_line
+from serve.timeline import NDJSON, NDJSONResponse, TimelineBusy, TimelineRunner, encode_line
 from serve.uploads import UploadLimitMiddleware, check_media
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -463,6 +463,10 @@ def _describe_timeline_form(spec: dict[str, Any]) -> None:
     operation["requestBody"]["required"] = True
     for content in operation["responses"]["200"].get("content", {}).values():
         content.get("schema", {}).pop("type", None)  # FastAPI's default for a custom response class; lines are objects
+    for status, response in operation["responses"].items():
+        content = response.get("content", {})
+        if status != "200" and NDJSON in content:  # errors are JSON, not the stream's type FastAPI gives them
+            content["application/json"] = content.pop(NDJSON)
     _, defs = models_json_schema(
         [(line, "serialization") for line in TIMELINE_LINES], ref_template="#/components/schemas/{model}"
     )

@@ -322,3 +322,17 @@ def test_a_client_that_goes_away_cancels_the_remaining_segments(
     assert len(events["started"]) < 8  # of 20
     assert events["cancelled"], "the calls under way were not cancelled"
     assert not [t for t in events["finished"] if t > gone + 0.1]
+
+
+def test_openapi_documents_the_stream_and_json_errors() -> None:
+    spec = make().app.openapi()
+    operation = spec["paths"][URL]["post"]
+    assert set(operation["responses"]["200"]["content"]) == {"application/x-ndjson"}
+    for status in ("400", "413", "422", "429", "503"):
+        assert set(operation["responses"][status]["content"]) == {"application/json"}, status
+    lines = operation["responses"]["200"]["content"]["application/x-ndjson"]["schema"]["oneOf"]
+    assert {line["$ref"].rsplit("/", 1)[-1] for line in lines} <= set(spec["components"]["schemas"])
+    body = spec["components"]["schemas"]["Body_predict_timeline_predict_timeline_post"]
+    assert body["anyOf"] == [{"required": ["audio"]}, {"required": ["video"]}]
+    assert all("anyOf" not in prop for prop in body["properties"].values())  # one type each, never null
+    assert body["properties"]["segmentation"]["enum"] == ["fixed", "speech"]
