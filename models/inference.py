@@ -8,6 +8,7 @@ Each pipeline splits its work in two so that a server can place them well:
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,22 @@ from models.common import Precision, forward_in_precision, prepare_for_inference
 from models.fusion.model import PROB_FLOOR
 from models.labels import EMOTIONS, NUM_CLASSES
 from models.media import DEFAULT_LIMITS, DecodeLimits, decode_audio, decode_frames
-from models.text.preprocessing import TextPreprocessor
+from models.text.preprocessing import TextPreprocessor, Turn
 from models.video.preprocessing import FaceConfig, FaceCropper, faces_to_tensor, pad_clips
 
 
 class EmptyTextError(ValueError):
     """The text is empty or only whitespace."""
+
+
+def _turn(turn: str | Mapping[str, Any] | Turn) -> Turn:
+    """One previous turn from a string, a ``{"speaker", "text"}`` mapping or a :class:`Turn`."""
+    if isinstance(turn, Turn):
+        return turn
+    if isinstance(turn, Mapping):
+        speaker = turn.get("speaker")
+        return Turn(" ".join(str(turn.get("text", "")).split()), str(speaker) if speaker else None)
+    return Turn(" ".join(str(turn).split()))
 
 
 @dataclass
@@ -112,21 +123,44 @@ class TextPipeline(_Pipeline):
         cfg = self.model.config
         self.preprocessor = TextPreprocessor(cfg.backbone, cfg.max_length)
 
-    def prepare(self, text: str) -> Prepared:
-        """Check the text and normalise its whitespace."""
+    @property
+    def reads_context(self) -> bool:
+        """Whether the model was trained to read previous turns (older text models read the utterance alone)."""
+        return bool(getattr(self.model.config, "context", False))
+
+    def prepare(self, payload: str | Mapping[str, Any]) -> Prepared:
+        """Check the text and normalise its whitespace.
+
+        ``payload`` is the text, or ``{"text": ..., "context": [turn, ...]}`` with the previous turns of the
+        conversation, oldest first, each a string or ``{"speaker": ..., "text": ...}``.
+        """
+        text, turns = payload, []
+        if isinstance(payload, Mapping):
+            text, turns = payload.get("text", ""), payload.get("context") or []
         cleaned = " ".join(str(text).split())
         if not cleaned:
             raise EmptyTextError("text is empty")
-        return Prepared(cleaned, {"characters": len(cleaned)})
+        context = tuple(t for t in (_turn(turn) for turn in turns) if t.text)
+        return Prepared((cleaned, context), {"characters": len(cleaned)})
 
     @torch.inference_mode()
     def encode(self, items: list[Prepared]) -> list[EncoderResult]:
-        """Batched forward over prepared texts."""
-        tok = self.preprocessor([it.data for it in items])
+        """Batched forward over prepared texts (each with its context, when the model reads context).
+
+        A text sent with context says how many turns were read (``context_turns``) and how many of the oldest
+        were left out to fit the model window (``context_cut``; all of them for a model without context).
+        """
+        texts = [it.data[0] if isinstance(it.data, tuple) else it.data for it in items]
+        contexts = [it.data[1] if isinstance(it.data, tuple) else () for it in items]
+        tok = self.preprocessor(texts, contexts if self.reads_context else None)
         embedding, logits = self._forward(tok.input_ids, tok.attention_mask)
         results = self._results(embedding, logits, items)
-        for res, truncated in zip(results, tok.truncated, strict=True):
+        for i, (res, truncated) in enumerate(zip(results, tok.truncated, strict=True)):
             res.info["truncated"] = truncated
+            if contexts[i]:
+                used = tok.context_turns[i] if self.reads_context else 0
+                res.info["context_turns"] = used
+                res.info["context_cut"] = len(contexts[i]) - used
         return results
 
 

@@ -22,6 +22,9 @@ class TextModelConfig:
     # How many of the backbone's top transformer layers were fine-tuned. Only those layers (and
     # the head) are stored in the checkpoint; the rest comes unchanged from the backbone itself.
     trainable_layers: int = 6
+    # Trained to read the previous turns of a conversation as a second tokenizer segment
+    # (models.text.preprocessing.TextPreprocessor); a model without it is sent the utterance alone.
+    context: bool = False
 
 
 class TextModel(nn.Module):
