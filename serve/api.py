@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, Security, UploadFile, WebSocket
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
 from pydantic.json_schema import models_json_schema
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -28,12 +30,17 @@ from serve.config import TRANSCRIBE_MODES, AppConfig, Segmentation, TranscribeMo
 from serve.errors import EncoderError
 from serve.metrics import Metrics
 from serve.schemas import (
+    CONTEXT_ADAPTER,
+    CONTEXT_HELP,
     ERROR_RESPONSES,
     TIMELINE_LINES,
     TIMELINE_RESPONSES,
+    ContextItem,
     HealthResponse,
     PredictionResponse,
     TextRequest,
+    context_payload,
+    context_problem,
 )
 from serve.service import FusionService, PredictionFailed
 from serve.stream import StreamManager
@@ -149,6 +156,29 @@ def _clean_text(text: str, config: AppConfig) -> str:
     return text
 
 
+def _text_payload(text: str, context: list[ContextItem] | None, config: AppConfig) -> str | dict[str, Any]:
+    """The text encoder's payload: the checked text, with its checked context when there is one (422 otherwise)."""
+    text = _clean_text(text, config)
+    if not context:
+        return text
+    limits = config.limits
+    problem = context_problem(context, limits.max_context_turns, limits.max_context_chars)
+    if problem:
+        raise HTTPException(422, problem)
+    return {"text": text, "context": context_payload(context)}
+
+
+def _form_context(raw: str | None) -> list[ContextItem] | None:
+    """The ``context`` form field (JSON text) parsed as the JSON body's ``context`` is; FastAPI's 422 list if not."""
+    if raw is None or not raw.strip():
+        return None
+    try:
+        return CONTEXT_ADAPTER.validate_json(raw)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_context=False, include_input=False)
+        raise RequestValidationError([{**e, "loc": ("body", "context", *e["loc"])} for e in errors]) from None
+
+
 async def _read_upload(upload: UploadFile | None, field: str) -> bytes | None:
     """The upload's bytes (``b""`` if empty), ``None`` if no file was chosen; 415 if it is not media."""
     if upload is None:
@@ -243,8 +273,9 @@ def create_app(
 
     @predict_route("/api/predict")
     async def predict_text(body: TextRequest) -> PredictionResponse:
-        """Emotion of a text (JSON ``{"text": ...}``). Text beyond the model window is truncated."""
-        return await service.predict({"text": _clean_text(body.text, config)})
+        """Emotion of a text (JSON ``{"text": ...}``), optionally read with the previous turns of its conversation
+        (``context``). Text beyond the model window is truncated; context turns beyond it are cut, oldest first."""
+        return await service.predict({"text": _text_payload(body.text, body.context, config)})
 
     @predict_route("/predict/audio")
     async def predict_audio(
@@ -281,6 +312,7 @@ def create_app(
     @predict_route("/predict")
     async def predict(
         text: Annotated[str | None, Form(description="text (blank counts as absent)")] = None,
+        context: Annotated[str | None, Form(description=f"JSON list: {CONTEXT_HELP}")] = None,
         audio: Annotated[UploadFile | None, File(description="speech audio")] = None,
         video: Annotated[
             UploadFile | None,
@@ -296,6 +328,7 @@ def create_app(
             for m, d in (("audio", await _read_upload(audio, "audio")), ("video", await _read_upload(video, "video")))
             if d is not None
         }
+        turns = _form_context(context)
         has_text = text is not None and text.strip() != ""
         if not has_text and not uploads:
             raise HTTPException(422, "give at least one of: form field 'text', file 'audio', file 'video'")
@@ -303,7 +336,7 @@ def create_app(
         payloads, empty = _split(uploads)  # type: ignore[assignment]
         primary = tuple(m for m in MODALITIES if m in uploads or (m == "text" and has_text))
         if has_text:
-            payloads["text"] = _clean_text(text or "", config)
+            payloads["text"] = _text_payload(text or "", turns, config)  # type: ignore[assignment]
         if "video" in payloads and "audio" not in uploads:
             payloads["audio"] = payloads["video"]  # the video's own audio track
         return await service.predict(payloads, primary=primary, prefailed=empty, transcribe=mode)
@@ -412,6 +445,18 @@ def _describe_fused_form(app: FastAPI) -> None:
                         "description": props[name].get("description", ""),
                     }
                 props["text"] = {"type": "string", "title": "Text", "description": props["text"].get("description", "")}
+                if "context" in props:  # a JSON text holding the JSON body's context
+                    text_request = spec["components"]["schemas"].get("TextRequest", {}).get("properties", {})
+                    props["context"] = {
+                        "type": "string",
+                        "title": "Context",
+                        "contentMediaType": "application/json",
+                        "contentSchema": next(
+                            (s for s in text_request.get("context", {}).get("anyOf", []) if s.get("type") == "array"),
+                            {"type": "array"},
+                        ),
+                        "description": props["context"].get("description", ""),
+                    }
                 body["anyOf"] = [
                     {"required": ["audio"]},
                     {"required": ["video"]},

@@ -52,6 +52,10 @@ class ModelsConfig(_Strict):
         return getattr(self, f"{name}_weights")
 
 
+MAX_CONTEXT_TURNS = 20  # the most previous turns a text request may carry (the OpenAPI schema's bound)
+MAX_CONTEXT_CHARS = 1000  # the most characters of one previous turn's text (the OpenAPI schema's bound)
+
+
 class LimitsConfig(_Strict):
     """Input limits applied by the ingress and by the decoders."""
 
@@ -60,6 +64,16 @@ class LimitsConfig(_Strict):
         20_000,
         gt=0,
         description="longer texts are rejected (422); the model window (128 tokens) truncates, and says so",
+    )
+    max_context_turns: int = Field(
+        MAX_CONTEXT_TURNS,
+        ge=0,
+        le=MAX_CONTEXT_TURNS,
+        description="previous turns a text may carry as context; more are rejected (422). The 128-token model "
+        "window keeps the newest turns that fit and says how many it cut. 0 rejects any context",
+    )
+    max_context_chars: int = Field(
+        MAX_CONTEXT_CHARS, gt=0, le=MAX_CONTEXT_CHARS, description="characters of one context turn; longer: 422"
     )
     num_frames: int = Field(16, ge=1, le=64, description="frames sampled uniformly from a video")
     decode_timeout_s: float = Field(20.0, gt=0, description="wall-clock limit of one ffmpeg decode")

@@ -73,6 +73,11 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
+def _type_names(kind: type | tuple[type, ...]) -> str:
+    """``str`` or ``str or dict``: the payload types an encoder takes, for its error message."""
+    return " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+
+
 def _batch_method() -> Callable[..., Any]:
     """A fresh ``@serve.batch`` function, hence its own queue; sizes are set in ``reconfigure``."""
 
@@ -89,7 +94,7 @@ class _Encoder:
     """Shared logic of the three encoder deployments."""
 
     modality: ClassVar[str]
-    payload_type: ClassVar[type]
+    payload_type: ClassVar[type | tuple[type, ...]]
     prepare_inline: ClassVar[bool] = False  # True where prepare is trivial (no decode): skip the thread hop
 
     def __init__(self, settings: dict[str, Any] | None = None) -> None:
@@ -171,7 +176,7 @@ class _Encoder:
         if not isinstance(payload, self.payload_type):
             return encoder_error(
                 "bad_payload",
-                f"{self.modality} expects {self.payload_type.__name__}, got {type(payload).__name__}",
+                f"{self.modality} expects {_type_names(self.payload_type)}, got {type(payload).__name__}",
                 422,
             )
         try:
@@ -281,7 +286,7 @@ class TextEncoder(_Encoder):
     """MiniLM text encoder; ``prepare`` validates, ``encode`` tokenises and runs the batch."""
 
     modality = "text"
-    payload_type = str
+    payload_type = (str, dict)  # the text, or {"text": ..., "context": [{"speaker": ..., "text": ...}, ...]}
     prepare_inline = True  # whitespace normalisation only; tokenisation is batched in encode
 
     def _build(self, cfg: EncoderUserConfig) -> TextPipeline:

@@ -2,15 +2,61 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
 
 from models.labels import EMOTIONS, Modality
+from serve.config import MAX_CONTEXT_CHARS, MAX_CONTEXT_TURNS
 
 Emotion = Literal[EMOTIONS]  # type: ignore[valid-type]
 Probabilities = dict[Emotion, float]
 DIGITS = 6  # probabilities and contributions in answers are rounded to this many decimals
+
+
+SPEAKER_CHARS = 100  # the longest speaker name of a context turn
+CONTEXT_HELP = (
+    "optional: the previous turns of the conversation, oldest first, each a string or "
+    '{"speaker": ..., "text": ...}; at most limits.max_context_turns turns '
+    f"({MAX_CONTEXT_TURNS}) of at most limits.max_context_chars characters ({MAX_CONTEXT_CHARS}) each. The text "
+    "model reads the newest turns that fit its 128-token window with the text (which is never cut for them) and "
+    "says how many it read and cut (modalities.text.context_turns, context_cut)"
+)
+
+
+class ContextTurn(BaseModel):
+    """One previous turn of the conversation, with who said it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    speaker: str | None = Field(None, max_length=SPEAKER_CHARS, description="who said it (any name or role)")
+    text: str = Field(..., min_length=1, max_length=MAX_CONTEXT_CHARS, description="what was said")
+
+
+TurnText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_CONTEXT_CHARS)]
+ContextItem = TurnText | ContextTurn
+Context = Annotated[list[ContextItem], Field(max_length=MAX_CONTEXT_TURNS)]
+CONTEXT_ADAPTER: TypeAdapter[list[ContextItem]] = TypeAdapter(Context)
+
+
+def context_payload(context: list[ContextItem]) -> list[dict[str, str | None]]:
+    """The turns as the text encoder takes them: ``[{"speaker": ..., "text": ...}]`` (speaker ``None`` if unnamed)."""
+    turns = [ContextTurn(text=t) if isinstance(t, str) else t for t in context]
+    return [{"speaker": t.speaker, "text": t.text} for t in turns]
+
+
+def context_problem(context: list[ContextItem] | list[str], max_turns: int, max_chars: int) -> str | None:
+    """Why ``context`` is over the deployment's limits (which may be below the schema's), or ``None``.
+
+    A blank turn is no problem: the text model skips it.
+    """
+    if len(context) > max_turns:
+        return f"context has {len(context)} turns; at most {max_turns} are allowed"
+    for i, turn in enumerate(context):
+        text = turn if isinstance(turn, str) else turn.text
+        if len(text) > max_chars:
+            return f"context turn {i} is longer than {max_chars} characters"
+    return None
 
 
 class TextRequest(BaseModel):
@@ -23,6 +69,11 @@ class TextRequest(BaseModel):
         description="at least one non-blank character",
         json_schema_extra={"pattern": r"\S"},
         examples=["I can't believe we finally won the match!"],
+    )
+    context: Context | None = Field(
+        None,
+        description=CONTEXT_HELP,
+        examples=[["We lost the last five games.", {"speaker": "Coach", "text": "Then today we won it 3-1!"}]],
     )
 
 
@@ -42,6 +93,12 @@ class ModalityResult(BaseModel):
     model_version: str
     truncated: bool | None = Field(None, description="text: cut to the model window (128 tokens)")
     characters: int | None = Field(None, description="text: characters after whitespace normalisation")
+    context_turns: int | None = Field(
+        None, description="text sent with context: previous turns read with it (the newest that fit the window)"
+    )
+    context_cut: int | None = Field(
+        None, description="text sent with context: oldest turns left out to fit the 128-token window"
+    )
     duration_s: float | None = Field(None, description="audio: seconds decoded")
     frames: int | None = Field(None, description="video: frames used (uniformly sampled)")
     face_detected: bool | None = Field(None, description="video: whether any frame had a detected face")

@@ -14,7 +14,9 @@ Client to server:
 
 * binary ``0x01`` + PCM: audio, signed 16-bit little-endian, mono, 16 kHz, any whole number of samples;
 * binary ``0x02`` + JPEG: one video frame, a complete JPEG file (``FF D8 FF`` ... ``FF D9``);
-* text ``{"type": "text", "text": "..."}``: the text used from now on (``""`` clears it);
+* text ``{"type": "text", "text": "...", "context": [...]}``: the text used from now on (``""`` clears it), and
+  optionally the previous turns of its conversation, oldest first, each a string or ``{"speaker": ..., "text": ...}``
+  (as ``POST /api/predict``'s ``context``; a text message without one clears it);
 * text ``{"type": "clear"}``: empty the window (audio, frames and text);
 * text ``{"type": "transcribe", "mode": "off" | "return" | "fuse"}``: from the next update on, ``return`` adds the
   window's ``transcript`` (its audio's words) to each update, ``fuse`` also fuses them as the text modality when no
@@ -34,7 +36,8 @@ Server to client, JSON text messages:
 
 Close codes (the reason says what happened): 1003 unknown message type, 1007 malformed message (not PCM16,
 not a JPEG, not JSON), 1008 API key missing or invalid, origin not allowed, or a client that does not read its
-updates, 1009 message over ``stream.max_message_bytes`` or text over ``limits.max_text_chars``, 1011 internal
+updates, 1009 message over ``stream.max_message_bytes``, text over ``limits.max_text_chars`` or context over
+``limits.max_context_turns`` / ``max_context_chars``, 1011 internal
 error, 1013 too many streams on this replica or rate limited (retry later), 4408 nothing received for
 ``stream.idle_timeout_s``.
 
@@ -63,11 +66,20 @@ from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from pydantic import ValidationError
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket
 
 from serve.access import AccessControl, Rejection
-from serve.config import TRANSCRIBE_MODES, AppConfig, StreamConfig, TranscribeMode
+from serve.config import (
+    MAX_CONTEXT_CHARS,
+    MAX_CONTEXT_TURNS,
+    TRANSCRIBE_MODES,
+    AppConfig,
+    StreamConfig,
+    TranscribeMode,
+)
+from serve.schemas import CONTEXT_ADAPTER, context_payload, context_problem
 from serve.service import FusionService, PredictionFailed
 
 logger = logging.getLogger("ray.serve")
@@ -111,7 +123,7 @@ class WindowSpan:
 class Snapshot:
     """Encoder payloads of the window at one instant (copies: the window may change meanwhile)."""
 
-    payloads: dict[str, str | bytes]
+    payloads: dict[str, Any]  # bytes for audio and video; text: a string, or {"text", "context"}
     span: WindowSpan
     transcribe: TranscribeMode = "off"
 
@@ -130,9 +142,17 @@ def pcm_to_wav(pcm: bytes, sample_rate: int = SAMPLE_RATE) -> bytes:
 class StreamWindow:
     """The sliding window of one stream: bounded by seconds of audio, frame count and age, and bytes."""
 
-    def __init__(self, config: StreamConfig, max_text_chars: int) -> None:
+    def __init__(
+        self,
+        config: StreamConfig,
+        max_text_chars: int,
+        max_context_turns: int = MAX_CONTEXT_TURNS,
+        max_context_chars: int = MAX_CONTEXT_CHARS,
+    ) -> None:
         self.config = config
         self.max_text_chars = max_text_chars
+        self.max_context_turns = max_context_turns
+        self.max_context_chars = max_context_chars
         self.max_audio_bytes = int(config.audio_window_s * SAMPLE_RATE) * 2
         self._audio = bytearray()
         self._audio_end: float | None = None
@@ -142,6 +162,7 @@ class StreamWindow:
         self._frame_tokens = self.frame_burst
         self._tokens_at: float | None = None
         self.text = ""
+        self.context: list[dict[str, str | None]] = []  # the text's previous turns (encoder payload form)
         self.transcribe: TranscribeMode = "off"  # what the client asked for the audio's words
         self.version = 0  # bumped by every change; an update runs only when it moved
         self.dropped_frames = 0
@@ -188,8 +209,9 @@ class StreamWindow:
         self._fit_budget()
         return True
 
-    def set_text(self, text: str) -> None:
+    def set_text(self, text: str, context: list[dict[str, str | None]] | None = None) -> None:
         self.text = text
+        self.context = context or []
         self.version += 1
 
     def clear(self) -> None:
@@ -197,6 +219,7 @@ class StreamWindow:
         self._audio_end = None
         self._frames.clear()
         self.text = ""
+        self.context = []
         self.version += 1
 
     def _fit_budget(self) -> None:
@@ -217,7 +240,7 @@ class StreamWindow:
     def snapshot(self, now: float) -> Snapshot | None:
         """The encoder payloads of the window at ``now``; None when nothing is usable yet."""
         self._expire(now)
-        payloads: dict[str, str | bytes] = {}
+        payloads: dict[str, Any] = {}
         starts: list[float] = []
         ends: list[float] = []
         audio_s = self.audio_seconds
@@ -230,7 +253,7 @@ class StreamWindow:
             starts.append(self._frames[0][0])
             ends.append(self._frames[-1][0])
         if self.text.strip():
-            payloads["text"] = self.text
+            payloads["text"] = {"text": self.text, "context": list(self.context)} if self.context else self.text
         if not payloads:
             return None
         start = min(starts) if starts else now
@@ -281,6 +304,25 @@ class StreamWindow:
                 "unsupported",
             )
 
+    def _context(self, value: Any) -> list[dict[str, str | None]]:
+        """A text message's ``context``: 1009 over the limits, 1007 when it is not a list of turns."""
+        if value is None:
+            return []
+        if isinstance(value, list):  # the limits first: an over-long list is too big, not malformed
+            texts = [t if isinstance(t, str) else t.get("text") if isinstance(t, dict) else None for t in value]
+            problem = context_problem(
+                [t for t in texts if isinstance(t, str)], self.max_context_turns, self.max_context_chars
+            )
+            if len(value) > self.max_context_turns or problem:
+                detail = problem or f"context has {len(value)} turns; at most {self.max_context_turns} are allowed"
+                raise StreamClosed(TOO_BIG, detail, "too_big")
+        try:
+            return context_payload(CONTEXT_ADAPTER.validate_python(value))
+        except ValidationError:
+            raise StreamClosed(
+                INVALID, '\'context\' must be a list of turns, each a string or {"speaker", "text"}', "bad_frame"
+            ) from None
+
     def _apply_text(self, text: str) -> None:
         if len(text) > self.config.max_message_bytes:
             raise StreamClosed(TOO_BIG, f"message over the {self.config.max_message_bytes}-byte limit", "too_big")
@@ -297,7 +339,7 @@ class StreamWindow:
                 raise StreamClosed(INVALID, "'text' must be a string", "bad_frame")
             if len(value) > self.max_text_chars:
                 raise StreamClosed(TOO_BIG, f"text is longer than {self.max_text_chars} characters", "too_big")
-            self.set_text(value)
+            self.set_text(value, self._context(body.get("context")))
         elif kind == "clear":
             self.clear()
         elif kind == "transcribe":
@@ -329,7 +371,10 @@ class StreamSession:
         self.ws = websocket
         self.service = service
         self.config = config.stream
-        self.window = StreamWindow(config.stream, config.limits.max_text_chars)
+        limits = config.limits
+        self.window = StreamWindow(
+            config.stream, limits.max_text_chars, limits.max_context_turns, limits.max_context_chars
+        )
         self._clock = clock
         self._t0 = clock()
         self.seq = 0
