@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from models.labels import EMOTION_TO_INDEX, EMOTIONS, MELD_TO_EMOTION, RAVDESS_CALM, RAVDESS_TO_EMOTION
+from models.text.preprocessing import Turn
 
 Sample = tuple[str, int]
 
@@ -36,6 +37,33 @@ def read_meld(root: str | Path, split: str) -> list[Sample]:
             if text:
                 samples.append((text, EMOTION_TO_INDEX[emotion]))
     return samples
+
+
+MELD_CONTEXT_TURNS = 12  # at most this many previous turns per line; the token budget usually cuts sooner
+
+
+def read_meld_contexts(root: str | Path, split: str, turns: int = MELD_CONTEXT_TURNS) -> list[tuple[Turn, ...]]:
+    """Per line of :func:`read_meld` (same order): the previous turns of its dialogue, oldest first.
+
+    The turns are the lines of the same ``Dialogue_ID`` with a smaller ``Utterance_ID``, with their speakers.
+    """
+    path = Path(root) / "meld_text" / MELD_FILES[split]
+    rows = []
+    with path.open(newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            text = " ".join(row["Utterance"].replace("\x92", "'").split())
+            if text:
+                rows.append((int(row["Dialogue_ID"]), int(row["Utterance_ID"]), text, row["Speaker"].strip()))
+    dialogues: dict[int, list[tuple[int, str, str]]] = {}
+    for dialogue, utterance, text, speaker in rows:
+        dialogues.setdefault(dialogue, []).append((utterance, text, speaker))
+    for lines in dialogues.values():
+        lines.sort()
+    contexts = []
+    for dialogue, utterance, _, _ in rows:
+        before = [Turn(text, speaker) for u, text, speaker in dialogues[dialogue] if u < utterance]
+        contexts.append(tuple(before[-turns:]))
+    return contexts
 
 
 def read_goemotions(root: str | Path, split: str) -> list[tuple[str, tuple[int, ...]]]:

@@ -16,10 +16,17 @@ from tqdm import tqdm
 from models.audio.preprocessing import AudioFeatureConfig, pad_features
 from models.checkpoint import WEIGHTS_FILE, load_model, read_config
 from models.common import forward_in_precision, prepare_for_inference, resolve_precision
-from models.text.preprocessing import TextPreprocessor
+from models.text.preprocessing import TextPreprocessor, Turn
 from models.video.preprocessing import FaceConfig, faces_to_tensor, pad_clips
 from training.audio_augment import DEGRADATIONS
-from training.datasets import check_holdout_fraction, read_ravdess, read_split, read_text_corpora, split_holdout
+from training.datasets import (
+    check_holdout_fraction,
+    read_meld_contexts,
+    read_ravdess,
+    read_split,
+    read_text_corpora,
+    split_holdout,
+)
 from training.degrade import build_degraded
 from training.features import CACHE_DIR, audio_features, face_crops, whisper_log_mels
 
@@ -63,11 +70,13 @@ def encode_split(
     data_root: str | Path,
     layout: str = "shared",
     batch_size: int = 64,
+    context: bool = False,
 ) -> dict[str, np.ndarray]:
     """``{"embedding": (N, 256), "logits": (N, 7), "probs": (N, 7), "labels": (N,)}`` for one split.
 
     ``split`` is a data split (``train``, ``val``) or ``holdout:F``, the stratified slice of the training split
-    that ``training.train --holdout F`` picks epochs on (see ``training.datasets.split_holdout``).
+    that ``training.train --holdout F`` picks epochs on (see ``training.datasets.split_holdout``). With
+    ``context`` (text), each MELD line is read with the previous turns of its dialogue, as a client sends them.
     """
     source, holdout = parse_split(split)  # a bad split fails here, before the cache or the model is touched
     weights_dir = Path(weights_dir)
@@ -75,13 +84,15 @@ def encode_split(
     whisper = stored["model_type"] == "audio_whisper"
     precision = "float32" if whisper else resolve_precision("auto", torch.device("cpu"))  # as the pipelines run
     features = AudioFeatureConfig(**stored["metadata"].get("features", {})) if modality == "audio" else None
-    cache = CACHE_DIR / f"emb-{modality}-{split}-{layout}-{precision}-nhwc-{_weights_digest(weights_dir, features)}.npz"
+    kind = f"{split}-context" if context and modality == "text" else split
+    cache = CACHE_DIR / f"emb-{modality}-{kind}-{layout}-{precision}-nhwc-{_weights_digest(weights_dir, features)}.npz"
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as data:
             return dict(data)
     model, config = load_model(weights_dir)
     prepare_for_inference(model, precision)  # as the pipelines do
     extra: dict[str, np.ndarray] = {}
+    contexts: list[tuple[Turn, ...]] = []
     if modality == "audio" and layout == "shared":
         # Calm is not one of the 7 classes: whatever training mapped it to, the reported splits leave it out.
         calm = config["metadata"].get("ravdess_calm_as", "neutral") if source == "train" else None
@@ -96,20 +107,25 @@ def encode_split(
             "source": np.array([src for _, _, src in corpora]),
             "multi_label": np.array([len(labels) > 1 for _, labels, _ in corpora]),
         }
+        if context:
+            meld = iter(read_meld_contexts(data_root, source))
+            contexts = [next(meld) if src == "meld" else () for _, _, src in corpora]
     else:
         samples = read_split(modality, data_root, source, layout)
     if holdout:  # the slice training held out: split_holdout on indices picks the same samples
         held = [i for i, _ in split_holdout([(i, y) for i, (_, y) in enumerate(samples)], holdout)[1]]
         samples = [samples[i] for i in held]
         extra = {k: v[held] for k, v in extra.items()}
+        contexts = [contexts[i] for i in held] if contexts else []
     labels = np.array([y for _, y in samples])
     order = list(range(len(samples)))
     if modality == "text":
         tokenizer = TextPreprocessor(model.config.backbone, model.config.max_length)
-        order.sort(key=lambda i: len(samples[i][0]))  # similar lengths together: less padding
+        # similar lengths together: less padding
+        order.sort(key=lambda i: len(samples[i][0]) + sum(len(t.text) for t in (contexts[i] if contexts else ())))
 
         def make(idx: list[int]) -> tuple[torch.Tensor, ...]:
-            tok = tokenizer([samples[i][0] for i in idx])
+            tok = tokenizer([samples[i][0] for i in idx], [contexts[i] for i in idx] if contexts else None)
             return tok.input_ids, tok.attention_mask
     elif modality == "audio" and whisper:
         mels = whisper_log_mels(samples)

@@ -18,11 +18,20 @@ from models.audio.model import AudioModel, AudioModelConfig
 from models.audio.preprocessing import AudioFeatureConfig, LogMelExtractor, pad_features
 from models.labels import NUM_CLASSES
 from models.text.model import TextModel, TextModelConfig
-from models.text.preprocessing import TextPreprocessor
+from models.text.preprocessing import TextPreprocessor, Turn
 from models.video.model import VideoModel, VideoModelConfig
 from models.video.preprocessing import FaceConfig, faces_to_tensor, pad_clips
 from training.audio_augment import WaveAugment
-from training.datasets import Sample, ravdess_fold_actors, read_ravdess, read_split, read_text_corpora, split_holdout
+from training.datasets import (
+    MELD_CONTEXT_TURNS,
+    Sample,
+    ravdess_fold_actors,
+    read_meld_contexts,
+    read_ravdess,
+    read_split,
+    read_text_corpora,
+    split_holdout,
+)
 from training.features import audio_features, audio_waves, face_crops
 from training.metrics import classification_report
 
@@ -51,6 +60,7 @@ class TaskOptions:
     text_sources: tuple[str, ...] = ("meld", "goemotions")  # text: the corpora trained and selected on
     length_buckets: int = 0  # text: > 0 batches texts of similar length, sorted within windows of this many batches
     class_weight_power: float = 0.3  # text: loss weight of a class = (its share) ** -power
+    context_dropout: float | None = None  # text: None = no context; else share of MELD lines trained without theirs
     fold: int | None = None  # audio: leave-actors-out fold held out for validation (None: actors 17-20)
     folds: int = 5
     audio_augment: tuple[str, ...] = ("specaug",)
@@ -145,6 +155,9 @@ class Task:
         self.val_labels = self.labels(self.val)
 
 
+SPEAKERLESS = 0.2  # text: share of the context-reading MELD lines trained with the speakers left out
+
+
 class TextTask(Task):
     """MELD + GoEmotions; the top ``trainable_layers`` of the backbone are fine-tuned.
 
@@ -154,6 +167,12 @@ class TextTask(Task):
     ``(share of c) ** -class_weight_power`` so the rare disgust and fear count without flipping the majority.
     Selection (epoch and temperature) is on a holdout of both training sets together, scored by the
     mean of MELD weighted-F1 and GoEmotions macro-F1, the two figures reported on the val splits.
+
+    With ``context_dropout`` set, a MELD line is read with the previous turns of its dialogue (with speakers)
+    as a second segment, except for that share of the lines each epoch, drawn afresh, which are read alone,
+    as are all GoEmotions comments: the model answers with and without context. Of the lines that keep
+    their context, :data:`SPEAKERLESS` are read with the speakers left out, as a list of plain strings
+    arrives. The holdout lines are read with their context.
     """
 
     modality = "text"
@@ -171,15 +190,23 @@ class TextTask(Task):
             )
         if not train or not val:
             raise SystemExit(f"no text data found under {opts.data_root} (layout {opts.layout})")
+        self.reads_context = (
+            opts.context_dropout is not None and opts.layout == "shared" and "meld" in opts.text_sources
+        )
+        train_ctx, val_ctx = (self._contexts(items, split) for items, split in ((train, "train"), (val, "val")))
         self.selection_split = "val"
         if opts.holdout > 0:
             kept, held = split_holdout([(i, labels[0]) for i, (_, labels, _) in enumerate(train)], opts.holdout)
             train, val = [train[i] for i, _ in kept], [train[i] for i, _ in held]
+            train_ctx, val_ctx = [train_ctx[i] for i, _ in kept], [train_ctx[i] for i, _ in held]
             self.selection_split = f"holdout: {opts.holdout:g} of each class of {self.corpora} train (seed 0)"
         self.items, self.val_items = train, val
+        self.contexts, self.val_contexts = train_ctx, val_ctx
         self.train = [(text, labels[0]) for text, labels, _ in train]
         self.val = [(text, labels[0]) for text, labels, _ in val]
-        self.model = TextModel(TextModelConfig(backbone=opts.backbone, trainable_layers=opts.trainable_layers))
+        self.model = TextModel(
+            TextModelConfig(backbone=opts.backbone, trainable_layers=opts.trainable_layers, context=self.reads_context)
+        )
         self.preprocessor = TextPreprocessor(opts.backbone, self.model.config.max_length)
         trainable = set(self.model.trainable_parameter_names())
         for name, p in self.model.named_parameters():
@@ -190,9 +217,22 @@ class TextTask(Task):
         self.source = np.array([src for _, _, src in train])
         self.val_source = np.array([src for _, _, src in val])
         self.lengths: list[int] = []
-        if opts.length_buckets > 0:
-            self.lengths = [len(ids) for ids in self.preprocessor.tokenizer([t for t, _ in self.train])["input_ids"]]
+        if opts.length_buckets > 0:  # with its context, a line's length is at most the one measured here
+            self.lengths = []
+            for start in range(0, len(self.train), 512):
+                chunk = range(start, min(start + 512, len(self.train)))
+                tok = self.preprocessor([self.train[i][0] for i in chunk], [self.contexts[i] for i in chunk])
+                self.lengths += tok.attention_mask.sum(1).tolist()
+        self.dropped: set[int] = set()  # training lines read without their context this epoch
+        self.speakerless: set[int] = set()
         self.setup_labels()
+
+    def _contexts(self, items: list[tuple[str, tuple[int, ...], str]], split: str) -> list[tuple[Turn, ...]]:
+        """Per item: its previous turns (MELD lines, when this task reads context), else none."""
+        if not self.reads_context:
+            return [() for _ in items]
+        meld = iter(read_meld_contexts(self.opts.data_root, split))
+        return [next(meld) if source == "meld" else () for _, _, source in items]
 
     @property
     def epoch_size(self) -> int:
@@ -220,6 +260,14 @@ class TextTask(Task):
         order = np.flatnonzero(self.source != "goemotions").tolist()
         order += rng.sample(goemotions, min(self.opts.goemotions_per_epoch, len(goemotions)))
         rng.shuffle(order)
+        if self.reads_context:
+            drop = self.opts.context_dropout or 0.0
+            with_context = [i for i in order if self.contexts[i]]
+            draws = [rng.random() for _ in with_context]
+            self.dropped = {i for i, r in zip(with_context, draws, strict=True) if r < drop}
+            self.speakerless = {
+                i for i, r in zip(with_context, draws, strict=True) if r >= 1 - SPEAKERLESS * (1 - drop)
+            }
         if self.opts.length_buckets > 0:
             batches = length_bucketed(order, self.lengths, self.opts.batch_size, self.opts.length_buckets, rng)
         else:
@@ -229,7 +277,17 @@ class TextTask(Task):
 
     def make_batch(self, idx: list[int], train: bool, epoch: int) -> tuple[torch.Tensor, ...]:
         samples = self.train if train else self.val
-        tok = self.preprocessor([samples[i][0] for i in idx])
+        if not self.reads_context:
+            tok = self.preprocessor([samples[i][0] for i in idx])
+            return tok.input_ids, tok.attention_mask
+        contexts = self.contexts if train else self.val_contexts
+        batch = []
+        for i in idx:
+            context = () if train and i in self.dropped else contexts[i]
+            if train and i in self.speakerless:
+                context = tuple(Turn(turn.text) for turn in context)
+            batch.append(context)
+        tok = self.preprocessor([samples[i][0] for i in idx], batch)
         return tok.input_ids, tok.attention_mask
 
     def score(self, report: dict[str, Any], labels: np.ndarray, preds: np.ndarray, select_on: str) -> float:
@@ -249,6 +307,16 @@ class TextTask(Task):
             "goemotions_per_epoch": self.opts.goemotions_per_epoch,
             "class_weight_power": self.opts.class_weight_power,
             "multi_label": "soft target shared equally between a comment's labels",
+            **(
+                {
+                    "context": f"MELD lines read with up to {MELD_CONTEXT_TURNS} previous turns of their dialogue "
+                    f"(speakers named; left out for {SPEAKERLESS:g} of them) as a second segment, newest kept first; "
+                    f"context dropout {self.opts.context_dropout:g}; GoEmotions comments without context",
+                    "context_dropout": self.opts.context_dropout,
+                }
+                if self.reads_context
+                else {}
+            ),
         }
 
 

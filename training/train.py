@@ -360,6 +360,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[argparse.Act
         help="comma-separated corpora to train and select on, from meld,goemotions",
     )
     t.add_argument(
+        "--context-dropout",
+        type=float,
+        default=None,
+        help="read each MELD line with the previous turns of its dialogue, except this share of them each epoch "
+        "(e.g. 0.3); unset: no context",
+    )
+    t.add_argument(
         "--length-buckets",
         type=int,
         default=0,
