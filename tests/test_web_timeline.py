@@ -97,3 +97,19 @@ def test_an_upload_draws_the_timeline_as_it_fills_and_a_click_plays_the_span(
     assert page.evaluate("document.getElementById('timeline-media').currentTime") < 9.5
     sync_api.expect(segments.nth(2)).to_have_class(re.compile(r"\bplaying\b"))
     page.locator("#timeline-panel").screenshot(path=str(SCREENSHOT))
+
+
+def test_the_timeline_fits_a_phone_width(app_url: str, tmp_path: Path) -> None:
+    recording = tmp_path / "short.wav"
+    recording.write_bytes(tone_wav(6.0))
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        pg = browser.new_context(viewport={"width": 375, "height": 740}, base_url=app_url).new_page()
+        pg.set_default_timeout(30_000)
+        pg.goto("/")
+        pg.locator("#timeline-file").set_input_files(recording)
+        pg.get_by_role("button", name="Analyze timeline").click()
+        sync_api.expect(pg.locator("#timeline-summary")).to_be_visible()
+        width = pg.evaluate("document.documentElement.scrollWidth")
+        browser.close()
+    assert width <= 375, f"page is {width}px wide at a 375px viewport"
