@@ -357,6 +357,7 @@ def create_app(
             UploadFile | None, File(description="a video: its frames, and its audio track unless 'audio' is given")
         ] = None,
         text: Annotated[str | None, Form(description="text fused into every segment (blank counts as absent)")] = None,
+        context: Annotated[str | None, Form(description=f"JSON list, read with the text: {CONTEXT_HELP}")] = None,
         segment_s: Annotated[float | None, Form(ge=1.0, le=30.0, description=SEGMENT_HELP)] = None,
         hop_s: Annotated[float | None, Form(ge=0.5, le=30.0, description=HOP_HELP)] = None,
         segmentation: Annotated[Segmentation | None, Form(description=SEGMENTATION_HELP)] = None,
@@ -374,7 +375,8 @@ def create_app(
             raise HTTPException(422, f"segment_s is over limits.max_media_seconds ({config.limits.max_media_seconds})")
         if hop_s is not None and hop_s > segment:
             raise HTTPException(422, f"hop_s ({hop_s:g}) must not exceed segment_s ({segment:g}): no gaps")
-        words = _clean_text(text, config) if text is not None and text.strip() else None
+        turns = _form_context(context)
+        words = _text_payload(text, turns, config) if text is not None and text.strip() else None
         mode = transcribe or transcribe_query or config.timeline.default_transcribe
         try:
             release = timelines.reserve()
@@ -496,11 +498,15 @@ def _describe_timeline_form(spec: dict[str, Any]) -> None:
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     ref = operation["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
     body = schemas[ref.rsplit("/", 1)[-1]]
+    turns = schemas.get("TextRequest", {}).get("properties", {}).get("context", {}).get("anyOf", [])
     for name, prop in body["properties"].items():
         kept = [s for s in prop.pop("anyOf", []) if s.get("type") != "null"]
         prop.update(kept[0] if kept else {})
         if name in ("audio", "video"):
             prop.update(type="string", contentMediaType="application/octet-stream")
+        if name == "context":  # a JSON text holding the JSON body's context, as in POST /predict
+            array = next((s for s in turns if s.get("type") == "array"), {"type": "array"})
+            prop.update(type="string", contentMediaType="application/json", contentSchema=array)
     for param in operation.get("parameters", []):
         if param.get("name") == "transcribe":
             param["schema"] = {"type": "string", "enum": list(TRANSCRIBE_MODES), "title": "Transcribe"}

@@ -237,9 +237,9 @@ class FusionService:
         self.metrics.inc("emotion_predictions_total", emotion=response.emotion, modality="fused")
         return response
 
-    async def encode(self, modality: str, payload: str | bytes) -> EncoderAnswer | EncoderError:
+    async def encode(self, modality: str, payload: str | bytes | dict[str, Any]) -> EncoderAnswer | EncoderError:
         """One encoder's answer for ``payload`` (the calls, retries and timeout of :meth:`predict`); never raises."""
-        answer = await self._call(modality, payload, time.perf_counter())
+        answer = await self._call(modality, payload, time.perf_counter())  # type: ignore[arg-type]
         return answer if isinstance(answer, EncoderAnswer) else answer["error"]
 
     async def _call(

@@ -176,9 +176,16 @@ class TimelineRunner:
         return Plan(plan_spans(recording.duration_s, segment, hop, cfg.min_segment_s), "fixed", segment, hop)
 
     async def lines(
-        self, recording: Recording, plan: Plan, text: str | None = None, transcribe: TranscribeMode = "off"
+        self,
+        recording: Recording,
+        plan: Plan,
+        text: str | dict[str, Any] | None = None,
+        transcribe: TranscribeMode = "off",
     ) -> AsyncIterator[Line]:
-        """The timeline's lines: ``start``, each segment in order, ``summary``. Closing it cancels what is under way."""
+        """The timeline's lines: ``start``, each segment in order, ``summary``. Closing it cancels what is under way.
+
+        ``text`` is the text encoder's payload (a string, or ``{"text", "context"}``), encoded once for every segment.
+        """
         spans = plan.spans
         sent = [m for m in MODALITIES if (m == "text" and text) or (m == "audio" and recording.pcm is not None)]
         sent += ["video"] if recording.video else []

@@ -134,6 +134,19 @@ def test_video_timeline_sends_frames_and_track_and_the_text_once() -> None:
     assert all(p[:4] == b"RIFF" for p in h.handles["audio"].payloads)
 
 
+def test_text_with_its_context_is_encoded_once_for_every_segment(tone_10s: bytes) -> None:
+    h = make()
+    turns = ["Are you coming?", {"speaker": "Ann", "text": "No."}]
+    data = {"text": "Then we need to talk.", "context": json.dumps(turns)}
+    lines = lines_of(h.request("POST", URL, files={"audio": ("a.wav", tone_10s, "audio/wav")}, data=data))
+    assert lines[0]["modalities"] == ["text", "audio"]
+    assert all(set(s["contributions"]) == {"text", "audio"} for s in lines[1:-1])
+    (sent,) = h.handles["text"].payloads  # once, with its context
+    assert sent["text"] == "Then we need to talk." and len(sent["context"]) == 2
+    bad = h.request("POST", URL, files={"audio": ("a.wav", tone_10s, "audio/wav")}, data={**data, "context": "{"})
+    assert bad.status_code == 422
+
+
 def test_overlapping_hop_counts_each_second_once(tone_10s: bytes) -> None:
     h = make()
     lines = lines_of(h.request("POST", URL, files={"audio": ("a.wav", tone_10s, "audio/wav")}, data={"hop_s": "1.5"}))
