@@ -8,6 +8,7 @@ already ends so); histograms appear as ``_bucket`` (with ``le``), ``_sum`` and `
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -150,6 +151,12 @@ def loopback_app_config(base: dict[str, Any], http_port: int) -> dict[str, Any]:
     encoders = config["applications"][0].setdefault("args", {}).setdefault("encoders", {})
     encoders["text"] = {**encoders.get("text", {}), "timeout_s": TEST_TEXT_TIMEOUT_S}
     return config
+
+
+def small_upload_args(max_upload_mb: int = 1) -> dict[str, Any]:
+    """``deploy/serve_config.yaml``'s application args with a small upload limit, so 413 is cheap to provoke."""
+    args = yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]["args"]
+    return {**args, "limits": {"max_upload_mb": max_upload_mb}}
 
 
 def health_ok(base_url: str) -> bool:
@@ -349,3 +356,49 @@ def local_serve_app(args: dict[str, Any], name: str) -> Iterator[str]:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def _ray_session() -> str | None:
+    """The name of the Ray session this process is connected to (None when not connected)."""
+    if not ray.is_initialized():
+        return None
+    return ray._private.worker._global_node.session_name
+
+
+class SharedServeApp:
+    """One :func:`local_serve_app` at a time, kept running for the next test module that asks for the same args.
+
+    Starting Ray and the application (every model loading on two shared cores) takes half a minute or more, so
+    modules that test the same application share one (``tests/conftest.py`` runs them back to back and shuts it
+    down before any other module). :meth:`url` answers the running application when ``args`` are the same and its
+    Ray is still the one it started, else shuts it down and starts a fresh one. The application is named
+    :attr:`NAME`, never ``emotion``: a module that looks for another application's ``emotion`` replicas on the
+    machine does not find these.
+    """
+
+    NAME = "emotion-test"
+
+    def __init__(self) -> None:
+        self._stack: contextlib.ExitStack | None = None
+        self._key: str | None = None
+        self._session: str | None = None
+        self._base_url = ""
+
+    def url(self, args: dict[str, Any]) -> str:
+        """The base URL of the application built from ``args`` (started here unless it is already running)."""
+        key = json.dumps(args, sort_keys=True)
+        if self._stack is not None and key == self._key and self._session == _ray_session():
+            return self._base_url
+        self.close()
+        stack = contextlib.ExitStack()
+        self._base_url = stack.enter_context(local_serve_app(args, self.NAME))
+        self._stack, self._key, self._session = stack, key, _ray_session()
+        return self._base_url
+
+    def close(self) -> None:
+        """Shut the application and its Ray down (nothing to do when none runs; left alone if another Ray
+        session has replaced it, which that session's owner shuts down)."""
+        stack, session = self._stack, self._session
+        self._stack = self._key = self._session = None
+        if stack is not None and session == _ray_session():
+            stack.close()

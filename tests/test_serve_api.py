@@ -1,8 +1,9 @@
 """Integration: the real Serve application on a local Ray instance, every endpoint called over HTTP.
 
-One module-scoped application (``build_app`` with a 1 MB upload limit so 413 is cheap to provoke) on
-127.0.0.1 and a free port. Bodies are checked, not only status codes. Emotions are never asserted for
-the synthetic inputs: the weights change as training lands.
+One application (``build_app`` with ``deploy/serve_config.yaml``'s args and a 1 MB upload limit so 413 is cheap to
+provoke; shared with ``test_serve_reliability.py``, see ``tests/conftest.py``) on 127.0.0.1 and a free port.
+Bodies are checked, not only status codes. Emotions are never asserted for the synthetic inputs: the weights change
+as training lands.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import httpx
 import pytest
 
 from models.labels import EMOTIONS
-from tests.ops_helpers import local_serve_app
+from tests.ops_helpers import SharedServeApp, small_upload_args
 from tests.serve_contract import check_contract
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,13 +28,13 @@ FACE_SILENT = (FIXTURES / "face_noaudio.mp4").read_bytes()
 STILL = (FIXTURES / "face.png").read_bytes()
 CORRUPT = (FIXTURES / "corrupt.mp4").read_bytes()
 UPLOAD_LIMIT_MB = 1
-TEST_ARGS: dict[str, Any] = {"limits": {"max_upload_mb": UPLOAD_LIMIT_MB}}
+SERVE_ARGS: dict[str, Any] = small_upload_args(UPLOAD_LIMIT_MB)
 
 
 @pytest.fixture(scope="module")
-def http() -> Iterator[httpx.Client]:
-    """An HTTP client for the running application (started here, shut down after the module)."""
-    with local_serve_app(TEST_ARGS, "emotion") as base_url, httpx.Client(base_url=base_url, timeout=120) as client:
+def http(serve_apps: SharedServeApp) -> Iterator[httpx.Client]:
+    """An HTTP client for the running application (started or reused by ``serve_apps``)."""
+    with httpx.Client(base_url=serve_apps.url(SERVE_ARGS), timeout=120) as client:
         yield client
 
 

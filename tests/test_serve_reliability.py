@@ -17,12 +17,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from bench.soak import DEPLOYMENTS, replica_pids
-from tests.ops_helpers import REPO, SERVE_CONFIG, health_ok, local_serve_app, wait_for
+from tests.ops_helpers import REPO, SharedServeApp, health_ok, small_upload_args, wait_for
 
 UPLOAD_LIMIT_MB = 1
+SERVE_ARGS = small_upload_args(UPLOAD_LIMIT_MB)  # the application of test_serve_api.py, shared (tests/conftest.py)
 SCHEMATHESIS_CONFIG = REPO / "tests" / "schemathesis.toml"
 
 
@@ -30,16 +30,12 @@ SCHEMATHESIS_CONFIG = REPO / "tests" / "schemathesis.toml"
 
 
 @pytest.fixture(scope="module")
-def single_url() -> Iterator[str]:
-    args = {
-        **yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]["args"],
-        "limits": {"max_upload_mb": UPLOAD_LIMIT_MB},
-    }
+def single_url(serve_apps: SharedServeApp) -> Iterator[str]:
     if any(replica_pids(d) for d in DEPLOYMENTS):
         pytest.skip("another Serve application is running on this machine")
-    with local_serve_app(args, "emotion") as base_url:
-        wait_for(lambda: health_ok(base_url), 600, 2, "/api/health ok")
-        yield base_url
+    base_url = serve_apps.url(SERVE_ARGS)
+    wait_for(lambda: health_ok(base_url), 600, 2, "/api/health ok")
+    yield base_url
 
 
 def test_upload_over_limit_without_expect_reads_413(single_url: str) -> None:

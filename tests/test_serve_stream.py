@@ -18,27 +18,28 @@ import pytest
 
 from bench.stream import FRAME, StreamMedia, StreamResult, load_media, stream_media, ws_url
 from models.labels import EMOTIONS
-from tests.ops_helpers import local_serve_app
+from tests.ops_helpers import SharedServeApp
 
 STREAM_S = 6.0  # seconds of media sent per stream (the 3 s clip, twice)
 INTERVAL_S = 1.0  # the default update interval
+SERVE_ARGS: dict = {}  # the defaults; the application is shared with other modules (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def base_url() -> Iterator[str]:
-    with local_serve_app({}, "stream-test") as url:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{url}/api/health", timeout=10).json().get("status") == "ok":
-                    break
-            except (httpx.HTTPError, ValueError):
-                pass
-            assert time.monotonic() < deadline, "the Serve app did not become healthy"
-            time.sleep(1)
-        # One short stream first: the first calls of each encoder replica are slower (lazy initialisation).
-        asyncio.run(stream_media(ws_url(url), load_media(), 2.0))
-        yield url
+def base_url(serve_apps: SharedServeApp) -> Iterator[str]:
+    url = serve_apps.url(SERVE_ARGS)
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            if httpx.get(f"{url}/api/health", timeout=10).json().get("status") == "ok":
+                break
+        except (httpx.HTTPError, ValueError):
+            pass
+        assert time.monotonic() < deadline, "the Serve app did not become healthy"
+        time.sleep(1)
+    # One short stream first: the first calls of each encoder replica are slower (lazy initialisation).
+    asyncio.run(stream_media(ws_url(url), load_media(), 2.0))
+    yield url
 
 
 @pytest.fixture(scope="module")

@@ -20,19 +20,21 @@ import httpx
 import pytest
 
 from bench.soak import replica_pids
-from tests.ops_helpers import health_ok, local_serve_app, wait_for
+from tests.ops_helpers import SharedServeApp, health_ok, wait_for
 from tests.serve_contract import check_contract
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SPEECH = (FIXTURES / "speech.wav").read_bytes()
 FACE = (FIXTURES / "face.mp4").read_bytes()
-APP = "transcribe-test"
+APP = SharedServeApp.NAME
+SERVE_ARGS: dict[str, Any] = {}  # the defaults; the application is shared with other modules (tests/conftest.py)
 EXPECTED_WORDS = {"happy", "meet", "wonderful", "news", "thank"}
 
 
 @pytest.fixture(scope="module")
-def http() -> Iterator[httpx.Client]:
-    with local_serve_app({}, APP) as base_url, httpx.Client(base_url=base_url, timeout=120) as client:
+def http(serve_apps: SharedServeApp) -> Iterator[httpx.Client]:
+    base_url = serve_apps.url(SERVE_ARGS)
+    with httpx.Client(base_url=base_url, timeout=120) as client:
         wait_for(lambda: health_ok(base_url), 600, 2, "/api/health ok")
         yield client
 

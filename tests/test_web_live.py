@@ -9,7 +9,7 @@ to ``reports/ui_live.png``.
 from __future__ import annotations
 
 from models.labels import EMOTIONS
-from tests.test_web_ui import REPO, browser, page, pytestmark, serve_url, sync_api  # noqa: F401 - fixtures
+from tests.test_web_ui import REPO, SERVE_ARGS, browser, page, pytestmark, serve_url, sync_api  # noqa: F401 - fixtures
 
 LIVE_SCREENSHOT = REPO / "reports" / "ui_live.png"
 POINTS = 4  # updates to see on the timeline

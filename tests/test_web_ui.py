@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.ops_helpers import SharedServeApp
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -37,6 +38,7 @@ CHROMIUM_ARGS = [
     "--use-fake-device-for-media-stream",
 ]
 RESULT_TIMEOUT_MS = 90_000
+SERVE_ARGS: dict = {}  # the CPU defaults; the application is shared with other modules (tests/conftest.py)
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists(CHROMIUM),
@@ -47,41 +49,22 @@ pytestmark = pytest.mark.skipif(
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (Python) is not installed")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
-def serve_url() -> Iterator[str]:
-    """The real Serve application (CPU defaults) on a free loopback port; torn down after the module."""
-    import ray
-    from ray import serve
-
-    from serve.app import build_app
-
-    port = _free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({}), name="web-ui-test", route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                health = httpx.get(f"{url}/api/health", timeout=10)
-                if health.status_code == 200 and health.json().get("status") == "ok":
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the Serve app did not become healthy at {url}")
-            time.sleep(1)
-        yield url
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+def serve_url(serve_apps: SharedServeApp) -> Iterator[str]:
+    """The real Serve application (CPU defaults) on a free loopback port, started or reused by ``serve_apps``."""
+    url = serve_apps.url(SERVE_ARGS)
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            health = httpx.get(f"{url}/api/health", timeout=10)
+            if health.status_code == 200 and health.json().get("status") == "ok":
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"the Serve app did not become healthy at {url}")
+        time.sleep(1)
+    yield url
 
 
 @pytest.fixture(scope="module")
