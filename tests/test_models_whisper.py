@@ -154,3 +154,25 @@ def test_fine_tuned_top_layers_are_stored() -> None:
     assert any(n.startswith("backbone.layers.5.") for n in names)
     assert any(n.startswith("backbone.layers.4.") for n in names)
     assert not any(n.startswith(("backbone.layers.3.", "backbone.conv")) for n in names)
+
+
+def test_an_ensemble_averages_its_heads_and_survives_a_checkpoint(tmp_path: Path) -> None:
+    """``WhisperAudioModel.ensemble``: the embedding and logits are the members' means, saved and loaded intact."""
+    torch.manual_seed(0)
+    config = WhisperAudioModelConfig(layer_mix="concat", pretrained=False)
+    members = [WhisperAudioModel(config).eval() for _ in range(3)]
+    for m in members:
+        m.stats_mean.copy_(members[0].stats_mean)
+    ensemble = WhisperAudioModel.ensemble(members).eval()
+    stats = torch.randn(4, config.num_states, 2 * config.state_dim)
+    with torch.no_grad():
+        outputs = [m.forward_statistics(stats) for m in members]
+        embedding, logits = ensemble.forward_statistics(stats)
+        torch.testing.assert_close(embedding, torch.stack([e for e, _ in outputs]).mean(0))
+        torch.testing.assert_close(logits, torch.stack([lg for _, lg in outputs]).mean(0))
+        assert (logits - outputs[0][1]).abs().max() > 1e-4  # not just the first head
+    save_model(ensemble, tmp_path)
+    loaded, config_json = load_model(tmp_path, {"pretrained": False})
+    assert config_json["config"]["members"] == 3
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.forward_statistics(stats)[1], logits)

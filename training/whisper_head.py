@@ -54,13 +54,17 @@ class HeadRecipe:
     versions: tuple[int, ...] = (0, 1, 2)  # cached draws a training clip is taken from, one at random per epoch
     tess_per_epoch: int = 1000  # TESS clips drawn afresh each epoch next to every training RAVDESS clip
     layer_mix: str = "weighted"  # see WhisperAudioModelConfig.layer_mix
+    members: int = 1  # heads trained with seeds seed, seed + 1, ... and averaged (WhisperAudioModel.ensemble)
 
 
 GRID: dict[str, HeadRecipe] = {
     "weighted": HeadRecipe(),
     "concat": HeadRecipe(layer_mix="concat"),
     "concat-regularised": HeadRecipe(layer_mix="concat", dropout=0.5, weight_decay=0.5),
+    "concat-x3": HeadRecipe(layer_mix="concat", members=3),
+    "concat-regularised-x3": HeadRecipe(layer_mix="concat", dropout=0.5, weight_decay=0.5, members=3),
 }
+DEFAULT_GRID = ("concat", "concat-regularised", "concat-x3", "concat-regularised-x3")
 
 
 class StatePool:
@@ -97,6 +101,28 @@ class StatePool:
     def held_indices(self, held_actors: tuple[int, ...]) -> np.ndarray:
         """RAVDESS clips of ``held_actors``, calm left out (it is not one of the 7 classes)."""
         return np.flatnonzero(self.is_ravdess & np.isin(self.actor, held_actors) & ~self.is_calm)
+
+
+def train_model(
+    pool: StatePool, train_idx: np.ndarray, recipe: HeadRecipe, seed: int, cache: dict | None = None
+) -> WhisperAudioModel:
+    """``recipe.members`` heads (seeds ``seed``, ``seed + 1``, ...) averaged into one model.
+
+    ``cache`` keeps trained members by (training clips, recipe without ``members``, seed), so a one-member recipe
+    and its ensemble share their first head instead of training it twice.
+    """
+    single = dataclasses.replace(recipe, members=1)
+    key_clips = hash(train_idx.tobytes())
+    heads = []
+    for k in range(recipe.members):
+        key = (key_clips, single, seed + k)
+        head = cache.get(key) if cache is not None else None
+        if head is None:
+            head = train_head(pool, train_idx, single, seed + k)
+            if cache is not None:
+                cache[key] = head
+        heads.append(head)
+    return heads[0] if len(heads) == 1 else WhisperAudioModel.ensemble(heads).eval()
 
 
 def train_head(pool: StatePool, train_idx: np.ndarray, recipe: HeadRecipe, seed: int) -> WhisperAudioModel:
@@ -146,7 +172,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def inner_cv(
-    pool: StatePool, actors: list[int], recipe: HeadRecipe, seed: int
+    pool: StatePool, actors: list[int], recipe: HeadRecipe, seed: int, cache: dict | None = None
 ) -> tuple[float, torch.Tensor, np.ndarray]:
     """Mean accuracy of ``recipe`` over 4 leave-actors-out folds of ``actors``, with the out-of-fold logits."""
     groups = [tuple(actors[i::4]) for i in range(4)]  # interleaved: each inner fold mixes male and female actors
@@ -155,7 +181,7 @@ def inner_cv(
     for group in groups:
         train_idx = pool.training_indices(group + outer_held)
         held = pool.held_indices(group)
-        model = train_head(pool, train_idx, recipe, seed)
+        model = train_model(pool, train_idx, recipe, seed, cache)
         fold_logits = head_logits(model, pool, held)
         scores.append(accuracy(fold_logits, pool.labels[held]))
         logits.append(fold_logits)
@@ -168,13 +194,14 @@ def run_fold(pool: StatePool, fold: int, grid: dict[str, HeadRecipe], args: argp
     held_actors = ravdess_fold_actors(fold, 5)
     actors = [a for a in range(1, 21) if a not in held_actors]
     start = time.perf_counter()
-    inner = {name: inner_cv(pool, actors, recipe, args.seed) for name, recipe in grid.items()}
+    cache: dict = {}
+    inner = {name: inner_cv(pool, actors, recipe, args.seed, cache) for name, recipe in grid.items()}
     for name, (score, _, _) in inner.items():
         print(f"fold {fold} inner CV {name}: {score:.3f}", flush=True)
     best = max(inner, key=lambda name: inner[name][0])
     _, oof_logits, oof_idx = inner[best]
     temperature = fit_temperature(oof_logits, pool.labels[oof_idx])
-    model = train_head(pool, pool.training_indices(held_actors), grid[best], args.seed)
+    model = train_model(pool, pool.training_indices(held_actors), grid[best], args.seed)
     model.head.temperature.fill_(temperature)
     held = pool.held_indices(held_actors)
     logits = head_logits(model, pool, held)
@@ -214,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-root", default="../shared/data")
     p.add_argument("--out", default="models/weights/audio_folds", help="one fold<k> folder per fold")
     p.add_argument("--folds", default="0,1,2,3,4", help="comma-separated outer folds to run")
-    p.add_argument("--grid", default=",".join(GRID), help=f"recipes compared by inner CV, of {sorted(GRID)}")
+    p.add_argument("--grid", default=",".join(DEFAULT_GRID), help=f"recipes compared by inner CV, of {sorted(GRID)}")
     p.add_argument("--seed", type=int, default=13)
     p.add_argument("--threads", type=int, default=1, help="torch threads (more than 1 is slower for this small head)")
     p.add_argument("--resume", action="store_true", help="skip folds whose model is already written")

