@@ -220,3 +220,24 @@ def test_fusion_ignores_missing_modalities(fusion: FusionModel) -> None:
 def test_fusion_rejects_empty_input(fusion: FusionModel) -> None:
     with pytest.raises(ValueError, match="at least one modality"):
         fusion(torch.randn(1, 3, 256), _log_probs(1), torch.zeros(1, 3, dtype=torch.bool))
+
+
+def test_a_subset_marked_plain_product_gets_the_product_and_the_others_do_not() -> None:
+    """``plain_product`` switches one subset to the product of experts; every other subset keeps its weighting."""
+    torch.manual_seed(0)
+    fusion = FusionModel(FusionModelConfig(agreement_bonus=1.0, class_mixing=True)).eval()
+    with torch.no_grad():
+        fusion.log_scale.copy_(torch.tensor([0.5, -0.3, 0.2]))
+        fusion.class_bias.normal_()
+    log_probs, emb = _log_probs(4), torch.randn(4, 3, 256)
+    text_audio = torch.tensor([[True, True, False]]).expand(4, -1)
+    everything = torch.ones(4, 3, dtype=torch.bool)
+    product = (log_probs * text_audio[..., None]).sum(1)
+    with torch.no_grad():
+        before_all = fusion(emb, log_probs, everything)[0]
+        assert (fusion(emb, log_probs, text_audio)[0] - product).abs().max() > 1e-3
+        fusion.plain_product[fusion.subset_index(text_audio[:1])] = True
+        logits, contributions = fusion(emb, log_probs, text_audio)
+        torch.testing.assert_close(logits, product)
+        torch.testing.assert_close(contributions.sum(1), torch.ones(4))
+        torch.testing.assert_close(fusion(emb, log_probs, everything)[0], before_all)

@@ -308,13 +308,21 @@ MAX_OVERRULE = 0.05  # the fused answer may overrule two agreeing modalities in 
 CV_COMBINATIONS = 4000  # per held-out fold
 
 
-def cv_scores(model: FusionModel, pools: dict[str, Pool], seed: int) -> tuple[float, float, int]:
-    """Mean served accuracy over the subsets of two or more modalities; the three-modality overrule rate and
-    the number of answers it was counted on."""
+def cv_scores(model: FusionModel, pools: dict[str, Pool], seed: int) -> dict[str, Any]:
+    """On held-out combinations: the mean served accuracy over the subsets of two or more modalities, the
+    three-modality overrule rate and the number of answers it was counted on, and per subset of two or more the
+    fused and the plain product's accuracy (with the product's own three-modality overrule rate)."""
     subsets = evaluate_combinations(model, pools, n=CV_COMBINATIONS, seed=seed)["subsets"]
-    accuracy = float(np.mean([r["fused"]["accuracy"] for name, r in subsets.items() if "+" in name]))
+    multi = {name: r for name, r in subsets.items() if "+" in name}
     full = subsets["+".join(MODALITIES)]
-    return accuracy, float(full["overrule_rate"]), int(full["agreeing_pairs"])
+    return {
+        "accuracy": float(np.mean([r["fused"]["accuracy"] for r in multi.values()])),
+        "overrule_rate": float(full["overrule_rate"]),
+        "agreeing_pairs": int(full["agreeing_pairs"]),
+        "product_overrule_rate": float(full["product_overrule_rate"]),
+        "fused": {name: float(r["fused"]["accuracy"]) for name, r in multi.items()},
+        "product": {name: float(r["product"]["accuracy"]) for name, r in multi.items()},
+    }
 
 
 def cv_halves(pool: Pool, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
@@ -328,23 +336,29 @@ def cv_halves(pool: Pool, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
     return stratified_halves(pool.labels, seed=seed)
 
 
-def select_recipe(pools: dict[str, Pool], args: argparse.Namespace) -> tuple[Recipe, dict[str, dict[str, float]]]:
+def select_recipe(
+    pools: dict[str, Pool], args: argparse.Namespace
+) -> tuple[Recipe, dict[str, dict[str, float]], list[str]]:
     """Two-fold cross-validation of every recipe on the fusion's training side (halves from :func:`cv_halves`).
 
     The most accurate recipe whose cross-validated overrule rate stays under :data:`MAX_OVERRULE` by one
     standard error (so that the bound holds on new data, not only on these folds) wins; the most accurate
-    of all if none does.
+    of all if none does. Then, per subset of two or more modalities, the plain product replaces the winner
+    where it cross-validated at least as accurate (on three modalities only if its own overrule rate is under
+    the bound by one standard error too): those subsets are returned as the third value.
     """
     halves = {m: cv_halves(p) for m, p in pools.items()}
-    scores = {}
+    scores, folds_of = {}, {}
     for recipe in RECIPES:
         folds = []
         for k in range(2):
             train = {m: p.take(halves[m][k]) for m, p in pools.items()}
             held = {m: p.take(halves[m][1 - k]) for m, p in pools.items()}
-            folds.append(cv_scores(fit_model(recipe, train, args, args.seed + k), held, seed=17 + k))
-        accuracy, overrule = float(np.mean([f[0] for f in folds])), float(np.mean([f[1] for f in folds]))
-        stderr = float(np.sqrt(overrule * (1 - overrule) / sum(f[2] for f in folds)))
+            folds.append(cv_scores(fit_model(recipe, train, args, args.seed + k), held, seed=args.seed + 4 + k))
+        folds_of[recipe.name] = folds
+        accuracy = float(np.mean([f["accuracy"] for f in folds]))
+        overrule = float(np.mean([f["overrule_rate"] for f in folds]))
+        stderr = _stderr(overrule, sum(f["agreeing_pairs"] for f in folds))
         scores[recipe.name] = {
             "accuracy": round(accuracy, 4),
             "overrule_rate": round(overrule, 4),
@@ -360,7 +374,23 @@ def select_recipe(pools: dict[str, Pool], args: argparse.Namespace) -> tuple[Rec
     ]
     eligible = eligible or list(RECIPES)
     best = max(eligible, key=lambda r: scores[r.name]["accuracy"])
-    return best, scores
+    folds = folds_of[best.name]
+    plain = []
+    for name in folds[0]["fused"]:
+        fused = float(np.mean([f["fused"][name] for f in folds]))
+        product = float(np.mean([f["product"][name] for f in folds]))
+        if name.count("+") == len(MODALITIES) - 1:
+            overrule = float(np.mean([f["product_overrule_rate"] for f in folds]))
+            if overrule + _stderr(overrule, sum(f["agreeing_pairs"] for f in folds)) >= MAX_OVERRULE:
+                continue  # the product overrules two agreeing encoders too often to stand in here
+        if product >= fused:
+            plain.append(name)
+        print(f"fusion subset {name}: cross-validated fused {fused:.4f}, product {product:.4f}", flush=True)
+    return best, scores, plain
+
+
+def _stderr(rate: float, n: int) -> float:
+    return float(np.sqrt(rate * (1 - rate) / max(n, 1)))
 
 
 def train_fusion(args: argparse.Namespace) -> dict[str, Any]:
@@ -374,12 +404,14 @@ def train_fusion(args: argparse.Namespace) -> dict[str, Any]:
         cut = 0 if tiny else len(order) // 5
         calibrate[m], fit[m] = pool.take(np.sort(order[:cut] if cut else order)), pool.take(np.sort(order[cut:]))
     if tiny:  # a smoke-test sized set: no cross-validation, no separate calibration slice
-        recipe, scores = TINY_RECIPE, {}
+        recipe, scores, plain = TINY_RECIPE, {}, []
     else:
-        recipe, scores = select_recipe(fit, args)
+        recipe, scores, plain = select_recipe(fit, args)
     if args.steps != RECIPES[-1].steps:  # --steps overrides the chosen recipe's length
         recipe = dataclasses.replace(recipe, steps=args.steps if recipe.steps else 0)
     model = fit_model(recipe, fit, args, args.seed)
+    for name in plain:
+        model.plain_product[model.subset_index(subset_mask(tuple(name.split("+")), 1))] = True
     temperatures = fit_subset_temperatures(model, calibrate)
     result = evaluate_combinations(model, pools["report"])
     full = result["subsets"]["+".join(MODALITIES)]
@@ -390,6 +422,7 @@ def train_fusion(args: argparse.Namespace) -> dict[str, Any]:
         **({"recipe": str(args.recipe)} if getattr(args, "recipe", None) else {}),
         "fusion_recipe": dataclasses.asdict(recipe),
         "recipe_cross_validation": scores,
+        "plain_product_subsets": plain,
         "encoders": {
             m: str(read_config(Path(args.weights_dir) / m)["metadata"].get("version", "unversioned"))
             for m in MODALITIES

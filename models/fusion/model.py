@@ -60,7 +60,9 @@ class FusionModel(nn.Module):
     standard deviation over the 7 classes, normalised over the modalities present): a confident, trusted
     encoder moves the answer and gets a large share; an unsure or distrusted one gets a small share.
     Probabilities are calibrated by a temperature per subset of modalities (``temperature``, indexed by
-    the presence bitmask).
+    the presence bitmask). A subset marked in ``plain_product`` (same index) is answered with the plain product
+    of the encoders' probabilities instead: training sets it where cross-validation finds the learned weighting
+    no better than the product on that subset.
     """
 
     def __init__(self, config: FusionModelConfig) -> None:
@@ -83,6 +85,7 @@ class FusionModel(nn.Module):
             else None
         )
         self.register_buffer("temperature", torch.ones(2**n))
+        self.register_buffer("plain_product", torch.zeros(2**n, dtype=torch.bool))
 
     def forward(
         self, embeddings: torch.Tensor, log_probs: torch.Tensor, present: torch.Tensor
@@ -121,6 +124,10 @@ class FusionModel(nn.Module):
         logits = terms.sum(1) + self.class_bias
         if self.correction is not None:
             logits = logits + self.correction(attended[:, 0])
+        plain = self.plain_product[self.subset_index(present)]  # (B,) rows answered with the plain product
+        if bool(plain.any()):
+            terms = torch.where(plain[:, None, None], log_probs, terms)
+            logits = torch.where(plain[:, None], log_probs.sum(1), logits)
         spread = terms.std(-1) * present
         contributions = spread / spread.sum(1, keepdim=True).clamp_min(1e-8)
         return logits, contributions
