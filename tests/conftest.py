@@ -1,14 +1,18 @@
-"""One real Serve application shared by the test modules that ask for the same one.
+"""Live applications shared by the test modules that ask for the same one.
 
-A module that serves the real application on a local Ray asks the session fixture ``serve_apps``
-(:class:`tests.ops_helpers.SharedServeApp`) for it with its module-level ``SERVE_ARGS``, instead of starting its own:
-Ray's start and every model loading take half a minute or more on the 2-core CI machine, once per application
-instead of once per module. For that:
+Ray's start and every model loading take half a minute or more on the 2-core CI machine, so modules that test the
+same live application share it instead of each starting its own:
 
-* collection puts the modules that use ``serve_apps`` next to each other, where the first of them was, grouped by
-  ``SERVE_ARGS`` (each module stays whole and keeps its own test order; other modules keep their places);
-* the application is shut down, with its Ray, right after the last test that uses it, so every other module
-  runs as before: with no Ray of this process running (several start their own) and no replica processes left.
+* ``serve_apps`` (:class:`tests.ops_helpers.SharedServeApp`): the application on a local Ray, built from the
+  module-level ``SERVE_ARGS`` of the module that asks (``serve_apps.url(SERVE_ARGS)``); a module with other args
+  gets a fresh one;
+* ``ops_cluster`` (:class:`tests.ops_helpers.SharedOpsCluster`): the two-node cluster of the operations tests,
+  running ``deploy/serve_config.yaml``.
+
+For that, collection puts the modules that use one of them next to each other, where the first of them was (those
+of ``serve_apps`` grouped by ``SERVE_ARGS``; each module stays whole and keeps its own test order; other modules
+keep their places), and each is shut down, with its Ray, right after the last test that uses it. Every other
+module runs as before: with no Ray of this process running (several start their own) and no replica left.
 """
 
 from __future__ import annotations
@@ -16,33 +20,45 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import Any
 
 import pytest
 
-if TYPE_CHECKING:
-    from tests.ops_helpers import SharedServeApp
+SHARED = ("serve_apps", "ops_cluster")  # the session fixtures below, each a live application shared by modules
+_RUNNING: dict[str, Any] = {}  # fixture name -> its object, created by the first module that asks
 
-_APPS: SharedServeApp | None = None  # created by the first module that asks (tests.ops_helpers imports Ray)
+
+def _shared(name: str) -> Any:
+    if name not in _RUNNING:
+        from tests.ops_helpers import SharedOpsCluster, SharedServeApp  # imports Ray: only when a module asks
+
+        _RUNNING[name] = {"serve_apps": SharedServeApp, "ops_cluster": SharedOpsCluster}[name]()
+    return _RUNNING[name]
 
 
 @pytest.fixture(scope="session")
-def serve_apps() -> Iterator[SharedServeApp]:
+def serve_apps() -> Iterator[Any]:
     """The shared application; ``serve_apps.url(SERVE_ARGS)`` starts it or reuses the running one."""
-    global _APPS
-    from tests.ops_helpers import SharedServeApp
-
-    if _APPS is None:
-        _APPS = SharedServeApp()
-    yield _APPS
-    _APPS.close()
+    apps = _shared("serve_apps")
+    yield apps
+    apps.close()
 
 
-def _uses_shared_app(item: pytest.Item) -> bool:
-    return "serve_apps" in getattr(item, "fixturenames", ())
+@pytest.fixture(scope="session")
+def ops_cluster() -> Iterator[Any]:
+    """The shared two-node cluster; ``ops_cluster.get(__name__)`` starts it or reuses the running one."""
+    cluster = _shared("ops_cluster")
+    yield cluster
+    cluster.close()
 
 
-def _app_key(module: ModuleType) -> str:
+def _uses(item: pytest.Item) -> str | None:
+    """The shared fixture ``item`` uses, if any."""
+    names = getattr(item, "fixturenames", ())
+    return next((name for name in SHARED if name in names), None)
+
+
+def _args_key(module: ModuleType) -> str:
     return json.dumps(getattr(module, "SERVE_ARGS", module.__name__), sort_keys=True)
 
 
@@ -50,23 +66,30 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     modules: dict[ModuleType | None, list[pytest.Item]] = {}
     for item in items:
         modules.setdefault(getattr(item, "module", None), []).append(item)
-    sharing = [m for m, its in modules.items() if m is not None and any(_uses_shared_app(i) for i in its)]
-    if len(sharing) < 2:
-        return
-    keys = [_app_key(m) for m in sharing]
-    first = {key: keys.index(key) for key in keys}
-    grouped = [m for _, _, m in sorted((first[k], i, m) for i, (k, m) in enumerate(zip(keys, sharing, strict=True)))]
+    uses = {m: None if m is None else next(filter(None, map(_uses, its)), None) for m, its in modules.items()}
+    groups: dict[str, list[ModuleType]] = {}
+    for module, name in uses.items():
+        if name is not None:
+            groups.setdefault(name, []).append(module)
+    for members in groups.values():  # same args together, in order of their first module, then collection order
+        keys = [_args_key(m) for m in members]
+        rank = {m: (keys.index(k), i) for i, (m, k) in enumerate(zip(members, keys, strict=True))}
+        members.sort(key=rank.__getitem__)
     ordered: list[pytest.Item] = []
+    placed: set[str] = set()
     for module, module_items in modules.items():
-        if module not in sharing:
+        name = uses[module]
+        if name is None:
             ordered += module_items
-        elif module is sharing[0]:
-            ordered += [i for m in grouped for i in modules[m]]
+        elif name not in placed:  # the whole group where its first module was
+            placed.add(name)
+            ordered += [item for member in groups[name] for item in modules[member]]
     items[:] = ordered
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     """After the module fixtures of ``item`` are finalised: no shared application beyond its last user."""
-    if _APPS is not None and (nextitem is None or not _uses_shared_app(nextitem)):
-        _APPS.close()
+    for name, shared in _RUNNING.items():
+        if nextitem is None or _uses(nextitem) != name:
+            shared.close()

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -402,3 +403,121 @@ class SharedServeApp:
         self._stack = self._key = self._session = None
         if stack is not None and session == _ray_session():
             stack.close()
+
+
+# --- The two-node cluster of the operations tests ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OpsCluster:
+    """The running two-node cluster and its application, as :class:`SharedOpsCluster` started them."""
+
+    base_url: str
+    app_name: str
+    config: dict[str, Any]  # the Serve config deployed at start: deploy/serve_config.yaml on loopback
+    client: Any  # ray.serve._private.client.ServeControllerClient
+    sd_file: Path  # the Prometheus service-discovery file this Ray session writes
+    head_target: str  # host:port of the head node's metrics exporter
+    metrics_urls: list[str]  # every node's metrics endpoint
+
+
+class SharedOpsCluster:
+    """A local two-node Ray cluster running ``deploy/serve_config.yaml``, shared by the operations modules.
+
+    Both nodes are on 127.0.0.1 (2 CPUs each, each exporting its metrics), the head runs the dashboard (which writes
+    the Prometheus service-discovery file) and Ray reports metrics every :attr:`METRICS_INTERVAL_S` (production:
+    10 s). The application is deployed from the config file as ``serve deploy`` does it (Serve's controller builds
+    it), overridden only by :func:`loopback_app_config`. ``test_ops_prometheus.py`` and ``test_ops_serve.py`` share
+    it (tests/conftest.py) instead of starting a cluster and loading every model twice.
+
+    :meth:`get` answers the running cluster, or starts one; with ``fresh``, a cluster another module has used
+    (sent requests to, redeployed) is replaced by a new one.
+    """
+
+    METRICS_INTERVAL_S = 2
+
+    def __init__(self) -> None:
+        self._ops: OpsCluster | None = None
+        self._stack: contextlib.ExitStack | None = None
+        self._session: str | None = None
+        self._users: set[str] = set()
+
+    def get(self, user: str, fresh: bool = False) -> OpsCluster:
+        """The cluster for module ``user`` (its ``__name__``)."""
+        if self._ops is not None and self._session == _ray_session() and not (fresh and self._users - {user}):
+            self._users.add(user)
+            return self._ops
+        self.close()
+        with contextlib.ExitStack() as stack:
+            self._ops = self._start(stack)
+            self._stack, self._session, self._users = stack.pop_all(), _ray_session(), {user}
+        return self._ops
+
+    def close(self) -> None:
+        """Shut Serve, Ray and both nodes down and restore the environment (nothing to do when none runs)."""
+        stack, self._stack, self._ops, self._session, self._users = self._stack, None, None, None, set()
+        if stack is not None:
+            stack.close()
+
+    def _start(self, stack: contextlib.ExitStack) -> OpsCluster:
+        import pytest
+        from ray import serve
+        from ray._private import ray_constants
+        from ray.cluster_utils import Cluster
+        from ray.serve._private import api as serve_api
+        from ray.serve.schema import ServeDeploySchema
+
+        if ray.is_initialized():  # another module's Ray instance: this needs its own cluster
+            serve.shutdown()
+            ray.shutdown()
+        env = pytest.MonkeyPatch()
+        stack.callback(env.undo)
+        # Every Ray address on 127.0.0.1 (Ray would otherwise advertise the machine's address), as on a laptop.
+        env.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+        env.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        env.setenv("DASHBOARD_METRIC_PORT", str(free_port()))  # the dashboard's own metrics, a target too
+        # Raylets pass their environment to workers: the repo becomes importable (serve.app:build_app) everywhere.
+        env.setenv("PYTHONPATH", str(REPO), prepend=os.pathsep)
+        env.setenv("HF_HUB_OFFLINE", "1")
+        env.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": 2,
+                "node_ip_address": "127.0.0.1",
+                "include_dashboard": True,
+                "dashboard_host": "127.0.0.1",
+                "dashboard_port": free_port(),
+                "metrics_export_port": free_port(),
+                "_system_config": {"metrics_report_interval_ms": self.METRICS_INTERVAL_S * 1000},
+            },
+        )
+        stack.callback(cluster.shutdown)
+        cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1", metrics_export_port=free_port())
+        ray.init(address=cluster.address, logging_level="WARNING")
+        stack.callback(ray.shutdown)
+        stack.callback(serve.shutdown)
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        (head,) = [n for n in alive if n["MetricsExportPort"] == cluster.head_node.metrics_export_port]
+        config = loopback_app_config(yaml.safe_load(SERVE_CONFIG.read_text()), free_port())
+        app_name = config["applications"][0]["name"]
+        client = serve_api.serve_start(http_options=config["http_options"], proxy_location="HeadOnly")
+        client.deploy_apps(ServeDeploySchema.model_validate(config))
+        base_url = f"http://127.0.0.1:{config['http_options']['port']}"
+        wait_for(
+            lambda: getattr(serve.status().applications.get(app_name), "status", None) == "RUNNING",
+            300,
+            2,
+            "application RUNNING",
+        )
+        wait_for(lambda: health_ok(base_url), 60, 1, "/api/health ok")
+        node = ray._private.worker._global_node
+        return OpsCluster(
+            base_url=base_url,
+            app_name=app_name,
+            config=config,
+            client=client,
+            sd_file=Path(node.get_session_dir_path()) / ray_constants.PROMETHEUS_SERVICE_DISCOVERY_FILE,
+            head_target=f"{head['NodeManagerAddress']}:{head['MetricsExportPort']}",
+            metrics_urls=[f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics" for n in alive],
+        )

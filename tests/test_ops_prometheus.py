@@ -3,13 +3,14 @@
 Without a live service (seconds): ``promtool`` accepts ``deploy/prometheus/prometheus.yml`` and its rule file, and
 ``promtool test rules deploy/prometheus/alerts_test.yml`` fires and resolves every alert on synthetic series.
 
-With one (a module-scoped single-node Ray on 127.0.0.1 with its dashboard, which writes the service-discovery file,
-running ``deploy/serve_config.yaml``; and Prometheus started with ``prometheus.yml``, overridden only in intervals
-and paths), after two rounds of requests of every kind (a fused one, a dropped modality and a 422 among them) and a
-short live stream each:
+With one (the local two-node Ray on 127.0.0.1 that ``test_ops_serve.py`` uses after this module,
+``tests.ops_helpers.SharedOpsCluster``: the head runs the dashboard, which writes the service-discovery file, and
+the cluster runs ``deploy/serve_config.yaml``, started fresh for this module; and Prometheus started with
+``prometheus.yml``, overridden only in intervals and paths), after two rounds of requests of every kind (a fused
+one, a dropped modality and a 422 among them) and a short live stream each:
 
 1. Prometheus finds its targets through this Ray session's service-discovery file, all on loopback, and scrapes
-   the node's metrics;
+   the head node's metrics;
 2. every query of every dashboard panel, variables substituted, returns a finite value, non-zero except where
    a healthy idle service reads 0 (errors, queues), and the mean batch size is at least 1;
 3. every recorded signal behind the alerts returns a finite value, every rule evaluates without error, and the
@@ -22,7 +23,6 @@ does it when it can).
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -34,23 +34,18 @@ from pathlib import Path
 
 import httpx
 import pytest
-import ray
 import yaml
 
 from tests.ops_helpers import (
     DASHBOARD,
     FIXTURES,
     PROMETHEUS_DIR,
-    REPO,
-    SERVE_CONFIG,
     Prometheus,
+    SharedOpsCluster,
     dashboard_queries,
     dashboard_variables,
     finite_values,
-    free_port,
     grafana_substitute,
-    health_ok,
-    loopback_app_config,
     prometheus_test_config,
     send_all_kinds,
     send_stream,
@@ -60,7 +55,7 @@ from tests.ops_helpers import (
 NO_PROMETHEUS = (
     "Debian's Prometheus is not installed: `apt-get install -y prometheus` (tests/run_all.sh does it as root)"
 )
-INTERVAL_S = 2  # scrape, rule evaluation and Ray's metrics export period in this test (production: 10 s)
+INTERVAL_S = SharedOpsCluster.METRICS_INTERVAL_S  # scrape, rule evaluation and Ray's metrics export (production 10 s)
 ROUNDS = 2  # the first round creates the series, the second moves them: rate() and quantiles need both
 SETTLE_S = 60  # how long the exported counts may take to reach Prometheus
 ALERTS = PROMETHEUS_DIR / "alerts.yml"
@@ -173,73 +168,28 @@ def _sd_targets(sd_file: Path) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    """Ray (loopback, dashboard on) serving the application, Prometheus scraping it, and two rounds of traffic."""
+def live(ops_cluster: SharedOpsCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    """The application on the shared cluster, Prometheus scraping it, and two rounds of traffic."""
     if shutil.which("prometheus") is None:
         pytest.skip(NO_PROMETHEUS)
-    from ray import serve
-    from ray._private import ray_constants
-    from ray.serve._private import api as serve_api
-    from ray.serve.schema import ServeDeploySchema
-
-    if ray.is_initialized():  # another module's Ray instance: this test needs its own, with the dashboard
-        serve.shutdown()
-        ray.shutdown()
-    prometheus: Prometheus | None = None
-    with pytest.MonkeyPatch.context() as env:
-        # Every Ray address on 127.0.0.1 (Ray would otherwise advertise the machine's address), as on a laptop.
-        env.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
-        env.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        env.setenv("DASHBOARD_METRIC_PORT", str(free_port()))  # the dashboard's own metrics, a target too
-        env.setenv("PYTHONPATH", str(REPO), prepend=os.pathsep)  # workers import serve.app:build_app
-        env.setenv("HF_HUB_OFFLINE", "1")
-        env.setenv("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(
-            address="local",
-            num_cpus=2,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=free_port(),
-            _metrics_export_port=free_port(),
-            logging_level="WARNING",
-            _system_config={"metrics_report_interval_ms": INTERVAL_S * 1000},
-        )
-        try:
-            node = ray._private.worker._global_node
-            sd_file = Path(node.get_session_dir_path()) / ray_constants.PROMETHEUS_SERVICE_DISCOVERY_FILE
-            (me,) = [n for n in ray.nodes() if n["Alive"]]
-            node_target = f"{me['NodeManagerAddress']}:{me['MetricsExportPort']}"
-            config = loopback_app_config(yaml.safe_load(SERVE_CONFIG.read_text()), free_port())
-            app_name = config["applications"][0]["name"]
-            client = serve_api.serve_start(http_options=config["http_options"], proxy_location="HeadOnly")
-            client.deploy_apps(ServeDeploySchema.model_validate(config))
-            base_url = f"http://127.0.0.1:{config['http_options']['port']}"
-            wait_for(
-                lambda: getattr(serve.status().applications.get(app_name), "status", None) == "RUNNING",
-                300,
-                2,
-                "application RUNNING",
-            )
-            wait_for(lambda: health_ok(base_url), 60, 1, "/api/health ok")
-            # Ray rewrites the file every 5 s; the node's exporter is listed once the node has registered it.
-            wait_for(lambda: node_target in _sd_targets(sd_file), 60, 1, f"{node_target} in {sd_file}")
-            prometheus = Prometheus(
-                prometheus_test_config(sd_file, f"{INTERVAL_S}s"), tmp_path_factory.mktemp("prometheus")
-            )
-            svc = Live(base_url, app_name, sd_file, node_target, prometheus, Counter())
-            for _ in range(ROUNDS):
-                answers = send_all_kinds(base_url)
-                assert [k for k, r in answers.items() if r.status_code != 200] == ["empty_text"], answers
-                svc.encoded += _encoded(answers)
-                stream = send_stream(base_url)  # a short live stream: the stream panels get data too
-                svc.encoded += Counter(m for update in stream.updates for m in update["modalities"])
-                _settle(svc)
-            yield svc
-        finally:
-            if prometheus is not None:
-                prometheus.stop()
-            serve.shutdown()
-            ray.shutdown()
+    # Fresh: the counts compared below are this module's traffic only, on the config as shipped.
+    ops = ops_cluster.get(__name__, fresh=True)
+    # Ray rewrites the file every 5 s; the node's exporter is listed once the node has registered it.
+    wait_for(lambda: ops.head_target in _sd_targets(ops.sd_file), 60, 1, f"{ops.head_target} in {ops.sd_file}")
+    config = prometheus_test_config(ops.sd_file, f"{INTERVAL_S}s")
+    prometheus = Prometheus(config, tmp_path_factory.mktemp("prometheus"))
+    try:
+        svc = Live(ops.base_url, ops.app_name, ops.sd_file, ops.head_target, prometheus, Counter())
+        for _ in range(ROUNDS):
+            answers = send_all_kinds(ops.base_url)
+            assert [k for k, r in answers.items() if r.status_code != 200] == ["empty_text"], answers
+            svc.encoded += _encoded(answers)
+            stream = send_stream(ops.base_url)  # a short live stream: the stream panels get data too
+            svc.encoded += Counter(m for update in stream.updates for m in update["modalities"])
+            _settle(svc)
+        yield svc
+    finally:
+        prometheus.stop()
 
 
 def _variables(live: Live, window_s: float) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """Operations tests on a live local Ray cluster (two nodes, CPU only) running the real Serve application.
 
-One module-scoped cluster serves three tests, in this order:
+One cluster (``tests.ops_helpers.SharedOpsCluster``, on 127.0.0.1: the one ``test_ops_prometheus.py`` has used
+before, when it ran) serves three tests, in this order:
 
 1. ``test_metrics_exported``: requests on every endpoint, then Ray's metrics endpoints (one per node, found like
    Prometheus' service discovery finds them) show every metric of ``serve/metrics.py`` with its labels and
@@ -14,14 +15,14 @@ One module-scoped cluster serves three tests, in this order:
 
 The application is deployed from ``deploy/serve_config.yaml`` the way ``serve run deploy/serve_config.yaml``
 does it (Serve's controller builds it from the config), with only test overrides: loopback HTTP on a free port,
-proxy on the head node only, and the fast autoscaling config for ``TextEncoder``.
+proxy on the head node only, and the fast autoscaling config for ``TextEncoder`` (deployed by this module, over
+the cluster's config as shipped). Ray reports metrics every 2 s here (production: 10 s).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import time
 from collections import Counter
@@ -41,9 +42,9 @@ from tests.ops_helpers import (
     REPO,
     SERVE_CONFIG,
     Sample,
+    SharedOpsCluster,
     dashboard_exprs,
     exported_series,
-    free_port,
     health_ok,
     loopback_app_config,
     metric_names_in,
@@ -127,61 +128,26 @@ def _app_config(base: dict[str, Any], http_port: int, text_user_config: dict[str
 
 
 @pytest.fixture(scope="module")
-def service() -> Iterator[Service]:
-    """A two-node local Ray cluster (metrics export on each node) running the application."""
+def service(ops_cluster: SharedOpsCluster) -> Iterator[Service]:
+    """The application on the shared two-node cluster, with this module's autoscaling config for TextEncoder."""
     from ray import serve
-    from ray.cluster_utils import Cluster
-    from ray.serve._private import api as serve_api
 
-    if ray.is_initialized():  # another module's Ray instance: this test needs its own cluster
-        serve.shutdown()
-        ray.shutdown()
-    base = yaml.safe_load(SERVE_CONFIG.read_text())
-    saved_env = {k: os.environ.get(k) for k in ("PYTHONPATH", "HF_HUB_OFFLINE", "RAY_USAGE_STATS_ENABLED")}
-    # Raylets pass their environment to workers: the repo becomes importable (serve.app:build_app) everywhere.
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), saved_env["PYTHONPATH"]]))
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 2,
-            "include_dashboard": False,
-            "metrics_export_port": free_port(),
-        },
+    ops = ops_cluster.get(__name__)
+    config = _app_config(yaml.safe_load(SERVE_CONFIG.read_text()), int(ops.base_url.rsplit(":", 1)[1]))
+    svc = Service(ops.base_url, ops.app_name, config, ops.client, list(ops.metrics_urls))
+    assert len(svc.metrics_urls) == 2
+    svc.deploy(config)
+    wait_for(
+        lambda: (
+            serve.status().applications.get(svc.app_name) is not None
+            and serve.status().applications[svc.app_name].status == "RUNNING"
+        ),
+        300,
+        2,
+        "application RUNNING",
     )
-    cluster.add_node(num_cpus=2, metrics_export_port=free_port())
-    ray.init(address=cluster.address, logging_level="WARNING")
-    try:
-        http_port = free_port()
-        config = _app_config(base, http_port)
-        client = serve_api.serve_start(http_options=config["http_options"], proxy_location="HeadOnly")
-        svc = Service(f"http://127.0.0.1:{http_port}", config["applications"][0]["name"], config, client)
-        svc.metrics_urls = [
-            f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics" for n in ray.nodes() if n["Alive"]
-        ]
-        assert len(svc.metrics_urls) == 2
-        svc.deploy(config)
-        wait_for(
-            lambda: (
-                serve.status().applications.get(svc.app_name) is not None
-                and serve.status().applications[svc.app_name].status == "RUNNING"
-            ),
-            300,
-            2,
-            "application RUNNING",
-        )
-        wait_for(lambda: health_ok(svc.base_url), 60, 1, "/api/health ok")
-        yield svc
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        cluster.shutdown()
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    wait_for(lambda: health_ok(svc.base_url), 60, 1, "/api/health ok")
+    yield svc
 
 
 def _total(samples: list[Sample], name: str, **labels: str) -> float:
