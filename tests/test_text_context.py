@@ -166,7 +166,8 @@ def preprocessor() -> TextPreprocessor:
 
 
 def test_pair_input_keeps_the_newest_turns_and_says_how_many_were_cut(preprocessor: TextPreprocessor) -> None:
-    turns = [Turn("one two three four five six seven and many more words", "Ann"), Turn("eight nine ten", "Bob"), Turn("eleven", None)]
+    first = Turn("one two three four five six seven and many more words", "Ann")
+    turns = [first, Turn("eight nine ten", "Bob"), Turn("eleven", None)]
     tok = preprocessor(["Oh."], [turns])
     decoded = preprocessor.tokenizer.decode(tok.input_ids[0])
     assert decoded == "[CLS] oh. [SEP] bob : eight nine ten | eleven [SEP]"
@@ -217,15 +218,10 @@ def test_pipeline_reports_the_turns_it_read(text: TextPipeline) -> None:
 def test_context_changes_the_answer_for_an_utterance_that_needs_it(text: TextPipeline) -> None:
     if not text.reads_context:
         pytest.skip(f"the committed text model {text.version} reads no context")
-    bad = [
+    news = [
         {"speaker": "Rachel", "text": "Ross, I have some terrible news."},
         {"speaker": "Rachel", "text": "Your grandmother passed away last night. I'm so sorry."},
     ]
-    good = [
-        {"speaker": "Rachel", "text": "Ross, guess what!"},
-        {"speaker": "Rachel", "text": "We won! We won the trip to Hawaii!! We're going!"},
-    ]
-    alone = _probs(text, "Oh my God.", [])
-    sad, happy = _probs(text, "Oh my God.", bad), _probs(text, "Oh my God.", good)
-    assert sad["sad"] > happy["sad"] + 0.1 and happy["happy"] > sad["happy"] + 0.1, (alone, sad, happy)
-    assert max(sad, key=sad.__getitem__) != max(happy, key=happy.__getitem__), (alone, sad, happy)
+    alone, told = _probs(text, "Oh.", []), _probs(text, "Oh.", news)
+    assert max(alone, key=alone.__getitem__) == "neutral", alone  # "Oh." alone says little
+    assert max(told, key=told.__getitem__) == "sad" and told["sad"] > alone["sad"] + 0.2, (alone, told)
