@@ -5,7 +5,7 @@ same live application share it instead of each starting its own:
 
 * ``serve_apps`` (:class:`tests.ops_helpers.SharedServeApp`): the application on a local Ray, built from the
   module-level ``SERVE_ARGS`` of the module that asks (``serve_apps.url(SERVE_ARGS)``); a module with other args
-  gets a fresh one;
+  has it replaced (every replica afresh) on the same Ray;
 * ``ops_cluster`` (:class:`tests.ops_helpers.SharedOpsCluster`): the two-node cluster of the operations tests,
   running ``deploy/serve_config.yaml``.
 

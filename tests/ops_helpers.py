@@ -17,8 +17,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -329,36 +328,6 @@ def finite_values(series: list[dict[str, Any]]) -> list[float]:
     return [v for v in values if math.isfinite(v)]
 
 
-@contextmanager
-def local_serve_app(args: dict[str, Any], name: str) -> Iterator[str]:
-    """Start a fresh local Ray, Serve's proxy on a free loopback port and the app built from ``args``.
-
-    Yields the base URL; shuts Serve and Ray down afterwards. The app may still be loading its models.
-    """
-    from ray import serve
-
-    from serve.app import build_app
-
-    if ray.is_initialized():
-        serve.shutdown()
-        ray.shutdown()
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        logging_level="WARNING",
-        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
-    )
-    try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(args), name=name, route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-
-
 def _ray_session() -> str | None:
     """The name of the Ray session this process is connected to (None when not connected)."""
     if not ray.is_initialized():
@@ -367,42 +336,74 @@ def _ray_session() -> str | None:
 
 
 class SharedServeApp:
-    """One :func:`local_serve_app` at a time, kept running for the next test module that asks for the same args.
+    """The real application on a local Ray, kept running for the next test module that asks for the same args.
 
     Starting Ray and the application (every model loading on two shared cores) takes half a minute or more, so
     modules that test the same application share one (``tests/conftest.py`` runs them back to back and shuts it
     down before any other module). :meth:`url` answers the running application when ``args`` are the same and its
-    Ray is still the one it started, else shuts it down and starts a fresh one. The application is named
-    :attr:`NAME`, never ``emotion``: a module that looks for another application's ``emotion`` replicas on the
-    machine does not find these.
+    Ray is still the one started here; for other args it replaces the application (every replica starts afresh)
+    on the same Ray and Serve proxy. The application is named :attr:`NAME`, never ``emotion``: a module that looks
+    for another application's ``emotion`` replicas on the machine does not find these.
+
+    Ray is stopped without Serve's graceful shutdown (seconds of waiting for idle replicas to drain): it takes every
+    replica with it.
     """
 
     NAME = "emotion-test"
+    DEPLOYMENTS = ("FusionIngress", "TextEncoder", "AudioEncoder", "VideoEncoder", "Transcriber")
 
     def __init__(self) -> None:
-        self._stack: contextlib.ExitStack | None = None
-        self._key: str | None = None
         self._session: str | None = None
+        self._key: str | None = None
         self._base_url = ""
 
     def url(self, args: dict[str, Any]) -> str:
-        """The base URL of the application built from ``args`` (started here unless it is already running)."""
+        """The base URL of the application built from ``args`` (deployed here unless it is already running).
+
+        ``serve.run`` returns once every replica has started; the models may still be warming up.
+        """
+        from ray import serve
+
+        from bench.soak import replica_pids
+        from serve.app import build_app
+
         key = json.dumps(args, sort_keys=True)
-        if self._stack is not None and key == self._key and self._session == _ray_session():
-            return self._base_url
-        self.close()
-        stack = contextlib.ExitStack()
-        self._base_url = stack.enter_context(local_serve_app(args, self.NAME))
-        self._stack, self._key, self._session = stack, key, _ray_session()
+        if self._session is not None and self._session == _ray_session():
+            if key == self._key:
+                return self._base_url
+            self._key = None
+            serve.delete(self.NAME)
+            wait_for(
+                lambda: not any(replica_pids(d, app=self.NAME) for d in self.DEPLOYMENTS),
+                60,
+                0.2,
+                "the replaced application's replica processes to exit",
+            )
+        else:
+            self.close()
+            if ray.is_initialized():  # another module's Ray instance
+                ray.shutdown()
+            ray.init(
+                address="local",
+                num_cpus=2,
+                include_dashboard=False,
+                logging_level="WARNING",
+                runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
+            )
+            self._session = _ray_session()
+            port = free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            self._base_url = f"http://127.0.0.1:{port}"
+        serve.run(build_app(args), name=self.NAME, route_prefix="/")
+        self._key = key
         return self._base_url
 
     def close(self) -> None:
-        """Shut the application and its Ray down (nothing to do when none runs; left alone if another Ray
-        session has replaced it, which that session's owner shuts down)."""
-        stack, session = self._stack, self._session
-        self._stack = self._key = self._session = None
-        if stack is not None and session == _ray_session():
-            stack.close()
+        """Stop the application and its Ray (nothing to do when none runs; left alone if another Ray session has
+        replaced it, which that session's owner stops)."""
+        session, self._session, self._key = self._session, None, None
+        if session is not None and session == _ray_session():
+            ray.shutdown()
 
 
 # --- The two-node cluster of the operations tests ------------------------------------------------------------
@@ -454,7 +455,8 @@ class SharedOpsCluster:
         return self._ops
 
     def close(self) -> None:
-        """Shut Serve, Ray and both nodes down and restore the environment (nothing to do when none runs)."""
+        """Stop Ray and both nodes (Serve's replicas with them) and restore the environment (nothing to do when none
+        runs)."""
         stack, self._stack, self._ops, self._session, self._users = self._stack, None, None, None, set()
         if stack is not None:
             stack.close()
@@ -495,8 +497,7 @@ class SharedOpsCluster:
         stack.callback(cluster.shutdown)
         cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1", metrics_export_port=free_port())
         ray.init(address=cluster.address, logging_level="WARNING")
-        stack.callback(ray.shutdown)
-        stack.callback(serve.shutdown)
+        stack.callback(ray.shutdown)  # and the nodes with it: no graceful Serve shutdown to wait for
         alive = [n for n in ray.nodes() if n["Alive"]]
         (head,) = [n for n in alive if n["MetricsExportPort"] == cluster.head_node.metrics_export_port]
         config = loopback_app_config(yaml.safe_load(SERVE_CONFIG.read_text()), free_port())

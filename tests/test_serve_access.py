@@ -26,7 +26,7 @@ import httpx
 import pytest
 import ray
 
-from tests.ops_helpers import REPO, local_serve_app, wait_for
+from tests.ops_helpers import REPO, SharedServeApp, wait_for
 
 FIXTURES = REPO / "tests" / "fixtures"
 SPEECH = (FIXTURES / "speech.wav").read_bytes()
@@ -55,23 +55,24 @@ def bearer(key: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    """The application with keys required (read from a file) and per-key limits, on loopback."""
+def live(serve_apps: SharedServeApp, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    """The application with keys required (read from a file) and per-key limits, on loopback (on the local Ray of
+    ``serve_apps``, which the other live modules' applications replace afterwards: tests/conftest.py)."""
     keys_file = tmp_path_factory.mktemp("secret") / "api-keys"
     keys_file.write_text("# one key per line, as in the Kubernetes Secret\n" + "\n".join(KEYS.values()) + "\n")
     args = {"access": {"api_keys": {"required": True, "env": None, "file": str(keys_file)}, "per_client": PER_KEY}}
-    with local_serve_app(args, "emotion-access") as base_url:
-        logs_dir = Path(ray._private.worker._global_node.get_logs_dir_path())
+    base_url = serve_apps.url(args)
+    logs_dir = Path(ray._private.worker._global_node.get_logs_dir_path())
 
-        def healthy() -> bool:
-            try:
-                r = httpx.get(f"{base_url}/api/health", headers=bearer(KEYS["alice"]), timeout=10)
-                return r.json().get("status") == "ok"
-            except (httpx.HTTPError, ValueError):
-                return False
+    def healthy() -> bool:
+        try:
+            r = httpx.get(f"{base_url}/api/health", headers=bearer(KEYS["alice"]), timeout=10)
+            return r.json().get("status") == "ok"
+        except (httpx.HTTPError, ValueError):
+            return False
 
-        wait_for(healthy, 180, 1, "/api/health ok")
-        yield Live(base_url, logs_dir)
+    wait_for(healthy, 180, 1, "/api/health ok")
+    yield Live(base_url, logs_dir)
 
 
 @pytest.mark.parametrize("path", list(PREDICTIONS))

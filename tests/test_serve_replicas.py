@@ -115,8 +115,7 @@ def watcher() -> Iterator[DeploymentHandle]:
         serve.start(proxy_location="Disabled", http_options={"host": "127.0.0.1"})
         yield deploy(1)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        ray.shutdown()  # the replicas go with Ray: no graceful Serve shutdown to wait for
 
 
 def deploy(replicas: int) -> DeploymentHandle:
