@@ -382,7 +382,7 @@ class SharedServeApp:
         else:
             self.close()
             if ray.is_initialized():  # another module's Ray instance
-                ray.shutdown()
+                stop_serve_and_ray()
             ray.init(
                 address="local",
                 num_cpus=2,
@@ -403,7 +403,21 @@ class SharedServeApp:
         replaced it, which that session's owner stops)."""
         session, self._session, self._key = self._session, None, None
         if session is not None and session == _ray_session():
-            ray.shutdown()
+            stop_serve_and_ray()
+
+
+def _forget_serve() -> None:
+    from ray import serve
+
+    with contextlib.suppress(Exception):  # Ray already gone: nothing of Serve's is left to stop
+        serve.shutdown()
+
+
+def stop_serve_and_ray() -> None:
+    """Stop Serve, then Ray. ``ray.shutdown()`` alone takes the replicas with it but leaves this process's Serve
+    client pointing at the dead controller: the next session's first handle then waits for it forever."""
+    _forget_serve()
+    ray.shutdown()
 
 
 # --- The two-node cluster of the operations tests ------------------------------------------------------------
@@ -497,7 +511,8 @@ class SharedOpsCluster:
         stack.callback(cluster.shutdown)
         cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1", metrics_export_port=free_port())
         ray.init(address=cluster.address, logging_level="WARNING")
-        stack.callback(ray.shutdown)  # and the nodes with it: no graceful Serve shutdown to wait for
+        stack.callback(ray.shutdown)
+        stack.callback(_forget_serve)  # runs first (the stack unwinds backwards)
         alive = [n for n in ray.nodes() if n["Alive"]]
         (head,) = [n for n in alive if n["MetricsExportPort"] == cluster.head_node.metrics_export_port]
         config = loopback_app_config(yaml.safe_load(SERVE_CONFIG.read_text()), free_port())

@@ -30,6 +30,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve.launch import FAST_INGRESS_ENV, PLAIN_PROXY_ENV, RAY_SWITCHES
 from serve.replicas import RouterReader
+from tests.ops_helpers import stop_serve_and_ray
 
 REPO = Path(__file__).resolve().parents[1]
 APP = "replicas"
@@ -115,7 +116,7 @@ def watcher() -> Iterator[DeploymentHandle]:
         serve.start(proxy_location="Disabled", http_options={"host": "127.0.0.1"})
         yield deploy(1)
     finally:
-        ray.shutdown()  # the replicas go with Ray: no graceful Serve shutdown to wait for
+        stop_serve_and_ray()
 
 
 def deploy(replicas: int) -> DeploymentHandle:
