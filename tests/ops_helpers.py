@@ -342,15 +342,12 @@ class SharedServeApp:
     modules that test the same application share one (``tests/conftest.py`` runs them back to back and shuts it
     down before any other module). :meth:`url` answers the running application when ``args`` are the same and its
     Ray is still the one started here; for other args it replaces the application (every replica starts afresh)
-    on the same Ray and Serve proxy. The application is named :attr:`NAME`, never ``emotion``: a module that looks
-    for another application's ``emotion`` replicas on the machine does not find these.
-
-    Ray is stopped without Serve's graceful shutdown (seconds of waiting for idle replicas to drain): it takes every
-    replica with it.
+    on the same Ray and Serve proxy. The application is named :attr:`NAME`, never ``emotion`` and unique to this
+    process: a module that looks for another application's replica processes on the machine does not find these,
+    nor these another test run's.
     """
 
-    NAME = "emotion-test"
-    DEPLOYMENTS = ("FusionIngress", "TextEncoder", "AudioEncoder", "VideoEncoder", "Transcriber")
+    NAME = f"emotion-test-{os.getpid()}"  # another test run's replicas on this machine are not these
 
     def __init__(self) -> None:
         self._session: str | None = None
@@ -364,7 +361,6 @@ class SharedServeApp:
         """
         from ray import serve
 
-        from bench.soak import replica_pids
         from serve.app import build_app
 
         key = json.dumps(args, sort_keys=True)
@@ -372,13 +368,8 @@ class SharedServeApp:
             if key == self._key:
                 return self._base_url
             self._key = None
-            serve.delete(self.NAME)
-            wait_for(
-                lambda: not any(replica_pids(d, app=self.NAME) for d in self.DEPLOYMENTS),
-                60,
-                0.2,
-                "the replaced application's replica processes to exit",
-            )
+            serve.delete(self.NAME)  # returns once the application is gone; its replica actors must be too
+            wait_for(lambda: not self._replica_actors(), 60, 0.2, "the replaced application's replicas to stop")
         else:
             self.close()
             if ray.is_initialized():  # another module's Ray instance
@@ -397,6 +388,11 @@ class SharedServeApp:
         serve.run(build_app(args), name=self.NAME, route_prefix="/")
         self._key = key
         return self._base_url
+
+    def _replica_actors(self) -> list[str]:
+        """Live replica actors of :attr:`NAME` in this process's Ray (another Ray's, on this machine, do not count)."""
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+        return [n for n in names if n.startswith("SERVE_REPLICA") and f"{self.NAME}#" in n]
 
     def close(self) -> None:
         """Stop the application and its Ray (nothing to do when none runs; left alone if another Ray session has
