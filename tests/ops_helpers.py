@@ -480,8 +480,7 @@ class SharedOpsCluster:
         from ray.serve.schema import ServeDeploySchema
 
         if ray.is_initialized():  # another module's Ray instance: this needs its own cluster
-            serve.shutdown()
-            ray.shutdown()
+            stop_serve_and_ray()
         env = pytest.MonkeyPatch()
         stack.callback(env.undo)
         # Every Ray address on 127.0.0.1 (Ray would otherwise advertise the machine's address), as on a laptop.

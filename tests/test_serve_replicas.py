@@ -103,8 +103,7 @@ def running(deployment: str = "Target") -> int:
 @pytest.fixture(scope="module")
 def watcher() -> Iterator[DeploymentHandle]:
     if ray.is_initialized():
-        serve.shutdown()
-        ray.shutdown()
+        stop_serve_and_ray()
     ray.init(
         address="local",
         num_cpus=2,
