@@ -5,10 +5,11 @@
 #   bash bench/gpu.sh --dry-run            # print what it would run, run nothing (works without a GPU)
 #   bash bench/gpu.sh --clients 1,32 --out /tmp/gpu-run --no-install
 #
-# It installs requirements.txt, then runs `python -m bench.run --device cuda` against
-# deploy/serve_config.gpu.yaml (started by the benchmark itself: `serve run` on a free loopback port, behind
-# HAProxy as `python -m serve.launch` runs it) at 1/8/32/128 clients on the four endpoints, next to the naive
-# server and the in-process ceiling on the same GPU, and writes <out>/bench_gpu.{json,md,png} with GPU
+# It installs requirements.txt and LitServe (its pin in requirements-dev.txt), then runs `python -m bench.run
+# --device cuda` against deploy/serve_config.gpu.yaml (started by the benchmark itself: `serve run` on a free
+# loopback port, behind HAProxy as `python -m serve.launch` runs it) at 1/8/32/128 clients on the four endpoints,
+# next to LitServe with batching (bench/litserve_server.py), the naive server and the in-process ceiling on the
+# same GPU, and writes <out>/bench_gpu.{json,md,png} with GPU
 # utilisation (nvidia-smi, sampled during every cell). The config's API keys and per-client limits are turned
 # off for the run (--open-access): the load generator sends no key and all its clients share one address.
 # The run is stopped with SIGINT at the time limit (the reports are still written, with what was measured).
@@ -26,7 +27,7 @@ usage: bash bench/gpu.sh [--dry-run] [--clients LIST] [--out DIR] [--endpoints L
   --duration S     max seconds per cell (default 5)
   --requests N     max requests per cell (default 4000)
   --time-limit S   the whole script's budget in seconds, install included (default 480)
-  --no-install     skip pip install -r requirements.txt
+  --no-install     skip pip install -r requirements.txt (and litserve)
 USAGE
 }
 
@@ -67,8 +68,10 @@ done
 [[ $time_limit =~ ^[1-9][0-9]*$ ]] || die "--time-limit wants whole seconds, got '$time_limit'"
 
 python=${PYTHON:-python3}
-install_cmd=("$python" -m pip install -q -r requirements.txt)
+litserve_pin=$(grep -E '^litserve' requirements-dev.txt | sed 's/[[:space:]]*#.*//')
+install_cmd=("$python" -m pip install -q -r requirements.txt "${litserve_pin:-litserve}")
 bench_cmd=("$python" -m bench.run --device cuda --config deploy/serve_config.gpu.yaml --open-access
+           --targets ceiling,naive,litserve,serve
            --concurrency "$clients" --endpoints "$endpoints" --duration "$duration" --requests "$requests"
            --ceiling-time 1 --stem bench_gpu --out "$out")
 

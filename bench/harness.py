@@ -20,7 +20,7 @@ from bench.servers import CPU_CONFIG, GPU_CONFIG, INGRESS_MODES, ManagedServer
 from bench.stats import LoadResult
 from bench.stream import hold_text_stream, ws_url
 
-ALL_TARGETS = ("ceiling", "naive", "serve")
+ALL_TARGETS = ("ceiling", "naive", "litserve", "serve")
 
 
 def _ints(text: str) -> list[int]:
@@ -46,7 +46,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
         "--targets",
         type=lambda s: _names(s, ALL_TARGETS),
         default=list(ALL_TARGETS),
-        help="comma list of ceiling,naive,serve (default: all)",
+        help="comma list of ceiling,naive,litserve,serve (default: all; litserve is skipped when not installed)",
     )
     p.add_argument(
         "--endpoints",

@@ -17,6 +17,8 @@ TARGET_NAIVE_RATIO = 1.5  # ... and >= 1.5x the naive single-process server
 TARGET_TEXT_BATCH = 8.0  # the text encoder's mean batch at 32 clients
 TARGET_MEDIA_NAIVE_RATIO = 1.0  # fused /predict and /predict/video at 32 clients: no slower than naive
 TARGET_CONCURRENCY = 32
+TARGET_LITSERVE_RATIO = 1.0  # text at 32 clients: Serve's throughput >= LitServe's (with its batching)
+TARGET_LITSERVE_P50 = 1.1  # text at 1 client: Serve's p50 <= 1.1x LitServe's
 README_TABLE_START = "<!-- bench:table -->"
 README_TABLE_END = "<!-- /bench:table -->"
 
@@ -39,14 +41,19 @@ def ceilings_by_endpoint(ceiling_rows: Iterable[Mapping[str, Any]]) -> dict[str,
 
 
 def build_rows(results: Iterable[LoadResult], ceilings: Mapping[str, float | None]) -> list[dict[str, Any]]:
-    """Summaries of every load cell with ``vs_ceiling`` and ``vs_naive`` ratios (throughput over throughput)."""
+    """Summaries of every load cell with ``vs_ceiling``, ``vs_naive`` and ``vs_litserve`` ratios (throughput over
+    throughput) and ``p50_vs_litserve`` (p50 over LitServe's p50 at the same endpoint and concurrency)."""
     summaries = [r.summary() for r in results]
     naive = {(s["endpoint"], s["concurrency"]): s["throughput_rps"] for s in summaries if s["target"] == "naive"}
+    lit = {(s["endpoint"], s["concurrency"]): s for s in summaries if s["target"] == "litserve"}
     for s in summaries:
+        key = (s["endpoint"], s["concurrency"])
         s["ceiling_rps"] = ceilings.get(s["endpoint"])
         s["vs_ceiling"] = ratio(s["throughput_rps"], s["ceiling_rps"])
-        s["vs_naive"] = ratio(s["throughput_rps"], naive.get((s["endpoint"], s["concurrency"])))
-    order = {"serve": 0, "naive": 1}
+        s["vs_naive"] = ratio(s["throughput_rps"], naive.get(key))
+        s["vs_litserve"] = ratio(s["throughput_rps"], (lit.get(key) or {}).get("throughput_rps"))
+        s["p50_vs_litserve"] = ratio(s["p50_ms"], (lit.get(key) or {}).get("p50_ms"))
+    order = {"serve": 0, "litserve": 1, "naive": 2}
     keys = list(ENDPOINTS)
     summaries.sort(
         key=lambda s: (
@@ -58,13 +65,11 @@ def build_rows(results: Iterable[LoadResult], ceilings: Mapping[str, float | Non
     return summaries
 
 
-def _serve_row(rows: Iterable[Mapping[str, Any]], endpoint: str) -> Mapping[str, Any] | None:
+def _serve_row(
+    rows: Iterable[Mapping[str, Any]], endpoint: str, clients: int = TARGET_CONCURRENCY
+) -> Mapping[str, Any] | None:
     return next(
-        (
-            r
-            for r in rows
-            if r["target"] == "serve" and r["endpoint"] == endpoint and r["concurrency"] == TARGET_CONCURRENCY
-        ),
+        (r for r in rows if r["target"] == "serve" and r["endpoint"] == endpoint and r["concurrency"] == clients),
         None,
     )
 
@@ -73,11 +78,16 @@ def _at_least(value: float | None, target: float) -> bool | None:
     return None if value is None else value >= target
 
 
-def evaluate_targets(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """The throughput targets at 32 concurrent clients through the Serve graph (the ``TARGET_*`` constants).
+def _at_most(value: float | None, target: float) -> bool | None:
+    return None if value is None else value <= target
 
-    Text: throughput over the in-process ceiling and over the naive server, and the text encoder's mean batch;
-    fused ``/predict`` and ``/predict/video``: throughput over the naive server's.
+
+def evaluate_targets(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """The targets of the Serve graph (the ``TARGET_*`` constants), at 32 concurrent clients unless said.
+
+    Text: throughput over the in-process ceiling, over the naive server and over LitServe, the text encoder's mean
+    batch, and at 1 client its p50 over LitServe's; fused ``/predict`` and ``/predict/video``: throughput over
+    the naive server's.
     """
     rows = list(rows)
     row = _serve_row(rows, "text")
@@ -94,6 +104,17 @@ def evaluate_targets(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         "text_32_mean_batch": batch,
         "text_32_mean_batch_target": TARGET_TEXT_BATCH,
         "text_32_mean_batch_met": _at_least(batch, TARGET_TEXT_BATCH),
+    }
+    lit32 = row.get("vs_litserve") if row else None
+    one = _serve_row(rows, "text", 1)
+    lit1 = one.get("p50_vs_litserve") if one else None
+    out |= {
+        "text_32_vs_litserve": lit32,
+        "text_32_vs_litserve_target": TARGET_LITSERVE_RATIO,
+        "text_32_vs_litserve_met": _at_least(lit32, TARGET_LITSERVE_RATIO),
+        "text_1_p50_vs_litserve": lit1,
+        "text_1_p50_vs_litserve_target": TARGET_LITSERVE_P50,
+        "text_1_p50_vs_litserve_met": _at_most(lit1, TARGET_LITSERVE_P50),
     }
     for endpoint in ("fused", "video"):
         media_row = _serve_row(rows, endpoint)
@@ -160,9 +181,9 @@ def results_table(rows: Iterable[Mapping[str, Any]]) -> str:
     lines = [
         (
             "| target | endpoint | clients | ok/err | req/s | p50 ms | p95 ms | p99 ms | × ceiling | × naive "
-            "| server CPU ms/req | batch seen | GPU util |"
+            "| × LitServe | p50 ÷ LitServe's | server CPU ms/req | batch seen | GPU util |"
         ),
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in rows:
         gpu = r.get("gpu") or {}
@@ -171,6 +192,7 @@ def results_table(rows: Iterable[Mapping[str, Any]]) -> str:
             f"| {r['requests_ok']}/{r['errors']} "
             f"| {_fmt(r['throughput_rps'])} | {_fmt(r['p50_ms'])} | {_fmt(r['p95_ms'])} | {_fmt(r['p99_ms'])} "
             f"| {_fmt(r.get('vs_ceiling'), 2)} | {_fmt(r.get('vs_naive'), 2)} "
+            f"| {_fmt(r.get('vs_litserve'), 2)} | {_fmt(r.get('p50_vs_litserve'), 2)} "
             f"| {_fmt(r.get('server_cpu_ms_per_request'), 1)} "
             f"| {' '.join(f'{m} {v:.1f}' for m, v in (r.get('mean_batch_size') or {}).items()) or '–'} "
             f"| {_fmt(gpu.get('gpu_util_mean_pct'), 0, '%') if gpu else '–'} |"
@@ -219,7 +241,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     settings = serve_settings_lines(meta.get("servers", {}).get("serve", {}).get("config"))
     breakdown = cpu_breakdown_lines(report.get("results", []))
     parts = [
-        "# Benchmark: Serve graph vs in-process ceiling vs naive server",
+        "# Benchmark: Serve graph vs LitServe vs naive server vs in-process ceiling",
         "",
         f"Measured {meta.get('finished_at', '')} with `{meta.get('command', 'python -m bench.run')}`.",
         "",
@@ -231,11 +253,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"{meta.get('inputs', {}).get('video', {}).get('name')}, {meta.get('inputs', {}).get('texts')} texts."
         ),
         "",
-        "## Targets (32 concurrent clients)",
+        "## Targets (32 concurrent clients unless said)",
         "",
         *target_lines(targets),
         "",
         *(["Serve encoder settings in this run:", "", *settings, ""] if settings else []),
+        *litserve_settings_lines(meta.get("servers", {}).get("litserve", {}).get("config")),
         "## HTTP results",
         "",
         results_table(report.get("results", [])),
@@ -243,13 +266,15 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "× ceiling: throughput over the in-process ceiling of that endpoint (its encoders' best decode+forward "
         "throughput over batch sizes, one after another, plus fusion when it combines modalities): "
         + ", ".join(f"`{ENDPOINTS[k].path}` {_fmt(v)} req/s" for k, v in ceil_ep.items() if k in ENDPOINTS)
-        + ". × naive: throughput over the naive server's at the same endpoint and concurrency. "
+        + ". × naive, × LitServe: throughput over the naive server's, LitServe's, at the same endpoint and "
+        "concurrency; p50 ÷ LitServe's: p50 over LitServe's p50 there. "
         "Server CPU: CPU time of the server's whole process tree (Ray, proxy, replicas, ffmpeg) per request sent. "
         "Batch seen: mean size of the encoder forward that served each request, as the answers report it.",
         "",
         *(["## Where the CPU went (ms of CPU per request, by process)", "", *breakdown, ""] if breakdown else []),
         *profile_section(report.get("profile") or []),
         *levers_section(report.get("levers")),
+        *litserve_sweep_section(report.get("litserve_sweep")),
         "## In-process ceiling",
         "",
         (
@@ -284,14 +309,16 @@ def target_lines(targets: Mapping[str, Any]) -> list[str]:
     specs = (
         ("text_32_vs_ceiling", "text: Serve / in-process batched ceiling", 2, ""),
         ("text_32_vs_naive", "text: Serve / naive server", 2, ""),
+        ("text_32_vs_litserve", "text: Serve / LitServe (throughput)", 2, ""),
+        ("text_1_p50_vs_litserve", "text at 1 client: Serve p50 / LitServe p50", 2, "max"),
         ("text_32_mean_batch", "text: the text encoder's mean batch", 1, ""),
         ("fused_32_vs_naive", "fused `/predict`: Serve / naive server", 2, ""),
         ("video_32_vs_naive", "`/predict/video`: Serve / naive server", 2, ""),
     )
     return [
-        f"- {name}: **{_fmt(targets.get(key), digits)}** (target ≥ {targets.get(f'{key}_target')}) — "
-        f"{_met(targets.get(f'{key}_met'))}"
-        for key, name, digits, _ in specs
+        f"- {name}: **{_fmt(targets.get(key), digits)}** (target {'≤' if kind == 'max' else '≥'} "
+        f"{targets.get(f'{key}_target')}) — {_met(targets.get(f'{key}_met'))}"
+        for key, name, digits, kind in specs
         if f"{key}_target" in targets
     ]
 
@@ -373,6 +400,47 @@ def profile_section(entries: Iterable[Mapping[str, Any]]) -> list[str]:
     return [*lines, ""]
 
 
+def litserve_settings_lines(config: Mapping[str, Any] | None) -> list[str]:
+    """One paragraph: the LitServe settings of the run (from its sweep, ``python -m bench.litserve_sweep``)."""
+    lit = (config or {}).get("litserve")
+    if not lit:
+        return []
+    return [
+        (
+            f"LitServe settings in this run: {lit.get('workers')} worker processes per endpoint (and as many HTTP "
+            f"server processes), max_batch_size {lit.get('max_batch_size')}, batch_timeout "
+            f"{lit.get('batch_timeout')} s, {lit.get('torch_threads')} torch thread per worker, fast_queue (ZeroMQ) "
+            f"{lit.get('fast_queue')}: the best of its sweep (below)."
+        ),
+        "",
+    ]
+
+
+def litserve_sweep_section(sweep: Mapping[str, Any] | None) -> list[str]:
+    """``reports/litserve_sweep.json``: text through LitServe at 1 and 32 clients for each setting tried."""
+    points = (sweep or {}).get("points") or []
+    if not points:
+        return []
+    best = sweep.get("best") or {}
+    lines = [
+        "## LitServe settings sweep (`python -m bench.litserve_sweep`)",
+        "",
+        str(sweep.get("method", "")),
+        "",
+        "| workers | max_batch_size | batch_timeout s | req/s, 32 clients | mean batch | p50 ms, 1 client | chosen |",
+        "|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for pt in points:
+        st = pt.get("settings") or {}
+        chosen = "**yes**" if st == best else ""
+        lines.append(
+            f"| {_fmt(st.get('workers'))} | {_fmt(st.get('max_batch_size'))} | {_fmt(st.get('batch_timeout'), 3)} "
+            f"| {_fmt(pt.get('throughput_rps_32'))} | {_fmt(pt.get('mean_batch_32'))} | {_fmt(pt.get('p50_ms_1'))} "
+            f"| {chosen} |"
+        )
+    return [*lines, ""]
+
+
 def levers_section(levers: Mapping[str, Any] | None) -> list[str]:
     """``reports/levers.json``: what each lever did when it was tried (hand-kept record of the runs that chose them)."""
     rows = (levers or {}).get("rows") or []
@@ -392,26 +460,33 @@ def levers_section(levers: Mapping[str, Any] | None) -> list[str]:
 
 
 def readme_block(report: Mapping[str, Any]) -> str:
-    """The summary quoted in the README: Serve against the naive server per endpoint, and the targets."""
+    """The summary quoted in the README: Serve against LitServe and the naive server per endpoint, and the targets."""
     rows = {(r["target"], r["endpoint"], r["concurrency"]): r for r in report.get("results", [])}
+    busy = " (busy: other jobs shared the cores)" if any("busy" in n for n in report["meta"].get("notes") or []) else ""
     lines = [
-        f"`python -m bench.run` on {machine_line(report['meta']).split('; commit')[0]}:",
+        f"`python -m bench.run` on {machine_line(report['meta']).split('; commit')[0]}{busy}:",
         "",
-        "| endpoint | clients | Serve req/s | naive req/s | × naive | × ceiling | Serve p50 ms | mean batch |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        (
+            "| endpoint | clients | Serve req/s | LitServe | naive | × LitServe | × naive | × ceiling | Serve p50 ms "
+            "| LitServe p50 | Serve batch |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for (target, endpoint, clients), r in rows.items():
         naive = rows.get(("naive", endpoint, clients))
+        lit = rows.get(("litserve", endpoint, clients))
         if target != "serve" or (clients != 32 and not (endpoint == "text" and clients == 1)):
             continue
         batch = " ".join(f"{m} {v:.1f}" for m, v in (r.get("mean_batch_size") or {}).items()) or "–"
         lines.append(
             f"| `{r.get('path', endpoint)}` | {clients} | {_fmt(r['throughput_rps'])} "
-            f"| {_fmt(naive['throughput_rps']) if naive else '–'} | {_fmt(r.get('vs_naive'), 2)} "
-            f"| {_fmt(r.get('vs_ceiling'), 2)} | {_fmt(r['p50_ms'])} | {batch} |"
+            f"| {_fmt(lit['throughput_rps']) if lit else '–'} | {_fmt(naive['throughput_rps']) if naive else '–'} "
+            f"| {_fmt(r.get('vs_litserve'), 2)} | {_fmt(r.get('vs_naive'), 2)} | {_fmt(r.get('vs_ceiling'), 2)} "
+            f"| {_fmt(r['p50_ms'])} | {_fmt(lit['p50_ms']) if lit else '–'} | {batch} |"
         )
     t = report.get("targets", {})
     checks = [
+        ("text Serve/LitServe", "text_32_vs_litserve"),
         ("text Serve/naive", "text_32_vs_naive"),
         ("text Serve/ceiling", "text_32_vs_ceiling"),
         ("text mean batch", "text_32_mean_batch"),
@@ -425,6 +500,14 @@ def readme_block(report: Mapping[str, Any]) -> str:
     ]
     if met:
         lines += ["", "Targets at 32 clients: " + "; ".join(met) + "."]
+    if "text_1_p50_vs_litserve" in t:
+        lines += [
+            "",
+            (
+                f"Text at 1 client: Serve p50 / LitServe p50 {_fmt(t.get('text_1_p50_vs_litserve'), 2)} "
+                f"(≤ {t.get('text_1_p50_vs_litserve_target')}, {_met(t.get('text_1_p50_vs_litserve_met'))})."
+            ),
+        ]
     return "\n".join(lines)
 
 
@@ -449,7 +532,7 @@ def plot(report: Mapping[str, Any], path: Path) -> None:
     rows = report.get("results", [])
     endpoints = [k for k in ENDPOINTS if any(r["endpoint"] == k for r in rows)] or list(ENDPOINTS)
     fig, axes = plt.subplots(2, len(endpoints), figsize=(4.2 * len(endpoints), 7.5), squeeze=False)
-    colors = {"serve": "tab:blue", "naive": "tab:orange"}
+    colors = {"serve": "tab:blue", "litserve": "tab:green", "naive": "tab:orange"}
     for col, key in enumerate(endpoints):
         top, bottom = axes[0][col], axes[1][col]
         for target, color in colors.items():
@@ -480,7 +563,7 @@ def plot(report: Mapping[str, Any], path: Path) -> None:
     import textwrap
 
     lines = [
-        "Serve graph vs naive server vs in-process ceiling",
+        "Serve graph vs LitServe vs naive server vs in-process ceiling",
         *textwrap.wrap(machine_line(report["meta"]), int(14 * 4.2 * len(endpoints))),
     ]
     fig.suptitle("\n".join(lines), fontsize=9)

@@ -1,4 +1,4 @@
-"""One command for the whole benchmark: ceiling, naive baseline and Serve graph, side by side, in one run.
+"""One command for the whole benchmark: ceiling, naive baseline, LitServe and Serve graph, side by side, in one run.
 
     python -m bench.run                      # full run, writes reports/bench.{json,md,png}
     python -m bench.run --quick              # a small smoke version (few requests, short timings)
@@ -7,7 +7,9 @@
                                              # (python -m bench.run --sweep-batching ... runs the same)
 
 Order of a run: the in-process ceiling (``bench.ceiling``), then the naive server
-(``bench.naive_server``), then the Serve application (``serve run`` of the Serve config on a free
+(``bench.naive_server``), then LitServe with batching (``bench.litserve_server``, with the settings its sweep
+chose, ``python -m bench.litserve_sweep``; skipped with a note when litserve is not installed), then the Serve
+application (``serve run`` of the Serve config on a free
 loopback port, behind HAProxy as ``python -m serve.launch`` runs it; ``--ingress proxy`` for Serve's Python
 proxy). Each server runs alone, so they never compete with each other for the CPU. ``reports/bench.md`` also
 quotes the per-hop profile of a text request that ``python -m bench.profile`` wrote (``reports/profile_text.json``).
@@ -51,7 +53,14 @@ from bench.report import (
     update_readme,
     write_reports,
 )
-from bench.servers import ManagedServer, naive_server, serve_server
+from bench.servers import (
+    LITSERVE_SKIPPED,
+    ManagedServer,
+    litserve_available,
+    litserve_server,
+    naive_server,
+    serve_server,
+)
 from bench.stats import LoadResult
 
 
@@ -102,7 +111,7 @@ def load_cells(
             result.extra["loadavg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
             s = result.summary()
             log(
-                f"{target:<5} {ENDPOINTS[key].path:<15} c={clients:<3} {s['throughput_rps']:8.2f} req/s  "
+                f"{target:<8} {ENDPOINTS[key].path:<15} c={clients:<3} {s['throughput_rps']:8.2f} req/s  "
                 f"p50 {s['p50_ms']} p95 {s['p95_ms']} p99 {s['p99_ms']} ms  ok {s['requests_ok']} err {s['errors']}  "
                 f"server CPU {s.get('server_cpu_ms_per_request')} ms/req"
             )
@@ -162,6 +171,14 @@ def run_benchmark(args: argparse.Namespace, argv: list[str] | None = None) -> di
             ceiling = measure_ceiling_phase(media, needed, args, device)
         if "naive" in args.targets:
             results += run_server_phase(lambda: naive_server(log_dir, device), "naive", media, args, notes, servers)
+        if "litserve" in args.targets:
+            if litserve_available():
+                results += run_server_phase(
+                    lambda: litserve_server(log_dir, device), "litserve", media, args, notes, servers
+                )
+            else:
+                notes.append(LITSERVE_SKIPPED)
+                log(LITSERVE_SKIPPED)
         if "serve" in args.targets:
             if config.is_file():
                 env, overrides = serve_env(args), serve_overrides(args)
@@ -191,6 +208,7 @@ def run_benchmark(args: argparse.Namespace, argv: list[str] | None = None) -> di
             "targets": evaluate_targets(rows),
             "profile": load_profile(args.profile),
             "levers": load_levers(),
+            "litserve_sweep": load_litserve_sweep(),
         }
         paths = write_reports(report, args.out, results, stem=args.stem)
         log("wrote " + ", ".join(str(p) for p in paths.values()))
@@ -220,6 +238,14 @@ def load_levers(path: Path = REPO_ROOT / "reports" / "levers.json") -> dict[str,
         return None
 
 
+def load_litserve_sweep(path: Path = REPO_ROOT / "reports" / "litserve_sweep.json") -> dict[str, Any] | None:
+    """The LitServe settings sweep (``python -m bench.litserve_sweep``), quoted in bench.md; None without it."""
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m bench.run`` (``--sweep-batching`` hands over to ``python -m bench.sweep``)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -243,6 +269,7 @@ def render_only(args: argparse.Namespace) -> dict[str, Path]:
     report = json.loads(source.read_text())
     report["profile"] = load_profile(args.profile)
     report["levers"] = load_levers()
+    report["litserve_sweep"] = load_litserve_sweep()
     source.write_text(json.dumps(report, indent=2) + "\n")
     paths = {"md": args.out / f"{args.stem}.md", "png": args.out / f"{args.stem}.png"}
     paths["md"].write_text(render_markdown(report))

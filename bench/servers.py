@@ -1,6 +1,7 @@
 """Start and stop the servers under test as child processes, each in its own session, on free loopback ports.
 
 * the naive baseline: ``python -m bench.naive_server``;
+* the LitServe target: ``python -m bench.litserve_server`` (needs ``litserve``, a benchmark-only dependency);
 * the Serve graph: ``serve run --address local <config>`` with a copy of the Serve config whose
   ``http_options`` point at 127.0.0.1 and a free port (a fresh local Ray instance, torn down with it), in the
   environment ``python -m serve.launch`` gives it (HAProxy ingress, :data:`serve.launch.FAST_INGRESS_ENV`)
@@ -180,6 +181,33 @@ def naive_server(log_dir: Path, device: str = "cpu") -> ManagedServer:
     port = free_port()
     cmd = [sys.executable, "-m", "bench.naive_server", "--host", "127.0.0.1", "--port", str(port), "--device", device]
     return ManagedServer("naive", cmd, f"http://127.0.0.1:{port}", log_dir / "naive_server.log", child_env())
+
+
+def litserve_available() -> bool:
+    """Whether ``litserve`` can be imported here (``pip install litserve``, in requirements-dev.txt)."""
+    import importlib.util
+
+    return importlib.util.find_spec("litserve") is not None
+
+
+LITSERVE_SKIPPED = (
+    "litserve target skipped: litserve is not installed (pip install litserve; it is in requirements-dev.txt)"
+)
+
+
+def litserve_server(log_dir: Path, device: str = "cpu", settings: dict[str, Any] | None = None) -> ManagedServer:
+    """``python -m bench.litserve_server`` on a free port with ``settings`` (workers, max_batch_size,
+    batch_timeout, torch_threads, fast_queue, endpoints), by default those its sweep chose
+    (:func:`bench.litserve_server.chosen_settings`)."""
+    from bench.litserve_server import chosen_settings, settings_args
+
+    port = free_port()
+    chosen = {**chosen_settings(), **(settings or {})}
+    cmd = [sys.executable, "-m", "bench.litserve_server", "--host", "127.0.0.1", "--port", str(port), "--device"]
+    cmd += [device, *settings_args(chosen)]
+    server = ManagedServer("litserve", cmd, f"http://127.0.0.1:{port}", log_dir / "litserve_server.log", child_env())
+    server.config = {"litserve": chosen}
+    return server
 
 
 def deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
