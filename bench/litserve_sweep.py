@@ -4,11 +4,13 @@
     python -m bench.litserve_sweep --quick          # a smoke version
 
 Each point starts ``python -m bench.litserve_server`` with the text endpoint only and the point's settings, loads
-``/api/predict`` with the benchmark's load generator at 32 clients and then at 1 client, and stops it. The points
-vary one setting at a time around 2 workers, ``max_batch_size`` 32, ``batch_timeout`` 0 (the best found by hand):
-workers 1, 2, 3 (and 1 worker with 2 torch threads); ``max_batch_size`` 8, 16, 32; ``batch_timeout`` 0, 5 and
-20 ms. The best point is the highest throughput at 32 clients; among points within 5 % of it, the lowest p50 at 1
-client. ``python -m bench.run`` gives LitServe that point's settings (``bench.litserve_server.chosen_settings``).
+``/api/predict`` with the benchmark's load generator at 32 clients and then at 1 client, and stops it; every
+point is measured in each of ``--passes`` passes (2) and keeps its best figures (a shared machine has busy
+minutes). The points vary one setting at a time around 2 workers, ``max_batch_size`` 32, ``batch_timeout`` 0:
+workers 1, 2, 3 (and 1 worker with 2 torch threads); ``max_batch_size`` 8, 16, 32; ``batch_timeout`` 0, 1 and
+5 ms (at 0 a LitServe worker polls its queue without sleeping; above 0 it waits up to 1 ms per poll). The best
+point is the highest throughput at 32 clients; among points within 5 % of it, the lowest p50 at 1 client.
+``python -m bench.run`` gives LitServe that point's settings (``bench.litserve_server.chosen_settings``).
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ VARIATIONS: tuple[dict[str, Any], ...] = (
     {"workers": 1, "torch_threads": 2},
     {"max_batch_size": 8},
     {"max_batch_size": 16},
+    {"batch_timeout": 0.001},
     {"batch_timeout": 0.005},
-    {"batch_timeout": 0.02},
 )
 NEAR_BEST = 0.95  # points within 5 % of the best throughput count as tied; the lowest 1-client p50 wins
 
@@ -53,6 +55,24 @@ def pick_best(results: list[dict[str, Any]]) -> dict[str, Any] | None:
     top = max(r["throughput_rps_32"] for r in measured)
     near = [r for r in measured if r["throughput_rps_32"] >= NEAR_BEST * top]
     return min(near, key=lambda r: r.get("p50_ms_1") or float("inf"))["settings"]
+
+
+def best_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One point over its passes: the highest req/s at 32 clients (with that run's batch) and the lowest p50 at 1
+    client, and every pass as measured (``passes``). On a shared machine a pass can land on a busy minute."""
+    ok = [r for r in runs if r.get("throughput_rps_32")]
+    if not ok:
+        return {**runs[0], "passes": runs}
+    fast = max(ok, key=lambda r: r["throughput_rps_32"])
+    quick = min(ok, key=lambda r: r.get("p50_ms_1") or float("inf"))
+    return {
+        "settings": runs[0]["settings"],
+        "throughput_rps_32": fast["throughput_rps_32"],
+        "mean_batch_32": fast.get("mean_batch_32"),
+        "p50_ms_32": fast.get("p50_ms_32"),
+        "p50_ms_1": quick.get("p50_ms_1"),
+        "passes": runs,
+    }
 
 
 def measure_point(settings: dict[str, Any], args: argparse.Namespace, media: Any) -> dict[str, Any]:
@@ -96,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=15.0, help="max seconds at 32 clients (default 15)")
     p.add_argument("--requests-1", type=int, default=300, help="requests at 1 client per point (default 300)")
     p.add_argument("--duration-1", type=float, default=10.0, help="max seconds at 1 client (default 10)")
+    p.add_argument("--passes", type=int, default=2, help="times each point is measured, pass after pass (default 2)")
     p.add_argument("--ready-timeout", type=float, default=300.0)
     p.add_argument("--out", type=Path, default=REPO_ROOT / "reports", help="writes <out>/litserve_sweep.json")
     args = p.parse_args(argv)
@@ -104,16 +125,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     todo = points()[:2] if args.quick else points()
     if args.quick:
-        args.requests, args.duration, args.requests_1, args.duration_1 = 64, 3.0, 16, 2.0
+        args.requests, args.duration, args.requests_1, args.duration_1, args.passes = 64, 3.0, 16, 2.0, 1
     media = load_media()
     machine = machine_info()
-    results = [measure_point(settings, args, media) for settings in todo]
+    passes = [[measure_point(settings, args, media) for settings in todo] for _ in range(args.passes)]
+    results = [best_of(list(runs)) for runs in zip(*passes, strict=True)]
     best = pick_best(results)
     report = {
         "method": (
             "Each point is one start of python -m bench.litserve_server (text endpoint only) on this machine, loaded "
             f"with bench.load at 32 clients ({args.requests} requests or {args.duration:g} s) and then at 1 client "
-            f"({args.requests_1} requests or {args.duration_1:g} s), each after a warm-up. One setting varies at a "
+            f"({args.requests_1} requests or {args.duration_1:g} s), each after a warm-up, in {args.passes} passes "
+            "over all points; each point's req/s is its best pass, its p50 its lowest. One setting varies at a "
             "time around 2 workers, max_batch_size 32, batch_timeout 0, 1 torch thread per worker, ZeroMQ queues. "
             "Chosen: the highest req/s at 32 clients; among points within 5 % of it, the lowest p50 at 1 client."
             + (

@@ -258,7 +258,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         *target_lines(targets),
         "",
         *(["Serve encoder settings in this run:", "", *settings, ""] if settings else []),
-        *litserve_settings_lines(meta.get("servers", {}).get("litserve", {}).get("config")),
+        *litserve_settings_lines(
+            next((v.get("config") for k, v in meta.get("servers", {}).items() if k.startswith("litserve")), None)
+        ),
         "## HTTP results",
         "",
         results_table(report.get("results", [])),
@@ -407,8 +409,8 @@ def litserve_settings_lines(config: Mapping[str, Any] | None) -> list[str]:
         return []
     return [
         (
-            f"LitServe settings in this run: {lit.get('workers')} worker processes per endpoint (and as many HTTP "
-            f"server processes), max_batch_size {lit.get('max_batch_size')}, batch_timeout "
+            f"LitServe settings in this run: one server per endpoint, {lit.get('workers')} worker processes (and as "
+            f"many HTTP server processes), max_batch_size {lit.get('max_batch_size')}, batch_timeout "
             f"{lit.get('batch_timeout')} s, {lit.get('torch_threads')} torch thread per worker, fast_queue (ZeroMQ) "
             f"{lit.get('fast_queue')}: the best of its sweep (below)."
         ),

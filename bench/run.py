@@ -7,8 +7,9 @@
                                              # (python -m bench.run --sweep-batching ... runs the same)
 
 Order of a run: the in-process ceiling (``bench.ceiling``), then the naive server
-(``bench.naive_server``), then LitServe with batching (``bench.litserve_server``, with the settings its sweep
-chose, ``python -m bench.litserve_sweep``; skipped with a note when litserve is not installed), then the Serve
+(``bench.naive_server``), then LitServe with batching (``bench.litserve_server``, one server per endpoint, with the
+settings its sweep chose, ``python -m bench.litserve_sweep``; skipped with a note when litserve is not installed),
+then the Serve
 application (``serve run`` of the Serve config on a free
 loopback port, behind HAProxy as ``python -m serve.launch`` runs it; ``--ingress proxy`` for Serve's Python
 proxy). Each server runs alone, so they never compete with each other for the CPU. ``reports/bench.md`` also
@@ -126,24 +127,28 @@ def run_server_phase(
     args: argparse.Namespace,
     notes: list[str],
     servers: dict[str, Any],
+    endpoints: list[str] | None = None,
+    name: str | None = None,
 ) -> list[LoadResult]:
-    """Start one server, load it, stop it; failures become notes instead of aborting the run."""
+    """Start one server, load it on ``endpoints`` (default all of the run's), stop it; failures become notes
+    instead of aborting the run. ``name`` (default ``target``) keys the server in the report's ``servers``."""
     server = make()
-    log(f"starting {target}: {shlex.join(server.cmd)} (log {server.log_path})")
+    name = name or target
+    log(f"starting {name}: {shlex.join(server.cmd)} (log {server.log_path})")
     try:
         server.start()
         server.wait_ready(args.ready_timeout)
-        log(f"{target} ready in {server.startup_s} s at {server.base_url}")
-        servers[target] = {
+        log(f"{name} ready in {server.startup_s} s at {server.base_url}")
+        servers[name] = {
             "startup_s": server.startup_s,
             "cmd": shlex.join(server.cmd),
             "log": str(server.log_path),
             "config": server.config,
         }
-        return load_cells(server, target, media, args.endpoints, args.concurrency, args)
+        return load_cells(server, target, media, endpoints or args.endpoints, args.concurrency, args)
     except (RuntimeError, TimeoutError, OSError) as exc:
-        notes.append(f"{target} failed: {str(exc).splitlines()[0]} (see {server.log_path})")
-        log(f"{target} FAILED: {exc}")
+        notes.append(f"{name} failed: {str(exc).splitlines()[0]} (see {server.log_path})")
+        log(f"{name} FAILED: {exc}")
         return []
     finally:
         server.stop()
@@ -173,9 +178,19 @@ def run_benchmark(args: argparse.Namespace, argv: list[str] | None = None) -> di
             results += run_server_phase(lambda: naive_server(log_dir, device), "naive", media, args, notes, servers)
         if "litserve" in args.targets:
             if litserve_available():
-                results += run_server_phase(
-                    lambda: litserve_server(log_dir, device), "litserve", media, args, notes, servers
-                )
+                # One LitServer per endpoint: its workers poll their queues even when idle (spinning at
+                # batch_timeout 0), so a server holding all four endpoints would spend CPU on the idle ones.
+                for key in args.endpoints:
+                    results += run_server_phase(
+                        lambda key=key: litserve_server(log_dir, device, {"endpoints": [key]}, tag=f"litserve-{key}"),
+                        "litserve",
+                        media,
+                        args,
+                        notes,
+                        servers,
+                        endpoints=[key],
+                        name=f"litserve-{key}",
+                    )
             else:
                 notes.append(LITSERVE_SKIPPED)
                 log(LITSERVE_SKIPPED)

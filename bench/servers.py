@@ -195,7 +195,9 @@ LITSERVE_SKIPPED = (
 )
 
 
-def litserve_server(log_dir: Path, device: str = "cpu", settings: dict[str, Any] | None = None) -> ManagedServer:
+def litserve_server(
+    log_dir: Path, device: str = "cpu", settings: dict[str, Any] | None = None, tag: str = "litserve"
+) -> ManagedServer:
     """``python -m bench.litserve_server`` on a free port with ``settings`` (workers, max_batch_size,
     batch_timeout, torch_threads, fast_queue, endpoints), by default those its sweep chose
     (:func:`bench.litserve_server.chosen_settings`)."""

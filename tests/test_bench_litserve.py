@@ -41,7 +41,9 @@ def _meta(notes: list[str] | None = None) -> dict[str, Any]:
         "finished_at": "now",
         "notes": notes or [],
         "machine": {"cpu_count": 2, "cpu_model": "x", "gpu": [], "commit": "abc", "memory_gib": 1.0},
-        "servers": {"litserve": {"config": {"litserve": {"workers": 2, "max_batch_size": 32, "batch_timeout": 0.0}}}},
+        "servers": {
+            "litserve-text": {"config": {"litserve": {"workers": 2, "max_batch_size": 32, "batch_timeout": 0.0}}}
+        },
     }
 
 
@@ -80,7 +82,7 @@ def test_litserve_column_in_tables_and_readme() -> None:
     }
     assert "× LitServe" in results_table(rows) and "| litserve | `/api/predict` | 32 |" in results_table(rows)
     md = render_markdown(report)
-    assert "LitServe settings in this run: 2 worker processes" in md
+    assert "LitServe settings in this run: one server per endpoint, 2 worker processes" in md
     assert "| 2 | – | – | 250.0 | 9.0 | 11.0 | **yes** |" in md and "| 1 | – | – | 150.0 | 20.0 | 11.5 |  |" in md
     block = readme_block(report)
     assert "(busy: other jobs shared the cores)" in block
@@ -193,3 +195,17 @@ def test_litapi_batches_each_modality_and_answers_like_the_service() -> None:
     out = fused.predict(mixed)
     assert fused.pipelines["video"].batches == [2] and fused.pipelines["text"].batches == [1]
     assert set(out[0]["modalities"]) == {"text", "audio", "video"} and set(out[1]["modalities"]) == {"video"}
+
+
+def test_sweep_point_keeps_its_best_pass() -> None:
+    from bench.litserve_sweep import best_of
+
+    runs = [
+        {"settings": {"workers": 2}, "throughput_rps_32": 14.0, "mean_batch_32": 13.0, "p50_ms_1": 12.0},
+        {"settings": {"workers": 2}, "throughput_rps_32": 300.0, "mean_batch_32": 11.0, "p50_ms_1": 30.0},
+    ]
+    point = best_of(runs)
+    assert point["throughput_rps_32"] == 300.0 and point["mean_batch_32"] == 11.0 and point["p50_ms_1"] == 12.0
+    assert point["passes"] == runs
+    failed = best_of([{"settings": {"workers": 9}, "error": "x"}])
+    assert failed["error"] == "x" and "throughput_rps_32" not in failed
