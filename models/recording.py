@@ -89,6 +89,7 @@ class Span:
     index: int
     start_s: float
     end_s: float
+    heard: tuple[float, float] | None = None  # the stretch whose audio the encoder hears; None: the whole span
 
 
 def probe(path: str, timeout_s: float = 20.0) -> Probe:
@@ -137,7 +138,12 @@ def plan_spans(duration_s: float, segment_s: float, hop_s: float, min_segment_s:
 
 
 def speech_spans(
-    pcm: np.ndarray, duration_s: float, max_segment_s: float, min_segment_s: float = 1.0, min_pause_s: float = 0.3
+    pcm: np.ndarray,
+    duration_s: float,
+    max_segment_s: float,
+    min_segment_s: float = 1.0,
+    min_pause_s: float = 0.3,
+    speech_pad_s: float = 0.25,
 ) -> list[Span]:
     """Segments that follow the speech: one per stretch of speech, cut in the middle of each pause between them.
 
@@ -145,6 +151,10 @@ def speech_spans(
     pauses of at least ``min_pause_s`` separate stretches. The cuts fall halfway through each pause, so the
     segments still cover ``[0, duration_s]``; one longer than ``max_segment_s`` is cut into equal parts, and one
     shorter than ``min_segment_s`` joins its shorter neighbour. Without any speech: ``max_segment_s`` pieces.
+
+    Each segment's ``heard`` stretch runs from its first speech to its last, widened by ``speech_pad_s`` on each
+    side (within the segment): the encoder hears the utterance and not a click or breath at the far end of the
+    pause, which its silence trim would otherwise keep, with the whole pause between.
     """
     from faster_whisper.vad import VadOptions, get_speech_timestamps
 
@@ -167,7 +177,15 @@ def speech_spans(
             break
         lo, hi = (short - 1, short) if length(short - 1) <= length(short + 1) else (short, short + 1)
         pieces[lo : hi + 1] = [(pieces[lo][0], pieces[hi][1])]
-    return [Span(i, round(a, 3), round(b, 3)) for i, (a, b) in enumerate(pieces)]
+    return [Span(i, round(a, 3), round(b, 3), _heard(a, b, bounds, speech_pad_s)) for i, (a, b) in enumerate(pieces)]
+
+
+def _heard(start: float, end: float, speech: list[tuple[float, float]], pad_s: float) -> tuple[float, float] | None:
+    """From the first to the last speech within ``[start, end]``, widened by ``pad_s``; ``None`` without speech."""
+    inside = [(max(a, start), min(b, end)) for a, b in speech if b > start and a < end]
+    if not inside:
+        return None
+    return round(max(start, inside[0][0] - pad_s), 3), round(min(end, inside[-1][1] + pad_s), 3)
 
 
 class Recording:
@@ -190,10 +208,12 @@ class Recording:
         self.duration_s = round(max(audio_s, len(frames) / fps if frames else 0.0), 3)
 
     def audio_wav(self, span: Span) -> bytes | None:
-        """The span's audio as a mono 16-bit 16 kHz WAV; ``None`` when the recording has under 50 ms there."""
+        """The span's audio (its ``heard`` stretch when it has one) as a mono 16-bit 16 kHz WAV; ``None`` when the
+        recording has under 50 ms there."""
         if self.pcm is None:
             return None
-        chunk = self.pcm[int(span.start_s * SAMPLE_RATE) : int(span.end_s * SAMPLE_RATE)]
+        start, end = span.heard or (span.start_s, span.end_s)
+        chunk = self.pcm[int(start * SAMPLE_RATE) : int(end * SAMPLE_RATE)]
         if chunk.size < SAMPLE_RATE // 20:
             return None
         out = io.BytesIO()

@@ -72,7 +72,8 @@ SEGMENT_HELP = "fixed segmentation: seconds per segment (default: the deployment
 HOP_HELP = "fixed segmentation: seconds between segment starts, at most segment_s (default: segment_s, no overlap)"
 SEGMENTATION_HELP = (
     "fixed: segment_s every hop_s; speech: one segment per stretch of speech, cut halfway through the pauses "
-    "(a recording without audio is cut fixed). Default: the deployment's timeline.segmentation (fixed)"
+    "(a recording without audio is cut fixed). Default: fixed when segment_s or hop_s is given, else the "
+    "deployment's timeline.segmentation (speech)"
 )
 TIMELINE_TRANSCRIBE_HELP = (
     "off: no words; return: each segment's words in its `transcript`; fuse: also fused as its text when the "

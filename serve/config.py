@@ -249,12 +249,16 @@ class TimelineConfig(_Strict):
         None, ge=0.5, le=30.0, description="seconds between segment starts (<= segment_s); None: segment_s"
     )
     segmentation: Segmentation = Field(
-        "fixed",
-        description="how a request without the option is cut: fixed (segment_s every hop_s) or speech (one segment "
-        "per stretch of speech, cut halfway through the pauses; fixed when the recording has no audio)",
+        "speech",
+        description="how a request naming neither segmentation nor segment_s/hop_s is cut: speech (one segment per "
+        "stretch of speech, cut halfway through the pauses; fixed when the recording has no audio) or fixed "
+        "(segment_s every hop_s)",
     )
     speech_max_s: float = Field(
         10.0, ge=1.0, le=30.0, description="speech segmentation: a longer stretch is cut into equal parts"
+    )
+    speech_pad_s: float = Field(
+        0.25, ge=0.0, le=5.0, description="speech segmentation: the encoder hears each segment's speech widened by this"
     )
     min_segment_s: float = Field(1.0, ge=0.1, description="a shorter segment joins its neighbour")
     fps: float = Field(5.0, gt=0, le=30.0, description="video frames decoded per second of the recording")

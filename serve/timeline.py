@@ -165,10 +165,15 @@ class TimelineRunner:
         """The segments of ``recording`` (the request's choices, else the configured ones); speech segmentation
         runs its voice-activity detector in a thread, and needs audio (else the cut is fixed)."""
         cfg = self.config.timeline
-        how = segmentation or cfg.segmentation
+        how = segmentation or ("fixed" if segment_s or hop_s else cfg.segmentation)
         if how == "speech" and recording.pcm is not None:
             spans = await asyncio.to_thread(
-                speech_spans, recording.pcm, recording.duration_s, cfg.speech_max_s, cfg.min_segment_s
+                speech_spans,
+                recording.pcm,
+                recording.duration_s,
+                cfg.speech_max_s,
+                cfg.min_segment_s,
+                speech_pad_s=cfg.speech_pad_s,
             )
             return Plan(spans, "speech", cfg.speech_max_s, None)
         segment = segment_s or cfg.segment_s

@@ -95,7 +95,8 @@ def test_plan_spans_cover_the_recording_without_slivers() -> None:
 
 def test_audio_timeline_streams_each_segment_in_order_then_a_summary(tone_10s: bytes) -> None:
     h = make()
-    lines = lines_of(h.request("POST", URL, files={"audio": ("call.wav", tone_10s, "audio/wav")}))
+    data = {"segmentation": "fixed"}  # the default is speech; this one cuts by the deployment's segment_s
+    lines = lines_of(h.request("POST", URL, files={"audio": ("call.wav", tone_10s, "audio/wav")}, data=data))
     start, summary = lines[0], lines[-1]
     assert start == {
         "type": "start",
@@ -167,6 +168,11 @@ def test_speech_segmentation_cuts_in_the_pauses() -> None:
     segments = check_covering(lines)
     assert [s["index"] for s in segments] == [0, 1, 2]
     assert 5.0 < segments[0]["end_s"] < 7.0 and 12.0 < segments[1]["end_s"] < 14.0  # in the silences
+    heard = [decode_audio(p).size / 16000 for p in h.handles["audio"].payloads]
+    assert len(heard) == 3
+    assert all(seconds > 4.5 for seconds in heard)  # each hears its whole utterance ...
+    middle = segments[1]["end_s"] - segments[1]["start_s"]  # ~7 s: 1 s of pause, the utterance, 1 s of pause
+    assert heard[1] <= middle - 1.4  # ... widened by speech_pad_s (0.25 s) each side, not the pauses' far ends
 
 
 def wav_of(samples: np.ndarray) -> bytes:
@@ -258,7 +264,8 @@ def test_per_client_and_per_replica_limits(tone_10s: bytes) -> None:
         await release.wait()
         return answer("audio")
 
-    h = make({"access": {"per_client": {"max_concurrent_timelines": 1}}, "timeline": {"max_active": 1}}, audio=slow)
+    timeline = {"max_active": 1, "segmentation": "fixed"}  # 4 segments of 3 s
+    h = make({"access": {"per_client": {"max_concurrent_timelines": 1}}, "timeline": timeline}, audio=slow)
     files = {"audio": ("a.wav", tone_10s, "audio/wav")}
 
     async def go() -> list[httpx.Response]:

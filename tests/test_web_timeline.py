@@ -67,6 +67,9 @@ def test_an_upload_draws_the_timeline_as_it_fills_and_a_click_plays_the_span(
     recording = tmp_path / "call.wav"
     recording.write_bytes(tone_wav(3.0 * SEGMENTS))
     page.locator("#timeline-file").set_input_files(recording)
+    select = page.locator("#timeline-segment")
+    assert select.input_value() == "speech"  # the default follows the pauses; a tone has none, so 3 s here
+    select.select_option("3")
     page.get_by_role("button", name="Analyze timeline").click()
 
     # filling in: some segments drawn, the progress bar part way, no summary yet
