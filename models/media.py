@@ -71,8 +71,9 @@ def ffmpeg_exe() -> str:
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
-def _run_ffmpeg(stream: ffmpeg.nodes.OutputStream, timeout_s: float, max_bytes: int) -> tuple[bytes, str]:
-    """Run a compiled ffmpeg-python graph; return (stdout, stderr) or raise a MediaError."""
+def run_ffmpeg(stream: ffmpeg.nodes.OutputStream, timeout_s: float, max_bytes: int) -> tuple[bytes, str]:
+    """Run a compiled ffmpeg-python graph with a wall-clock timeout and at most ``max_bytes`` of output; return
+    (stdout, stderr) or raise a :class:`MediaError`."""
     cmd = stream.global_args("-nostdin", "-hide_banner").compile(cmd=ffmpeg_exe())
     try:
         proc = subprocess.run(cmd, capture_output=True, timeout=timeout_s, check=False)
@@ -134,7 +135,7 @@ def decode_audio(data: bytes, sample_rate: int = 16000, limits: DecodeLimits = D
             "pipe:", map="0:a:0", format="f32le", acodec="pcm_f32le", ac=1, ar=sample_rate
         )
         max_bytes = int(limits.max_audio_seconds * sample_rate * 4) + 65536
-        raw, _ = _run_ffmpeg(stream, limits.timeout_s, max_bytes)
+        raw, _ = run_ffmpeg(stream, limits.timeout_s, max_bytes)
     return _checked_wave(np.frombuffer(raw, dtype=np.float32).copy(), sample_rate)
 
 
@@ -190,7 +191,7 @@ def decode_frames(data: bytes, num_frames: int = 16, limits: DecodeLimits = DEFA
             **{"frames:v": limits.max_decoded_frames, "fps_mode": "passthrough"},
         )
         max_bytes = limits.max_decoded_frames * side * side + 65536
-        raw, stderr = _run_ffmpeg(stream, limits.timeout_s, max_bytes)
+        raw, stderr = run_ffmpeg(stream, limits.timeout_s, max_bytes)
     out_part = stderr.split("Output #0", 1)[-1]
     match = _SIZE_RE.search(out_part)
     if match is None or not raw:

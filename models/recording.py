@@ -32,9 +32,9 @@ from models.media import (
     MediaTimeoutError,
     NoAudioStreamError,
     NoVideoStreamError,
-    _run_ffmpeg,
     decode_audio,
     ffmpeg_exe,
+    run_ffmpeg,
 )
 
 SAMPLE_RATE = 16_000
@@ -264,7 +264,7 @@ def _decode_frames(path: str, limits: RecordingLimits, seconds: float) -> list[b
         "pipe:", map="0:v:0", vf=f"fps={limits.fps:g},{scale}", vcodec="mjpeg", format="image2pipe", **{"q:v": 5}
     )
     max_frames = math.ceil(seconds * limits.fps) + 2
-    raw, _ = _run_ffmpeg(stream, limits.timeout_s, max_frames * _MAX_JPEG_BYTES)
+    raw, _ = run_ffmpeg(stream, limits.timeout_s, max_frames * _MAX_JPEG_BYTES)
     return split_jpegs(raw)
 
 

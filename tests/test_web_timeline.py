@@ -22,7 +22,7 @@ from tests.synth import tone_wav
 from tests.test_serve_api_unit import answer
 from tests.test_serve_stream_unit import Server
 from tests.test_serve_timeline_unit import make
-from tests.test_web_ui import CHROMIUM, CHROMIUM_ARGS, pytestmark, sync_api  # noqa: F401 - the skip
+from tests.test_web_ui import chromium_page, pytestmark, sync_api  # noqa: F401 - the skip
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "reports" / "ui_timeline.png"
@@ -48,17 +48,8 @@ def app_url() -> Iterator[str]:
 
 @pytest.fixture()
 def page(app_url: str) -> Iterator[sync_api.Page]:
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        context = browser.new_context(viewport={"width": 1280, "height": 900}, base_url=app_url, color_scheme="light")
-        pg = context.new_page()
-        pg.set_default_timeout(30_000)
-        errors: list[str] = []
-        pg.on("pageerror", lambda exc: errors.append(str(exc)))
-        pg.goto("/")
+    with chromium_page(app_url) as pg:
         yield pg
-        browser.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
 
 
 def test_an_upload_draws_the_timeline_as_it_fills_and_a_click_plays_the_span(
@@ -105,14 +96,9 @@ def test_an_upload_draws_the_timeline_as_it_fills_and_a_click_plays_the_span(
 def test_the_timeline_fits_a_phone_width(app_url: str, tmp_path: Path) -> None:
     recording = tmp_path / "short.wav"
     recording.write_bytes(tone_wav(6.0))
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        pg = browser.new_context(viewport={"width": 375, "height": 740}, base_url=app_url).new_page()
-        pg.set_default_timeout(30_000)
-        pg.goto("/")
+    with chromium_page(app_url, width=375, height=740) as pg:
         pg.locator("#timeline-file").set_input_files(recording)
         pg.get_by_role("button", name="Analyze timeline").click()
         sync_api.expect(pg.locator("#timeline-summary")).to_be_visible()
         width = pg.evaluate("document.documentElement.scrollWidth")
-        browser.close()
     assert width <= 375, f"page is {width}px wide at a 375px viewport"

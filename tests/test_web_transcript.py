@@ -18,7 +18,7 @@ import pytest
 from serve.api import STATIC_DIR, create_app
 from tests.test_serve_stream_unit import Server
 from tests.test_serve_transcribe_unit import WORDS, Harness, heard
-from tests.test_web_ui import CHROMIUM, CHROMIUM_ARGS, pytestmark, sync_api  # noqa: F401 - the skip
+from tests.test_web_ui import chromium_page, pytestmark, sync_api  # noqa: F401 - the skip
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -39,17 +39,8 @@ def app() -> Iterator[tuple[str, Harness]]:
 
 @pytest.fixture()
 def page(app: tuple[str, Harness]) -> Iterator[sync_api.Page]:
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        context = browser.new_context(viewport={"width": 1280, "height": 900}, base_url=app[0])
-        pg = context.new_page()
-        pg.set_default_timeout(30_000)
-        errors: list[str] = []
-        pg.on("pageerror", lambda exc: errors.append(str(exc)))
-        pg.goto("/")
+    with chromium_page(app[0]) as pg:
         yield pg
-        browser.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
 
 
 def test_upload_view_shows_the_transcript_and_sends_the_choice(page: sync_api.Page, app: tuple[str, Harness]) -> None:

@@ -8,6 +8,7 @@ to ``reports/ui.png`` (shown in the README).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -65,6 +66,25 @@ def serve_url(serve_apps: SharedServeApp) -> Iterator[str]:
             pytest.fail(f"the Serve app did not become healthy at {url}")
         time.sleep(1)
     yield url
+
+
+@contextlib.contextmanager
+def chromium_page(base_url: str, width: int = 1280, height: int = 900) -> Iterator[sync_api.Page]:
+    """A page of its own headless Chromium on ``base_url``'s home, for apps with fake encoders; any JavaScript
+    error on the page fails the test when the block ends."""
+    with sync_api.sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        context = chromium.new_context(
+            viewport={"width": width, "height": height}, base_url=base_url, color_scheme="light"
+        )
+        pg = context.new_page()
+        pg.set_default_timeout(30_000)
+        errors: list[str] = []
+        pg.on("pageerror", lambda exc: errors.append(str(exc)))
+        pg.goto("/")
+        yield pg
+        chromium.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
 
 
 @pytest.fixture(scope="module")
