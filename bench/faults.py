@@ -47,6 +47,7 @@ SCENARIOS = ("controller_loss", "rolling_update", "worker_node_loss", "node_join
 DOCS = REPO_ROOT / "docs" / "operations.md"
 TABLE_START, TABLE_END = "<!-- faults:table -->", "<!-- /faults:table -->"
 LOST_STATUS = 500  # this or above, or no answer: lost
+PROBE = "probe_text"  # the kind of the text-only client's requests
 
 
 @dataclass
@@ -65,7 +66,7 @@ class Load:
         self.run = Run()
         self._stop = threading.Event()
         mix = build_mix()
-        text = [m for m in mix if m[0] == "text"]
+        text = [(PROBE, *m[1:]) for m in mix if m[0] == "text"]
         mixes = [mix] * self.clients + ([text] if self.probe else [])
         self._threads = [threading.Thread(target=self._client, args=(i, m), daemon=True) for i, m in enumerate(mixes)]
         self.t0 = time.monotonic()
@@ -116,6 +117,8 @@ def summarize(load: Load, t1: float, fault_at: float, back_at: float | None) -> 
         "duration_s": round(t1 - load.t0, 1),
         "fault_at_s": round(fault_at - load.t0, 1),
         "requests": len(records),
+        "mixed_requests": sum(r.kind != PROBE for r in records),
+        "requests_by_kind": dict(sorted(Counter(r.kind for r in records).items())),
         "answers_by_status": dict(sorted(Counter(str(r.status) for r in records).items())),
         "lost": len(lost),
         "lost_requests": [
@@ -264,15 +267,27 @@ def node_joins(cluster: LoopbackCluster, clients: int, before_s: float, after_s:
 
 def markdown_table(report: dict[str, Any]) -> str:
     """The docs table: one row per scenario."""
-    head = "| scenario | clients | requests | lost | longest gap without an answer | the same before the fault |"
-    rows = [head + " full capacity back after |", "|---|---|---|---|---|---|---|"]
+    columns = [
+        "scenario",
+        "clients",
+        "requests (mixed)",
+        "lost",
+        "longest gap without an answer",
+        "the same before the fault",
+        "full capacity back after",
+    ]
+    rows = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for name, s in report["scenarios"].items():
-        back = "-" if s["capacity_back_s"] is None else f"{s['capacity_back_s']:.0f} s"
-        clients = f"{s['clients']} + text probe" if s.get("probe") else str(s["clients"])
-        rows.append(
-            f"| `{name}` | {clients} | {s['requests']} | {s['lost']} | {s['longest_gap_s']:.1f} s |"
-            f" {s['longest_gap_before_fault_s']:.1f} s | {back} |"
-        )
+        cells = [
+            f"`{name}`",
+            f"{s['clients']} + text probe" if s.get("probe") else str(s["clients"]),
+            f"{s['requests']} ({s['mixed_requests']})",
+            str(s["lost"]),
+            f"{s['longest_gap_s']:.1f} s",
+            f"{s['longest_gap_before_fault_s']:.1f} s",
+            "-" if s["capacity_back_s"] is None else f"{s['capacity_back_s']:.0f} s",
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 

@@ -58,6 +58,7 @@ def test_each_deployment_runs_on_both_workers_and_none_on_the_head(cluster: Loop
 def test_killing_the_serve_controller_loses_nothing(cluster: LoopbackCluster) -> None:
     result = controller_loss(cluster, CLIENTS, BEFORE_S, AFTER_S)
     assert result["answers_by_status"].get("200", 0) > 10, result
+    assert result["mixed_requests"] >= CLIENTS, result  # the mix went through too, not only the text probe
     assert result["lost"] == 0, result
     assert result["capacity_back_s"] is not None, result  # a new controller, the application whole
     assert result["controller_pid_after"] != result["controller_pid_before"], result
@@ -70,6 +71,7 @@ def test_losing_a_worker_node_loses_nothing(cluster: LoopbackCluster) -> None:
     assert sum(result["replicas_on_killed_node"].values()) == 5, result  # one of each deployment went with it
     assert result["killed_node_processes"] >= 6, result  # raylet, agents, five replicas
     assert result["answers_by_status"].get("200", 0) > 10, result
+    assert result["mixed_requests"] >= CLIENTS, result
     assert result["lost"] == 0, result
     (survivor,) = cluster.workers
     assert all(nodes.get(survivor.node_id) == 1 for nodes in cluster.replicas().values())  # one of each left
