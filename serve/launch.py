@@ -43,7 +43,7 @@ RAY_CONSTANTS = "ray.serve._private.constants"
 
 @dataclass(frozen=True)
 class RaySwitch:
-    """One Ray Serve environment variable: ``scope`` ``haproxy`` (:data:`FAST_INGRESS_ENV`), ``plain_proxy``
+    """One Ray (Serve) environment variable: ``scope`` ``haproxy`` (:data:`FAST_INGRESS_ENV`), ``plain_proxy``
     (:data:`PLAIN_PROXY_ENV`) or ``replica`` (the ``runtime_env`` of ``deploy/serve_config*.yaml``)."""
 
     env: str
@@ -54,6 +54,12 @@ class RaySwitch:
 
 
 RAY_SWITCHES: tuple[RaySwitch, ...] = (
+    # Ray starts its worker processes (every replica, and HAProxy, which a worker starts) at nice 15, below any
+    # ordinary process: on a machine shared with other work (a training job, the load generator, another server)
+    # the service then gets the CPU only when nothing else wants it. Ray's own job manager starts jobs at 0; so
+    # does the shipped launcher, for a service that must answer before batch work (docs/performance.md, "Serve
+    # against LitServe on a shared machine"). `--plain-proxy` keeps Ray's default.
+    RaySwitch("RAY_worker_niceness", "0", "RAY_WORKER_NICENESS", "haproxy", "ray._private.ray_constants"),
     # HAProxy in front, HTTP straight into the ingress replica (implies direct ingress).
     RaySwitch("RAY_SERVE_ENABLE_HA_PROXY", "1", "RAY_SERVE_ENABLE_HA_PROXY", "haproxy"),
     # Direct ingress keeps a stopping ingress replica open this long so external load balancers can

@@ -172,9 +172,10 @@ def test_every_ray_switch_is_still_read_by_the_installed_ray() -> None:
 def test_the_switch_list_is_the_only_list() -> None:
     """The launcher's environments and the Serve config files' replica variables all come from RAY_SWITCHES."""
     listed = {s.env: s for s in RAY_SWITCHES}
-    assert len(listed) == len(RAY_SWITCHES) == 10
+    assert len(listed) == len(RAY_SWITCHES) == 11
     assert FAST_INGRESS_ENV == {s.env: s.value for s in RAY_SWITCHES if s.scope == "haproxy"}
     assert PLAIN_PROXY_ENV == {s.env: s.value for s in RAY_SWITCHES if s.scope == "plain_proxy"}
+    assert FAST_INGRESS_ENV["RAY_worker_niceness"] == "0"  # replicas at nice 0, not Ray's 15
     replica = {s.env: s.value for s in RAY_SWITCHES if s.scope == "replica"}
     for name in ("serve_config.yaml", "serve_config.ha.yaml"):
         config = yaml.safe_load((REPO / "deploy" / name).read_text())
