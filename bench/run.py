@@ -137,7 +137,15 @@ def run_server_phase(
     log(f"starting {name}: {shlex.join(server.cmd)} (log {server.log_path})")
     try:
         server.start()
-        server.wait_ready(args.ready_timeout)
+        try:
+            server.wait_ready(args.ready_timeout)
+        except RuntimeError as exc:  # it exited while starting (a Ray node start timing out on a busy machine)
+            server.stop()
+            notes.append(f"{name} exited while starting and was started again: {str(exc).splitlines()[0]}")
+            log(f"{name} exited while starting; starting it again")
+            server = make()
+            server.start()
+            server.wait_ready(args.ready_timeout)
         log(f"{name} ready in {server.startup_s} s at {server.base_url}")
         servers[name] = {
             "startup_s": server.startup_s,

@@ -298,7 +298,13 @@ def serve_server(
     cmd = [str(serve_exe) if serve_exe.exists() else "serve", "run", "--address", "local", tmp]
     # Ray's node address on loopback too (Ray picks the machine's own address otherwise; its Linux default of
     # clustering is what this switch turns off): HAProxy then reaches the ingress replica on 127.0.0.1.
-    extra: dict[str, str] = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    # On a busy machine the raylet can give up waiting for its dashboard agent (seen at load averages of 20-50 on
+    # 2 cores: "WaitForDashboardAgentPorts" after ~20 s) and the whole start fails: give it 2 minutes.
+    extra: dict[str, str] = {
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_agent_register_timeout_ms": "120000",
+    }
     workdir = None
     if ingress == "haproxy" and (env or {}).get("RAY_SERVE_ENABLE_HA_PROXY", "1") == "1":
         workdir = tempfile.mkdtemp(prefix="hap-", dir="/tmp")  # short: HAProxy's socket paths are <= 97 bytes
