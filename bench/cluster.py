@@ -39,6 +39,7 @@ WORKER_CPUS = 2
 TEXT_TIMEOUT_S = 90  # a model loading on the shared 2-core machine can starve text longer than the 10 s budget
 UPLOAD_LIMIT_MB = 1  # bench.soak's over-limit upload stays cheap
 APP_NAME = f"emotion-faults-{os.getpid()}"  # another run's replicas on this machine (bench.soak's) are not these
+SERVING = frozenset({"HEALTHY", "UPSCALING", "DOWNSCALING"})  # deployment states that serve all their replicas
 RAY_PROCESS_NAMES = ("raylet", "gcs_server", "ray::", "default_worker.py", "dashboard", "log_monitor", "runtime_env")
 
 
@@ -88,7 +89,7 @@ def cmdline(pid: int) -> str:
 # ---- the Serve config ----------------------------------------------------------------------------------------
 
 
-def spread_config(http_port: int, base: Path = HA_CONFIG, ingress_target: int | None = 3) -> dict[str, Any]:
+def spread_config(http_port: int, base: Path = HA_CONFIG, ingress_target: int | None = 4) -> dict[str, Any]:
     """``base`` on 127.0.0.1:``http_port`` behind one proxy on the head, each deployment at most once per node,
     named :data:`APP_NAME`.
 
@@ -270,8 +271,9 @@ class LoopbackCluster:
         return placed
 
     def running(self) -> dict[str, int] | None:
-        """RUNNING replicas per deployment when the application is RUNNING and every deployment HEALTHY, else
-        ``None`` (also when the controller does not answer)."""
+        """RUNNING replicas per deployment when the application is RUNNING and no deployment is updating or
+        unhealthy, else ``None`` (also when the controller does not answer). A deployment that wants more replicas
+        than the nodes hold (one per node) stays UPSCALING, with all it has running."""
         from ray import serve
         from ray.serve.exceptions import RayServeException
 
@@ -281,7 +283,7 @@ class LoopbackCluster:
             return None
         if app is None or app.status != "RUNNING":
             return None
-        if any(d.status != "HEALTHY" for d in app.deployments.values()):
+        if any(d.status not in SERVING for d in app.deployments.values()):
             return None
         return {name: d.replica_states.get("RUNNING", 0) for name, d in app.deployments.items()}
 

@@ -88,11 +88,13 @@ class Load:
                 self.run.add(Record(kind, path, start, time.monotonic(), status, error))
 
     def stop(self) -> float:
-        """Stop sending, wait for the answers under way; the time the last one came."""
+        """Stop sending and wait for the answers under way; the time sending stopped (the gaps end there: the
+        wait for the last slow answers is no gap of the service)."""
+        stopped_at = time.monotonic()
         self._stop.set()
         for thread in self._threads:
             thread.join(self.timeout_s + 30)
-        return time.monotonic()
+        return stopped_at
 
 
 def gap_span(records: list[Record], t0: float, t1: float) -> tuple[float, float]:
@@ -108,7 +110,7 @@ def longest_gap(records: list[Record], t0: float, t1: float) -> float:
 
 
 def summarize(load: Load, t1: float, fault_at: float, back_at: float | None) -> dict[str, Any]:
-    """The scenario's figures (times in seconds from the start of its load)."""
+    """The scenario's figures (times in seconds from the start of its load; ``t1``: when sending stopped)."""
     records = load.run.records
     lost = [r for r in records if r.status is None or r.status >= LOST_STATUS]
     return {
@@ -167,8 +169,9 @@ def under_load(
 
 
 def full_capacity(cluster: LoopbackCluster, replicas: int = 2, lost: frozenset[str] = frozenset()) -> bool:
-    """Every deployment healthy with ``replicas`` running, each on two nodes or more, none counted on the nodes of
-    ``lost`` (Ray calls a killed node's actors alive until its health checks have failed for some seconds)."""
+    """Every deployment serving (:meth:`LoopbackCluster.running`) with ``replicas`` running, each on two nodes or
+    more, none counted on the nodes of ``lost`` (Ray calls a killed node's actors alive until its health checks
+    have failed for some seconds)."""
     counts = cluster.running()
     if not counts or min(counts.values()) < replicas:
         return False

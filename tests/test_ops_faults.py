@@ -24,7 +24,7 @@ import yaml
 from bench.cluster import LoopbackCluster, spread_config
 from bench.faults import controller_loss, full_capacity, worker_node_loss
 from bench.servers import free_port
-from tests.ops_helpers import REPO, stop_serve_and_ray
+from tests.ops_helpers import REPO, stop_serve_and_ray, wait_for
 
 CLIENTS = 4
 BEFORE_S = 5
@@ -65,7 +65,7 @@ def test_killing_the_serve_controller_loses_nothing(cluster: LoopbackCluster) ->
 
 
 def test_losing_a_worker_node_loses_nothing(cluster: LoopbackCluster) -> None:
-    assert full_capacity(cluster)
+    wait_for(lambda: full_capacity(cluster), 300, 1, "two replicas of each on two workers")  # after the last test
     result = worker_node_loss(cluster, CLIENTS, BEFORE_S, AFTER_S, replace=False)
     print(f"worker node lost: {result['requests']} requests, longest gap {result['longest_gap_s']} s")
     assert sum(result["replicas_on_killed_node"].values()) == 5, result  # one of each deployment went with it
