@@ -462,25 +462,25 @@ def levers_section(levers: Mapping[str, Any] | None) -> list[str]:
 
 
 def readme_block(report: Mapping[str, Any]) -> str:
-    """The summary quoted in the README: Serve against LitServe and the naive server per endpoint, and the targets."""
+    """The summary quoted in the README: Serve against LitServe and the naive server per endpoint, and the targets
+    (batches, CPU and the ratios per cell are in bench.md)."""
     rows = {(r["target"], r["endpoint"], r["concurrency"]): r for r in report.get("results", [])}
-    busy = " (busy: other jobs shared the cores)" if any("busy" in n for n in report["meta"].get("notes") or []) else ""
+    busy = " (busy: shared with other jobs)" if any("busy" in n for n in report["meta"].get("notes") or []) else ""
     lines = [
         f"`python -m bench.run` on {machine_line(report['meta']).split('; commit')[0]}{busy}:",
         "",
-        "| endpoint | clients | req/s: Serve | LitServe | naive | p50 ms: Serve | LitServe | Serve batch |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| endpoint | clients | req/s: Serve | LitServe | naive | p50 ms: Serve | LitServe |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for (target, endpoint, clients), r in rows.items():
         naive = rows.get(("naive", endpoint, clients))
         lit = rows.get(("litserve", endpoint, clients))
         if target != "serve" or (clients != 32 and not (endpoint == "text" and clients == 1)):
             continue
-        batch = " ".join(f"{m} {v:.1f}" for m, v in (r.get("mean_batch_size") or {}).items()) or "–"
         lines.append(
             f"| `{r.get('path', endpoint)}` | {clients} | {_fmt(r['throughput_rps'])} "
             f"| {_fmt(lit['throughput_rps']) if lit else '–'} | {_fmt(naive['throughput_rps']) if naive else '–'} "
-            f"| {_fmt(r['p50_ms'])} | {_fmt(lit['p50_ms']) if lit else '–'} | {batch} |"
+            f"| {_fmt(r['p50_ms'])} | {_fmt(lit['p50_ms']) if lit else '–'} |"
         )
     t = report.get("targets", {})
     checks = [

@@ -85,9 +85,9 @@ def test_litserve_column_in_tables_and_readme() -> None:
     assert "LitServe settings in this run: one server per endpoint, 2 worker processes" in md
     assert "| 2 | – | – | 250.0 | 9.0 | 11.0 | **yes** |" in md and "| 1 | – | – | 150.0 | 20.0 | 11.5 |  |" in md
     block = readme_block(report)
-    assert "(busy: other jobs shared the cores)" in block
+    assert "(busy: shared with other jobs)" in block
     row = next(line for line in block.splitlines() if line.startswith("| `/api/predict` | 32 |"))
-    assert row.startswith("| `/api/predict` | 32 | 300.0 | 250.0 | 50.0 | 48.0 | 44.0 |")
+    assert row == "| `/api/predict` | 32 | 300.0 | 250.0 | 50.0 | 48.0 | 44.0 |"
     assert "text Serve/LitServe 1.20 (≥ 1.0, met)" in block and "text p50 Serve/LitServe 1.09 (≤ 1.1, met)" in block
 
 
