@@ -429,14 +429,18 @@ def litserve_sweep_section(sweep: Mapping[str, Any] | None) -> list[str]:
         "",
         str(sweep.get("method", "")),
         "",
-        "| workers | max_batch_size | batch_timeout s | req/s, 32 clients | mean batch | p50 ms, 1 client | chosen |",
-        "|---:|---:|---:|---:|---:|---:|---|",
+        (
+            "| workers | torch threads | max_batch_size | batch_timeout s | req/s, 32 clients | mean batch "
+            "| p50 ms, 1 client | chosen |"
+        ),
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for pt in points:
         st = pt.get("settings") or {}
         chosen = "**yes**" if st == best else ""
         lines.append(
-            f"| {_fmt(st.get('workers'))} | {_fmt(st.get('max_batch_size'))} | {_fmt(st.get('batch_timeout'), 3)} "
+            f"| {_fmt(st.get('workers'))} | {_fmt(st.get('torch_threads'))} | {_fmt(st.get('max_batch_size'))} "
+            f"| {_fmt(st.get('batch_timeout'), 3)} "
             f"| {_fmt(pt.get('throughput_rps_32'))} | {_fmt(pt.get('mean_batch_32'))} | {_fmt(pt.get('p50_ms_1'))} "
             f"| {chosen} |"
         )
