@@ -230,15 +230,18 @@ def test_docs_and_web_page(http: httpx.Client) -> None:
 
 def test_timeline_of_a_video_through_the_real_encoders(http: httpx.Client, tmp_path: Path) -> None:
     """``POST /predict/timeline``: a 9 s video (the face fixture, looped) is streamed back as NDJSON, one line per 3 s
-    segment in order and covering the file, each fusing that span's frames and audio, then the summary."""
+    segment in order and covering the file, each fusing that span's frames and audio, then the summary; without
+    ``segment_s`` it is cut by speech, still covering the file."""
     from bench.timeline import looped_video
 
     video = looped_video(9.0, tmp_path / "face9.mp4").read_bytes()
-    with http.stream("POST", "/predict/timeline", files={"video": ("face9.mp4", video, "video/mp4")}) as r:
+    files = {"video": ("face9.mp4", video, "video/mp4")}
+    with http.stream("POST", "/predict/timeline", files=files, data={"segment_s": "3"}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
         lines = [json.loads(line) for line in r.iter_lines() if line.strip()]
     start, segments, summary = lines[0], lines[1:-1], lines[-1]
     assert start["type"] == "start" and start["modalities"] == ["audio", "video"] and start["segments"] == 3
+    assert start["segmentation"] == "fixed"
     assert [(s["index"], s["start_s"]) for s in segments] == [(0, 0.0), (1, 3.0), (2, 6.0)]
     assert segments[-1]["end_s"] == start["duration_s"] == pytest.approx(9.0, abs=0.1)
     for seg in segments:
@@ -246,3 +249,10 @@ def test_timeline_of_a_video_through_the_real_encoders(http: httpx.Client, tmp_p
         assert sum(seg["probabilities"].values()) == pytest.approx(1.0, abs=1e-3)
     assert summary["type"] == "summary" and summary["answered"] == 3 and summary["failed"] == 0
     assert sum(summary["shares"].values()) == pytest.approx(1.0, abs=1e-3)
+
+    r = http.post("/predict/timeline", files=files)  # by default, one segment per stretch of speech
+    lines = [json.loads(line) for line in r.text.splitlines() if line.strip()]
+    start, segments = lines[0], lines[1:-1]
+    assert r.status_code == 200 and start["segmentation"] == "speech" and len(segments) == start["segments"] >= 1
+    assert segments[0]["start_s"] == 0.0 and segments[-1]["end_s"] == start["duration_s"]
+    assert all(set(seg["contributions"]) == {"audio", "video"} for seg in segments), segments
