@@ -114,20 +114,14 @@ class _EmotionAPI(LitAPI):  # type: ignore[misc, valid-type]
         return output
 
     def _answer(self, done: dict[str, tuple[Any, float, int]], dropped: dict[str, str]) -> dict[str, Any]:
+        from models.inference import combine
         from models.labels import EMOTIONS
 
         def probs(values: Any) -> dict[str, float]:
             return {name: float(v) for name, v in zip(EMOTIONS, values, strict=True)}
 
-        if len(done) == 1:  # as the service: one modality answers with that encoder's own prediction
-            ((name, (only, _, _)),) = done.items()
-            final, contributions = only.probabilities, {name: 1.0}
-        else:
-            fused = self.fusion.fuse(
-                {m: r.embedding for m, (r, _, _) in done.items()},
-                {m: r.probabilities for m, (r, _, _) in done.items()},
-            )
-            final, contributions = fused.probabilities, fused.contributions
+        combined = combine({m: r for m, (r, _, _) in done.items()}, self.fusion)
+        final, contributions = combined.probabilities, combined.contributions
         best = int(final.argmax())
         return {
             "emotion": EMOTIONS[best],

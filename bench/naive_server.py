@@ -26,6 +26,7 @@ from models.inference import (
     FusionPipeline,
     TextPipeline,
     VideoPipeline,
+    combine,
 )
 from models.labels import EMOTIONS
 from models.media import MediaError, NoAudioStreamError
@@ -95,15 +96,8 @@ class NaiveModels:
             }
         if not results:
             raise HTTPException(400, {"message": "no modality could be used", "dropped": dropped})
-        if len(results) == 1:  # as the service: one modality answers with that encoder's own prediction
-            ((name, only),) = results.items()
-            probs, contributions = only.probabilities, {name: 1.0}
-        else:
-            fused = self.fusion.fuse(
-                {name: res.embedding for name, res in results.items()},
-                {name: res.probabilities for name, res in results.items()},
-            )
-            probs, contributions = fused.probabilities, fused.contributions
+        combined = combine(results, self.fusion)
+        probs, contributions = combined.probabilities, combined.contributions
         best = int(probs.argmax())
         return {
             "emotion": EMOTIONS[best],

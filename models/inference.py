@@ -312,3 +312,17 @@ class FusionPipeline(_Pipeline):
         probs = self.model.probabilities(logits, present)[0].float().cpu().numpy()
         contrib = contributions[0].float().cpu().numpy()
         return FusionResult(probs, {m: float(contrib[i]) for i, m in enumerate(self.modalities) if m in embeddings})
+
+
+def combine(results: Mapping[str, EncoderResult], fusion: FusionPipeline | None) -> FusionResult:
+    """The answer for the encoders' ``results``: one modality answers with its encoder's own calibrated prediction
+    (as the service does, so ``fusion`` may be ``None`` there), several are fused by ``fusion``."""
+    if len(results) == 1:
+        ((name, only),) = results.items()
+        return FusionResult(only.probabilities, {name: 1.0})
+    if fusion is None:
+        raise ValueError(f"fusing {sorted(results)} needs the fusion model")
+    return fusion.fuse(
+        {name: r.embedding for name, r in results.items()},
+        {name: r.probabilities for name, r in results.items()},
+    )
