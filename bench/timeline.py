@@ -156,13 +156,27 @@ def single_clip_answers(base_url: str, clips: list[tuple[Path, str]], workers: i
         return list(pool.map(one, [p for p, _ in clips]))
 
 
-def accuracy_run(base_url: str, data_root: Path, seed: int = 43) -> dict[str, Any]:
-    """Single-clip against per-segment accuracy on the same clips, for each segmentation (see the module doc)."""
-    clips = ravdess_clips(data_root)
-    random.Random(seed).shuffle(clips)  # the order of a conversation, not emotion by emotion
+def joined_clips(
+    data_root: Path, actors: tuple[int, ...] = VAL_ACTORS, seed: int = 43
+) -> tuple[list[tuple[Path, str]], list[np.ndarray], np.ndarray]:
+    """``actors``' clips in a shuffled order (the order of a conversation, not emotion by emotion), each decoded to
+    16 kHz, and the bounds in seconds of each within the recording they make joined: ``bounds[i] .. bounds[i + 1]``."""
+    clips = ravdess_clips(data_root, actors)
+    random.Random(seed).shuffle(clips)
     limits = DecodeLimits(max_audio_seconds=60.0)
     audio = [decode_audio(p.read_bytes(), SAMPLE_RATE, limits) for p, _ in clips]
-    bounds = np.cumsum([0, *[a.size for a in audio]]) / SAMPLE_RATE
+    return clips, audio, np.cumsum([0, *[a.size for a in audio]]) / SAMPLE_RATE
+
+
+def clip_overlaps(bounds: np.ndarray, start_s: float, end_s: float) -> np.ndarray:
+    """Seconds of ``[start_s, end_s]`` within each clip of :func:`joined_clips`'s ``bounds``; the largest is the
+    segment's clip."""
+    return np.clip(np.minimum(bounds[1:], end_s) - np.maximum(bounds[:-1], start_s), 0, None)
+
+
+def accuracy_run(base_url: str, data_root: Path, seed: int = 43) -> dict[str, Any]:
+    """Single-clip against per-segment accuracy on the same clips, for each segmentation (see the module doc)."""
+    clips, audio, bounds = joined_clips(data_root, seed=seed)
     recording = wav_bytes(np.concatenate(audio))
     labels = [c[1] for c in clips]
     single = single_clip_answers(base_url, clips)
@@ -188,7 +202,7 @@ def score_segments(result: dict[str, Any], bounds: np.ndarray, labels: list[str]
     hits, inside_hits, inside = 0, 0, 0
     clip_probs = np.zeros((len(labels), len(EMOTIONS)))
     for seg in segments:
-        overlaps = np.clip(np.minimum(bounds[1:], seg["end_s"]) - np.maximum(bounds[:-1], seg["start_s"]), 0, None)
+        overlaps = clip_overlaps(bounds, seg["start_s"], seg["end_s"])
         main = int(np.argmax(overlaps))
         if seg.get("emotion") is None:
             continue

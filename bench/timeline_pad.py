@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -26,8 +25,7 @@ import numpy as np
 import torch
 
 from bench.inputs import REPO_ROOT
-from bench.timeline import SAMPLE_RATE, ravdess_clips, wav_bytes
-from models.media import DecodeLimits, decode_audio
+from bench.timeline import SAMPLE_RATE, clip_overlaps, joined_clips, wav_bytes
 from models.recording import speech_spans
 
 PADS = (0.0, 0.25, 0.5, 1.0)
@@ -40,10 +38,7 @@ def fold_scores(data_root: Path, fold: int, weights: Path, seed: int = 43) -> di
     from models.inference import AudioPipeline
 
     actors = tuple(range(4 * fold + 1, 4 * fold + 5))
-    clips = ravdess_clips(data_root, actors)
-    random.Random(seed).shuffle(clips)
-    audio = [decode_audio(p.read_bytes(), SAMPLE_RATE, DecodeLimits(max_audio_seconds=60.0)) for p, _ in clips]
-    bounds = np.cumsum([0, *[a.size for a in audio]]) / SAMPLE_RATE
+    clips, audio, bounds = joined_clips(data_root, actors, seed)
     pcm = (np.clip(np.concatenate(audio), -1, 1) * 32767).round().astype(np.int16)
     labels = [label for _, label in clips]
     pipe = AudioPipeline(weights)
@@ -63,7 +58,7 @@ def fold_scores(data_root: Path, fold: int, weights: Path, seed: int = 43) -> di
         hits = 0
         for span in spans:
             start, end = span.heard if pad is not None and span.heard else (span.start_s, span.end_s)
-            overlaps = np.clip(np.minimum(bounds[1:], span.end_s) - np.maximum(bounds[:-1], span.start_s), 0, None)
+            overlaps = clip_overlaps(bounds, span.start_s, span.end_s)
             chunk = pcm[int(start * SAMPLE_RATE) : int(end * SAMPLE_RATE)].astype(np.float32) / 32767
             hits += emotion(chunk) == labels[int(np.argmax(overlaps))]
         out["per_segment_accuracy"]["whole" if pad is None else f"{pad:g}"] = round(hits / len(spans), 4)
