@@ -61,6 +61,9 @@ class TaskOptions:
     length_buckets: int = 0  # text: > 0 batches texts of similar length, sorted within windows of this many batches
     class_weight_power: float = 0.3  # text: loss weight of a class = (its share) ** -power
     context_dropout: float | None = None  # text: None = no context; else share of MELD lines trained without theirs
+    soft_targets: str | None = None  # text: a teacher's logits on the training texts (training.text_teacher)
+    soft_weight: float = 0.5  # text: share of the teacher's distribution in each training target
+    soft_temperature: float = 2.0  # text: softmax temperature of the teacher's logits
     fold: int | None = None  # audio: leave-actors-out fold held out for validation (None: actors 17-20)
     folds: int = 5
     audio_augment: tuple[str, ...] = ("specaug",)
@@ -158,6 +161,26 @@ class Task:
 SPEAKERLESS = 0.2  # text: share of the context-reading MELD lines trained with the speakers left out
 
 
+def teacher_distributions(data_root: str, path: str, temperature: float) -> dict[str, torch.Tensor]:
+    """Per training text, the teacher's ``softmax(logits / temperature)`` from ``training.text_teacher``.
+
+    The file holds one row per text of MELD + GoEmotions train in reading order, with the digest of
+    that list: a file made from other data is refused rather than misaligned.
+    """
+    from safetensors import safe_open
+
+    from training.text_teacher import texts_digest
+
+    texts = [text for text, _, _ in read_text_corpora(data_root, "train")]
+    with safe_open(path, "pt") as fh:
+        digest = (fh.metadata() or {}).get("texts_sha256")
+        logits = fh.get_tensor("logits").float()
+    if digest != texts_digest(texts) or len(logits) != len(texts):
+        raise SystemExit(f"--soft-targets {path} was made from other training texts than {data_root}'s")
+    probs = torch.softmax(logits / temperature, dim=1)
+    return dict(zip(texts, probs, strict=True))
+
+
 class TextTask(Task):
     """MELD + GoEmotions; the top ``trainable_layers`` of the backbone are fine-tuned.
 
@@ -167,6 +190,9 @@ class TextTask(Task):
     ``(share of c) ** -class_weight_power`` so the rare disgust and fear count without flipping the majority.
     Selection (epoch and temperature) is on a holdout of both training sets together, scored by the
     mean of MELD weighted-F1 and GoEmotions macro-F1, the two figures reported on the val splits.
+
+    With ``soft_targets`` (knowledge distillation), each training target is mixed with a teacher's
+    distribution at ``soft_temperature``: ``(1 - soft_weight) * gold + soft_weight * teacher``.
 
     With ``context_dropout`` set, a MELD line is read with the previous turns of its dialogue (with speakers)
     as a second segment, except for that share of the lines each epoch, drawn afresh, which are read alone,
@@ -214,6 +240,11 @@ class TextTask(Task):
         self.targets = torch.zeros(len(train), NUM_CLASSES)
         for i, (_, labels, _) in enumerate(train):
             self.targets[i, list(labels)] = 1.0 / len(labels)
+        self.gold_share = self.targets.sum(0) / self.targets.sum()
+        if opts.soft_targets:
+            teacher = teacher_distributions(opts.data_root, opts.soft_targets, opts.soft_temperature)
+            soft = torch.stack([teacher[text] for text, _, _ in train])
+            self.targets = (1 - opts.soft_weight) * self.targets + opts.soft_weight * soft
         self.source = np.array([src for _, _, src in train])
         self.val_source = np.array([src for _, _, src in val])
         self.lengths: list[int] = []
@@ -246,7 +277,7 @@ class TextTask(Task):
         return " + ".join(names[s] for s in self.opts.text_sources)
 
     def class_weights(self) -> torch.Tensor:
-        share = self.targets.sum(0) / self.targets.sum()
+        share = self.gold_share
         weights = share.clamp_min(1e-4) ** -self.opts.class_weight_power
         return weights / (weights * share).sum()  # the average sample keeps weight 1
 
@@ -306,6 +337,15 @@ class TextTask(Task):
             "data": f"{self.corpora} train",
             "goemotions_per_epoch": self.opts.goemotions_per_epoch,
             "class_weight_power": self.opts.class_weight_power,
+            **(
+                {
+                    "distilled_from": "all-mpnet-base-v2 teacher (training.text_teacher) soft targets",
+                    "soft_weight": self.opts.soft_weight,
+                    "soft_temperature": self.opts.soft_temperature,
+                }
+                if self.opts.soft_targets
+                else {}
+            ),
             "multi_label": "soft target shared equally between a comment's labels",
             **(
                 {

@@ -367,6 +367,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[argparse.Act
         "(e.g. 0.3); unset: no context",
     )
     t.add_argument(
+        "--soft-targets",
+        default=None,
+        help="distil from a teacher's logits on the training texts (python -m training.text_teacher writes them)",
+    )
+    t.add_argument("--soft-weight", type=float, default=0.5, help="share of the teacher in each training target")
+    t.add_argument("--soft-temperature", type=float, default=2.0, help="softmax temperature of the teacher")
+    t.add_argument(
         "--length-buckets",
         type=int,
         default=0,
