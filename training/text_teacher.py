@@ -300,12 +300,14 @@ def main(argv: list[str] | None = None) -> None:
         str(cache / "soft_targets.safetensors"),
         metadata={"texts_sha256": texts_digest(texts), "epoch": str(best["epoch"])},
     )
-    val_items = items["val"]
-    val_logits = predict(top, states["val"], list(range(len(val_items))))
-    val_sources = np.array([s for _, _, s in val_items])
-    val_labels = np.array([labels[0] for _, labels, _ in val_items])
+    val_items = items["val"]  # as training.evaluate reports them: MELD dev, GoEmotions val's single-label comments
+    val_idx = [i for i, (_, labels, source) in enumerate(val_items) if source == "meld" or len(labels) == 1]
+    val_logits = predict(top, states["val"], val_idx)
+    val_sources = np.array([val_items[i][2] for i in val_idx])
+    val_labels = np.array([val_items[i][1][0] for i in val_idx])
     val = balanced_score(val_labels, val_logits.argmax(1).numpy(), val_sources)
     report = {
+        "model_version": f"text-teacher-mpnet-top{args.top_layers}-e{best['epoch']}",
         "model": f"all-mpnet-base-v2, top {args.top_layers} of 12 layers fine-tuned on cached states, linear head",
         "data": "MELD train + GoEmotions train",
         "selection_split": f"holdout: {args.holdout:g} of each class of MELD + GoEmotions train (seed 0), "
