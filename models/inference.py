@@ -24,6 +24,7 @@ from models.common import Precision, forward_in_precision, prepare_for_inference
 from models.fusion.model import PROB_FLOOR
 from models.labels import EMOTIONS, NUM_CLASSES
 from models.media import DEFAULT_LIMITS, DecodeLimits, decode_audio, decode_frames
+from models.text.model import CONTEXT_EXPERT, with_context
 from models.text.preprocessing import TextPreprocessor, Turn
 from models.video.preprocessing import FaceConfig, FaceCropper, faces_to_tensor, pad_clips
 
@@ -108,7 +109,13 @@ class _Pipeline:
 
 
 class TextPipeline(_Pipeline):
-    """Text: tokenise in ``encode`` (cheap, batched); ``prepare`` validates."""
+    """Text: tokenise in ``encode`` (cheap, batched); ``prepare`` validates.
+
+    A weights folder with a :data:`~models.text.model.CONTEXT_EXPERT` sub-folder holds a second model, trained
+    to read the previous turns of a conversation with the utterance. A text sent with context is answered by
+    both (:func:`~models.text.model.with_context`); a text without context by the utterance model alone, as
+    if the expert were absent. The embedding is always the utterance model's, the one the fusion learned on.
+    """
 
     modality = "text"
 
@@ -119,14 +126,25 @@ class TextPipeline(_Pipeline):
         device: str = "cpu",
         precision: Precision = "auto",
     ) -> None:
-        super().__init__(weights_dir, {"backbone": backbone} if backbone else None, device, precision)
+        overrides = {"backbone": backbone} if backbone else None
+        super().__init__(weights_dir, overrides, device, precision)
         cfg = self.model.config
         self.preprocessor = TextPreprocessor(cfg.backbone, cfg.max_length)
+        self.context_expert: torch.nn.Module | None = None
+        expert_dir = (Path(weights_dir) if weights_dir else DEFAULT_WEIGHTS_DIR / self.modality) / CONTEXT_EXPERT
+        if expert_dir.is_dir():
+            self.context_expert, expert = load_model(expert_dir, overrides)
+            self.context_expert.to(self.device)
+            prepare_for_inference(self.context_expert, self.precision)
+            self.context_preprocessor = TextPreprocessor(
+                self.context_expert.config.backbone, self.context_expert.config.max_length
+            )
+            self.version += "+" + str(expert.get("metadata", {}).get("version", "unversioned"))
 
     @property
     def reads_context(self) -> bool:
-        """Whether the model was trained to read previous turns (older text models read the utterance alone)."""
-        return bool(getattr(self.model.config, "context", False))
+        """Whether previous turns are read: by a context expert, or by a model trained to read them itself."""
+        return self.context_expert is not None or bool(getattr(self.model.config, "context", False))
 
     def prepare(self, payload: str | Mapping[str, Any]) -> Prepared:
         """Check the text and normalise its whitespace.
@@ -152,15 +170,27 @@ class TextPipeline(_Pipeline):
         """
         texts = [it.data[0] if isinstance(it.data, tuple) else it.data for it in items]
         contexts = [it.data[1] if isinstance(it.data, tuple) else () for it in items]
-        tok = self.preprocessor(texts, contexts if self.reads_context else None)
+        reads_itself = self.context_expert is None and self.reads_context
+        tok = self.preprocessor(texts, contexts if reads_itself else None)
         embedding, logits = self._forward(tok.input_ids, tok.attention_mask)
-        results = self._results(embedding, logits, items)
+        probs = self.model.head.probabilities(logits).float()
+        used = list(tok.context_turns) if reads_itself else [0] * len(items)
+        with_turns = [i for i, c in enumerate(contexts) if c]
+        if self.context_expert is not None and with_turns:
+            ctx = self.context_preprocessor([texts[i] for i in with_turns], [contexts[i] for i in with_turns])
+            inputs = (ctx.input_ids, ctx.attention_mask)
+            _, expert_logits = forward_in_precision(self.context_expert, inputs, self.precision, self.device)
+            expert_probs = self.context_expert.head.probabilities(expert_logits).float()
+            probs[with_turns] = with_context(probs[with_turns], expert_probs)
+            for j, i in enumerate(with_turns):
+                used[i] = ctx.context_turns[j]
+        emb, probs_np = embedding.float().cpu().numpy(), probs.cpu().numpy()
+        results = [EncoderResult(emb[i], probs_np[i], dict(item.info)) for i, item in enumerate(items)]
         for i, (res, truncated) in enumerate(zip(results, tok.truncated, strict=True)):
             res.info["truncated"] = truncated
             if contexts[i]:
-                used = tok.context_turns[i] if self.reads_context else 0
-                res.info["context_turns"] = used
-                res.info["context_cut"] = len(contexts[i]) - used
+                res.info["context_turns"] = used[i]
+                res.info["context_cut"] = len(contexts[i]) - used[i]
         return results
 
 

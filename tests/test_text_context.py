@@ -224,4 +224,41 @@ def test_context_changes_the_answer_for_an_utterance_that_needs_it(text: TextPip
     ]
     alone, told = _probs(text, "Oh.", []), _probs(text, "Oh.", news)
     assert max(alone, key=alone.__getitem__) == "neutral", alone  # "Oh." alone says little
-    assert max(told, key=told.__getitem__) == "sad" and told["sad"] > alone["sad"] + 0.2, (alone, told)
+    # the news moves the answer towards sad: neutral loses a good part of its weight, sad gains it
+    assert told["sad"] > alone["sad"] + 0.15 and told["neutral"] < alone["neutral"] - 0.2, (alone, told)
+    good = [{"speaker": "Monica", "text": "I got the job! They called this morning and I start on Monday!"}]
+    assert _probs(text, "Oh.", good)["sad"] < alone["sad"], "good news does not make it sadder"
+
+
+def test_a_context_expert_answers_only_texts_sent_with_turns(tmp_path: Any) -> None:
+    import shutil
+
+    import numpy as np
+    import torch
+
+    from models.checkpoint import DEFAULT_WEIGHTS_DIR
+    from models.common import forward_in_precision
+    from models.text.model import CONTEXT_EXPERT, with_context
+
+    base = DEFAULT_WEIGHTS_DIR / "text"
+    folder = tmp_path / "text"
+    shutil.copytree(base, folder, ignore=shutil.ignore_patterns(CONTEXT_EXPERT))
+    plain = TextPipeline(folder)
+    shutil.copytree(folder, folder / CONTEXT_EXPERT)  # the utterance model again, as the expert: easy to follow
+    both = TextPipeline(folder)
+    assert both.reads_context and both.version == f"{plain.version}+{plain.version}"
+    turns = [{"speaker": "Rachel", "text": "Your grandmother passed away last night."}]
+    items = [both.prepare("Oh."), both.prepare({"text": "Oh.", "context": turns})]
+    alone, told = both.encode(items)
+    np.testing.assert_allclose(alone.probabilities, plain.encode([plain.prepare("Oh.")])[0].probabilities, atol=1e-6)
+    np.testing.assert_allclose(alone.embedding, told.embedding, atol=1e-6)  # the fusion sees the utterance model's
+    pair = TextPreprocessor(plain.model.config.backbone)(["Oh."], [tuple(Turn(t["text"], t["speaker"]) for t in turns)])
+    with torch.inference_mode():
+        inputs = (pair.input_ids, pair.attention_mask)
+        _, logits = forward_in_precision(both.context_expert, inputs, both.precision, both.device)
+        expected = with_context(
+            torch.from_numpy(alone.probabilities)[None], both.context_expert.head.probabilities(logits)
+        )
+    np.testing.assert_allclose(told.probabilities, expected[0].numpy(), atol=2e-3)
+    assert told.info["context_turns"] == 1 and told.info["context_cut"] == 0
+    assert not np.allclose(told.probabilities, alone.probabilities, atol=1e-3)

@@ -351,7 +351,7 @@ def test_card_table_says_where_each_temperature_was_fitted() -> None:
     calib = table.splitlines()[-1]
     assert "text MELD dev 0.100 -> 0.050 (T=1.5, fitted on the validation split)" in calib
     assert "audio RAVDESS actors 17-20 0.100 -> 0.050 (T=1.5, fitted on the validation split)" in calib
-    assert "video FER2013 PublicTest 0.100 -> 0.050 (T=1.5, fitted on a holdout of the training split)" in calib
+    assert "video FER2013 PublicTest 0.100 -> 0.050 (T=1.5, fitted on a training holdout)" in calib
     assert "| video | FER2013 PublicTest | 100 | 0.700 | 0.600 | 0.650 | accuracy >= 0.66 | yes |" in table
     assert "| audio | RAVDESS actors 17-20 | 100 | 0.700 | 0.600 | 0.650 | accuracy >= 0.72 | no |" in table
 

@@ -21,6 +21,7 @@ import torch
 
 from models.checkpoint import DEFAULT_WEIGHTS_DIR, load_model, read_config
 from models.labels import EMOTIONS, MODALITIES
+from models.text.model import CONTEXT_EXPERT, with_context
 from training.audio_augment import DEGRADATIONS
 from training.embeddings import encode_split
 from training.fusion import evaluate_combinations, load_pools
@@ -100,7 +101,18 @@ def evaluate_encoder(modality: str, args: argparse.Namespace) -> dict[str, Any]:
             ("goemotions_val", (data["source"] == "goemotions") & ~data["multi_label"]),
         ):
             sets[name] = _scored(data["labels"][mask], data["logits"][mask], data["probs"][mask])
-        if read_config(weights)["config"].get("context"):  # the same lines, read with their dialogue's turns
+        expert = weights / CONTEXT_EXPERT
+        if expert.is_dir():  # the same lines read with their dialogue's turns: both experts, as served
+            mask = data["source"] == "meld"
+            for name, context in (("meld_dev_context", True), ("meld_dev_expert_without_context", False)):
+                ctx = encode_split(modality, args.split, expert, args.data_root, args.layout, context=context)
+                if not np.array_equal(ctx["labels"], data["labels"]):
+                    raise SystemExit(f"{expert}: its split is not the utterance model's")
+                probs = with_context(torch.from_numpy(data["probs"][mask]), torch.from_numpy(ctx["probs"][mask]))
+                sets[name] = _scored(data["labels"][mask], probs.log().numpy(), probs.numpy())
+            order = ("meld_dev", "meld_dev_context", "goemotions_val", "meld_dev_expert_without_context")
+            sets = {k: sets[k] for k in order}
+        elif read_config(weights)["config"].get("context"):  # the same lines, read with their dialogue's turns
             ctx = encode_split(modality, args.split, weights, args.data_root, args.layout, context=True)
             mask = ctx["source"] == "meld"
             sets["meld_dev_context"] = _scored(ctx["labels"][mask], ctx["logits"][mask], ctx["probs"][mask])
@@ -191,7 +203,7 @@ def _fitted_on(report: dict[str, Any]) -> str:
     split = report.get("selection_split", "val")
     if split.startswith("RAVDESS actors"):
         return "fitted on the held-out actors it is reported on"
-    return "fitted on the validation split" if split == "val" else "fitted on a holdout of the training split"
+    return "fitted on the validation split" if split == "val" else "fitted on a training holdout"
 
 
 def _cell(value: float, goal: float | None = None) -> str:
@@ -229,6 +241,7 @@ def card_table(reports: dict[str, dict[str, Any]]) -> str:
     names = {
         "meld_dev": "MELD dev",
         "meld_dev_context": "MELD dev, with the previous turns as context",
+        "meld_dev_expert_without_context": "MELD dev, both models without turns",
         "goemotions_val": "GoEmotions val, single-label comments",
         "actors_17_20": "RAVDESS actors 17-20",
         "publictest": "FER2013 PublicTest",
@@ -252,6 +265,12 @@ def card_table(reports: dict[str, dict[str, Any]]) -> str:
                 f"| text | MELD dev: with context minus without (the same model) | | | | {gain:+.3f} | "
                 f"weighted-f1 gain >= {CONTEXT_GAIN_GOAL} | {'yes' if gain >= CONTEXT_GAIN_GOAL else 'no'} |"
             )
+            control = r["sets"].get("meld_dev_expert_without_context")
+            if control:  # how much of the gain a second model brings without any turns (never served)
+                rows.append(
+                    f"| text | MELD dev, control: the context expert also without turns | {control['n']} | "
+                    f"{control['accuracy']:.3f} | {control['macro_f1']:.3f} | {control['weighted_f1']:.3f} | | |"
+                )
         if m == "audio" and "leave_actors_out" in r:
             loao = r["leave_actors_out"]
             rows.append(
@@ -322,6 +341,7 @@ def card_table(reports: dict[str, dict[str, Any]]) -> str:
         for m in MODALITIES
         if m in reports
         for set_name, s in reports[m]["sets"].items()
+        if set_name != "meld_dev_expert_without_context"  # a control, never served
     ]
     if calib:
         rows += ["", "Expected calibration error before -> after temperature scaling: " + "; ".join(calib) + "."]
@@ -368,6 +388,8 @@ def main(argv: list[str] | None = None) -> None:
         report = evaluate_fusion(args) if m == "fusion" else evaluate_encoder(m, args)
         (out / f"{m}.json").write_text(json.dumps(report, indent=2) + "\n")
         for name, r in report.get("sets", {"": {"confusion_matrix": report.get("confusion_matrix")}}).items():
+            if name == "meld_dev_expert_without_context":  # a control, never served
+                continue
             suffix = f"_{name}" if name and len(report.get("sets", {})) > 1 else ""
             plot_confusion(r["confusion_matrix"], f"{m}: {name or DATASETS[m]}", out / f"{m}{suffix}_confusion.png")
         print(

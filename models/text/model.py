@@ -27,6 +27,17 @@ class TextModelConfig:
     context: bool = False
 
 
+CONTEXT_EXPERT = "context"  # sub-folder of a text weights folder: the expert that reads the previous turns
+
+
+def with_context(probs: torch.Tensor, context_probs: torch.Tensor) -> torch.Tensor:
+    """A text read with its conversation: the normalised geometric mean (a product of two experts) of the
+    utterance model's calibrated probabilities and those of the context expert, which read the previous
+    turns and the utterance together. Both ``[B, 7]``; returns ``[B, 7]``."""
+    log = (probs.clamp_min(1e-8).log() + context_probs.clamp_min(1e-8).log()) / 2
+    return torch.softmax(log, dim=-1)
+
+
 class TextModel(nn.Module):
     """``AutoModel`` backbone, attention-masked mean pooling, dense 256-d embedding, head."""
 
