@@ -249,6 +249,9 @@ def _new_text_weights(tmp_path: Path) -> tuple[str, str]:
     version = f"{cfg['metadata'].get('version', 'text')}-hotswap"
     cfg["metadata"]["version"] = version
     cfg_path.write_text(json.dumps(cfg, indent=2))
+    expert = target / "context" / "config.json"  # the context expert's version follows the text model's (api.md)
+    if expert.is_file():
+        version += "+" + json.loads(expert.read_text())["metadata"]["version"]
     return str(target), version
 
 
