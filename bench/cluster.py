@@ -243,6 +243,11 @@ class LoopbackCluster:
         return f"http://127.0.0.1:{self.config['http_options']['port']}"
 
     @property
+    def serve_log_dir(self) -> Path:
+        """Ray Serve's log folder of this cluster's session (the replica logs of every node: one machine)."""
+        return Path(self.cluster.head_node.get_logs_dir_path()) / "serve"
+
+    @property
     def app_name(self) -> str:
         assert self.config is not None
         return self.config["applications"][0]["name"]

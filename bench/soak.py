@@ -77,14 +77,15 @@ def ray_serve_log_dir() -> Path:
     return root / "session_latest" / "logs" / "serve"
 
 
-def initialized_replicas(deployment: str, app: str = "emotion") -> set[str]:
-    """IDs of the ``deployment`` replicas that finished starting (their Serve log says so).
+def initialized_replicas(deployment: str, app: str = "emotion", log_dir: Path | None = None) -> set[str]:
+    """IDs of the ``deployment`` replicas that finished starting (their Serve log in ``log_dir`` says so; by
+    default :func:`ray_serve_log_dir`, the newest local Ray session's, which another Ray started later replaces).
 
     A replica's process (:func:`replica_pids`) appears well before that: on a busy machine its imports and
     model loading take seconds to tens of seconds more, and Serve routes to it only once it is initialized.
     """
     done = set()
-    for path in ray_serve_log_dir().glob(f"replica_{app}_{deployment}_*.log"):
+    for path in (log_dir or ray_serve_log_dir()).glob(f"replica_{app}_{deployment}_*.log"):
         try:
             with path.open("rb") as fh:
                 head = fh.read(1 << 16)  # the line comes among the first of the file
@@ -111,9 +112,10 @@ def replica_memory() -> dict[str, dict[str, float | None]]:
     return {d: {str(pid): rss_mb(pid) for pid in replica_pids(d)} for d in DEPLOYMENTS}
 
 
-def kill_one(deployment: str, rng: random.Random) -> int | None:
-    """SIGKILL one replica process of ``deployment``; returns its pid (``None``: none found)."""
-    pids = replica_pids(deployment)
+def kill_one(deployment: str, rng: random.Random, app: str = "emotion") -> int | None:
+    """SIGKILL one replica process of ``deployment`` (of application ``app``); returns its pid (``None``: none
+    found)."""
+    pids = replica_pids(deployment, app)
     if not pids:
         return None
     pid = rng.choice(pids)

@@ -532,3 +532,47 @@ class SharedOpsCluster:
             head_target=f"{head['NodeManagerAddress']}:{head['MetricsExportPort']}",
             metrics_urls=[f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics" for n in alive],
         )
+
+
+# --- The three-node cluster of the fault tests ---------------------------------------------------------------
+
+
+class SharedHACluster:
+    """``bench.cluster.LoopbackCluster`` (a head with the controller and the Python proxy with its replay, two
+    workers, all on 127.0.0.1) running ``deploy/serve_config.ha.yaml`` spread over the workers
+    (:func:`bench.cluster.spread_config`), shared by ``test_serve_reliability_ha.py`` and ``test_ops_faults.py``
+    instead of each loading ten replicas' models: tests/conftest.py runs the reliability module first, as the fault
+    module's last test takes a worker node for good (its ``GROUP_ORDER``).
+
+    :meth:`close` stops it and fails when any Ray process of it is still alive.
+    """
+
+    def __init__(self) -> None:
+        self._cluster: Any = None
+        self._session: str | None = None
+
+    def get(self) -> Any:
+        """The running cluster with every deployment at two replicas and ``/api/health`` ok, or a new one."""
+        from bench.cluster import LoopbackCluster, spread_config
+
+        if self._cluster is not None and self._session == _ray_session():
+            return self._cluster
+        self.close()
+        if ray.is_initialized():  # another module's Ray: this needs a cluster of its own
+            stop_serve_and_ray()
+        cluster = LoopbackCluster(workers=2)
+        try:
+            cluster.deploy(spread_config(free_port()))
+            cluster.wait_running(900)
+        except BaseException:
+            cluster.close()
+            raise
+        self._cluster, self._session = cluster, _ray_session()
+        return cluster
+
+    def close(self) -> None:
+        """Stop the cluster (nothing to do when none runs); fails when it leaves a Ray process behind."""
+        cluster, self._cluster, self._session = self._cluster, None, None
+        if cluster is not None:
+            left = cluster.close()
+            assert left == {}, f"Ray processes left behind: {left}"

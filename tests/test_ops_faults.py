@@ -8,41 +8,35 @@ deployment per node. Under the mix of ``bench.soak`` (every endpoint, bad inputs
 * a whole worker node is SIGKILLed (its raylet and every process under it): no request is lost, and the longest
   time without any answer is reported (``python -m bench.faults`` measures the 5 s bound on a quiet machine).
 
-The cluster is stopped at the module's end, and no Ray process of it may be left (checked in the fixture's
-teardown). Slow (a minute or more: ten replicas load their models on two cores). The last test reads the
-RayService manifest only: head-node loss is left to KubeRay's GCS fault tolerance (docs/operations.md).
+The cluster (``ha_cluster``, tests/conftest.py) is the one ``test_serve_reliability_ha.py`` kills replicas in: it
+runs first, this module (``GROUP_ORDER``) last, since losing a node leaves one replica of each. The cluster is
+stopped right after this module's last test that uses it, and no Ray process of it may be left (checked there, an
+error of that test's teardown otherwise). Slow (a minute or more: ten replicas load their models on two cores). The
+last test reads the RayService manifest only: head-node loss is left to KubeRay's GCS fault tolerance
+(docs/operations.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-import ray
 import yaml
 
-from bench.cluster import LoopbackCluster, spread_config
+from bench.cluster import LoopbackCluster
 from bench.faults import controller_loss, full_capacity, worker_node_loss
-from bench.servers import free_port
-from tests.ops_helpers import REPO, stop_serve_and_ray, wait_for
+from tests.ops_helpers import REPO, SharedHACluster, wait_for
 
 CLIENTS = 4
 BEFORE_S = 5
 AFTER_S = 12
+GROUP_ORDER = 1  # after the other users of ha_cluster: the node loss below is for good
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[LoopbackCluster]:
-    if ray.is_initialized():  # another module's Ray: this needs a cluster of its own
-        stop_serve_and_ray()
-    loopback = LoopbackCluster(workers=2)
-    try:
-        loopback.deploy(spread_config(free_port()))
-        loopback.wait_running(600)
-        yield loopback
-    finally:
-        left = loopback.close()
-    assert left == {}, f"Ray processes left behind: {left}"
+def cluster(ha_cluster: SharedHACluster) -> LoopbackCluster:
+    loopback = ha_cluster.get()
+    # the replicas test_serve_reliability_ha.py killed are replaced: two of each, on two workers
+    wait_for(lambda: full_capacity(loopback), 300, 1, "two replicas of each on two workers")
+    return loopback
 
 
 def test_each_deployment_runs_on_both_workers_and_none_on_the_head(cluster: LoopbackCluster) -> None:

@@ -5,10 +5,12 @@
 * with no live ``VideoEncoder`` replica, fused requests answer within 2 s with video in ``dropped``
   (``unavailable``), and the replicas come back on their own.
 
-Slow (minutes: eight replicas load their models on two cores). ``serve run`` runs in a child process
-(``bench.servers``) behind Ray Serve's Python proxy with its replay (``serve/proxy_replay.py``), as ``python -m
-serve.launch --plain-proxy deploy/serve_config.ha.yaml`` runs it, so replica processes can be found and killed by
-pid, as an operator would. A module of its own, so that the one-replica application of
+Slow (minutes: ten replicas load their models on two cores). The application runs on the three-node loopback
+cluster of ``bench.cluster`` that ``test_ops_faults.py`` uses next (``ha_cluster``, tests/conftest.py): a head with
+the controller and Ray Serve's Python proxy with its replay (``serve/proxy_replay.py``, as ``python -m serve.launch
+--plain-proxy deploy/serve_config.ha.yaml`` runs it) and two workers holding one replica of each deployment. Its
+application name is this run's own, so replica processes are found and killed by pid, as an operator would, and
+no other application's on the machine are. A module of its own, so that the one-replica application of
 ``test_serve_reliability.py`` is gone before this one starts.
 """
 
@@ -20,15 +22,15 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from bench.servers import ManagedServer, serve_server
-from bench.soak import DEPLOYMENTS, HA_CONFIG, initialized_replicas, kill_one, replica_pids
-from tests.ops_helpers import FIXTURES, health_ok, wait_for
+from bench import soak
+from bench.cluster import LoopbackCluster
+from bench.soak import DEPLOYMENTS
+from tests.ops_helpers import FIXTURES, SharedHACluster, health_ok, wait_for
 
 SPEECH = (FIXTURES / "speech.wav").read_bytes()
 FACE = (FIXTURES / "face.mp4").read_bytes()
@@ -37,21 +39,31 @@ FACE = (FIXTURES / "face.mp4").read_bytes()
 # ---- two replicas each: kills under load ---------------------------------------------------------------------
 
 
+_CLUSTER: list[LoopbackCluster] = []  # the cluster of the ``ha`` fixture, for the helpers below
+
+
 @pytest.fixture(scope="module")
-def ha(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedServer]:
-    if any(replica_pids(d) for d in DEPLOYMENTS):
-        pytest.skip("another Serve application is running on this machine")
-    server = serve_server(
-        HA_CONFIG,
-        tmp_path_factory.mktemp("ha"),
-        overrides={"args": {"encoders": {"text": {"timeout_s": 90}}}},
-        tag="ha",
-        ingress="proxy",  # Ray Serve's proxy with its replay: HAProxy cannot replay a reset connection
-    )
-    with server:
-        server.wait_ready(900)
-        wait_for(lambda: all(len(replica_pids(d)) >= 2 for d in DEPLOYMENTS), 600, 2, "2 replicas of each")
-        yield server
+def ha(ha_cluster: SharedHACluster) -> LoopbackCluster:
+    """The HA application (text timeout 90 s: a model loading on the 2 shared cores can starve text longer than
+    the shipped 10 s) behind the Python proxy with its replay: HAProxy cannot replay a reset connection."""
+    cluster = ha_cluster.get()
+    _CLUSTER[:] = [cluster]
+    wait_for(lambda: all(len(replica_pids(d)) >= 2 for d in DEPLOYMENTS), 600, 2, "2 replicas of each")
+    return cluster
+
+
+def replica_pids(deployment: str) -> list[int]:
+    """The live replica processes of ``deployment`` in the cluster's application."""
+    return soak.replica_pids(deployment, _CLUSTER[0].app_name)
+
+
+def initialized_replicas(deployment: str) -> set[str]:
+    """The ``deployment`` replicas of the cluster's application that finished starting (read in its own logs)."""
+    return soak.initialized_replicas(deployment, _CLUSTER[0].app_name, _CLUSTER[0].serve_log_dir)
+
+
+def kill_one(deployment: str, rng: random.Random) -> int | None:
+    return soak.kill_one(deployment, rng, _CLUSTER[0].app_name)
 
 
 def load(base_url: str, stop: threading.Event, results: list[tuple[str, int | None, str]], kind: str) -> None:
@@ -106,7 +118,7 @@ def kill_under_load(base_url: str, deployment: str) -> tuple[int, list[tuple[str
     return pid, results
 
 
-def test_killing_a_text_encoder_replica_loses_nothing(ha: ManagedServer) -> None:
+def test_killing_a_text_encoder_replica_loses_nothing(ha: LoopbackCluster) -> None:
     started = initialized_replicas("TextEncoder")
     assert len(started) >= 2, started  # the replica logs are where initialized_replicas looks
     pid, results = kill_under_load(ha.base_url, "TextEncoder")
@@ -116,7 +128,7 @@ def test_killing_a_text_encoder_replica_loses_nothing(ha: ManagedServer) -> None
     wait_back("TextEncoder", pid, started)
 
 
-def test_killing_an_ingress_replica_loses_nothing(ha: ManagedServer) -> None:
+def test_killing_an_ingress_replica_loses_nothing(ha: LoopbackCluster) -> None:
     started = initialized_replicas("FusionIngress")
     pid, results = kill_under_load(ha.base_url, "FusionIngress")
     wait_back("FusionIngress", pid, started)
@@ -124,7 +136,7 @@ def test_killing_an_ingress_replica_loses_nothing(ha: ManagedServer) -> None:
     assert bad == [], f"{len(bad)} of {len(results)} lost: {Counter(s for _, s, _ in results)}; first: {bad[:5]}"
 
 
-def test_encoder_without_live_replica_is_dropped_within_2s(ha: ManagedServer) -> None:
+def test_encoder_without_live_replica_is_dropped_within_2s(ha: LoopbackCluster) -> None:
     pids = replica_pids("VideoEncoder")
     assert len(pids) >= 2
     for pid in pids:  # no live video replica left
