@@ -78,7 +78,6 @@ class ManagedServer:
         self.temp_dirs: list[str] = []
         self.seen: dict[int, str | None] = {}  # pid -> start time of every process of its tree seen so far
         self.leftovers_killed: list[int] = []
-        self.cwd: Path = REPO_ROOT  # where the server runs (another checkout's root for bench.latency_ab)
 
     def snapshot(self) -> None:
         """Remember the processes of the server's tree (to kill any that outlive :meth:`stop`)."""
@@ -107,7 +106,7 @@ class ManagedServer:
         self._t0 = time.perf_counter()
         self.proc = subprocess.Popen(
             self.cmd,
-            cwd=self.cwd,
+            cwd=REPO_ROOT,
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -280,15 +279,13 @@ def serve_server(
     tag: str = "serve",
     env: dict[str, str] | None = None,
     ingress: str = "haproxy",
-    root: Path | None = None,
 ) -> ManagedServer:
     """``serve run`` of ``config_path`` (rewritten to a free loopback port) in a fresh local Ray instance.
 
     ``ingress="haproxy"`` (the shipped way, ``python -m serve.launch``) adds :data:`FAST_INGRESS_ENV`;
     ``"proxy"`` runs Ray Serve's Python proxy with :data:`PLAIN_PROXY_ENV` (its replay). ``env`` is added last,
     to the environment of ``serve run``, which the local Ray instance and all its actors (proxy, replicas)
-    inherit, e.g. Ray Serve's performance flags. ``root`` runs another checkout of the application (its code on
-    ``PYTHONPATH`` and as the working directory; default: this one).
+    inherit, e.g. Ray Serve's performance flags.
     """
     if ingress not in INGRESS_MODES:
         raise ValueError(f"ingress must be one of {INGRESS_MODES}, not {ingress!r}")
@@ -314,11 +311,8 @@ def serve_server(
         extra |= FAST_INGRESS_ENV | haproxy_env(workdir)
     elif ingress == "proxy":
         extra |= PLAIN_PROXY_ENV
-    if root is not None:
-        extra["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
     server_env = child_env(**(extra | (env or {})))
     server = ManagedServer(tag, cmd, f"http://127.0.0.1:{port}", log_dir / f"{tag}.log", server_env)
-    server.cwd = root or REPO_ROOT
     server.config = config
     server.temp_files.append(tmp)
     if workdir is not None:

@@ -2,10 +2,7 @@
 
 Each replica receives the raw payload (a string, or the uploaded bytes), runs the pipeline's
 ``prepare`` (ffmpeg decode + preprocessing) in a thread pool off the event loop, then joins a
-``@serve.batch`` queue whose batched ``encode`` forward runs on a single model thread. A plain call that finds
-the replica idle (nothing queued or being encoded) skips the queue: its forward of one goes straight to the model
-thread, without ``@serve.batch``'s hand-offs and ``batch_wait_timeout_s`` (there is nothing to wait for); calls
-that arrive meanwhile, and every item of an ``encode_many`` list, queue and batch as before. It answers an
+``@serve.batch`` queue whose batched ``encode`` forward runs on a single model thread. It answers an
 :class:`~serve.schemas.EncoderAnswer` as a plain dict (embedding, its own calibrated probabilities,
 timings, what it noticed about the input) or, for bad input, a structured
 error dict (see :mod:`serve.errors`): nothing is raised across Ray for input problems.
@@ -121,7 +118,6 @@ class _Encoder:
         self._pipeline: Pipeline | None = None
         self._pipeline_key: tuple[Any, ...] | None = None
         self._load_lock: asyncio.Lock | None = None
-        self._encoding = 0  # items queued for or inside a forward (both paths): 0 means the replica is idle
         self.metrics = Metrics()
         # One batch queue per encoder instance (a replica holds one), bound like a method.
         self.encode_batch = MethodType(_batch_method(), self)
@@ -176,10 +172,6 @@ class _Encoder:
 
     async def __call__(self, payload: Any) -> dict[str, Any]:
         """Encode one payload; returns the result dict or ``{"error": {...}}``."""
-        return await self._encode_one(payload, alone_ok=True)
-
-    async def _encode_one(self, payload: Any, alone_ok: bool) -> dict[str, Any]:
-        """The work of :meth:`__call__`; ``alone_ok``: the item may skip the batch queue when the replica is idle."""
         start = time.perf_counter()
         if not isinstance(payload, self.payload_type):
             return encoder_error(
@@ -200,7 +192,7 @@ class _Encoder:
             logger.exception("%s prepare failed", self.modality)
             return error_from_exception(exc)
         try:
-            encoded = await self._encode(_Job(pipeline, prepared), alone_ok)
+            encoded: _Encoded = await self.encode_batch(_Job(pipeline, prepared))
         except Exception as exc:
             logger.exception("%s encode failed", self.modality)
             return error_from_exception(exc)
@@ -215,26 +207,7 @@ class _Encoder:
         """
         if not isinstance(payloads, list):
             return [encoder_error("bad_payload", f"encode_many expects a list, got {type(payloads).__name__}", 422)]
-        return list(await asyncio.gather(*(self._encode_one(payload, alone_ok=False) for payload in payloads)))
-
-    async def _encode(self, job: _Job, alone_ok: bool) -> _Encoded:
-        """The forward that carries ``job``: a forward of its own when the replica is idle and ``alone_ok``, else
-        the ``@serve.batch`` queue (shared with whatever else is waiting).
-
-        An idle replica has nothing to batch the item with, so ``@serve.batch`` would only add its queue, its tasks
-        and ``batch_wait_timeout_s``: a lone request pays none of them. Items that arrive while a forward runs are
-        counted here and queue, so under load batches form exactly as before; list calls (the ingress's coalesced
-        requests, a sign of load) always queue, so their items share one forward.
-        """
-        alone = alone_ok and self._encoding == 0  # no await between the check and the count: one event loop
-        self._encoding += 1
-        try:
-            if alone:
-                return (await self._forward([job]))[0]
-            encoded: _Encoded = await self.encode_batch(job)
-            return encoded
-        finally:
-            self._encoding -= 1
+        return list(await asyncio.gather(*(self(payload) for payload in payloads)))
 
     def _answer(self, pipeline: Pipeline, prepared: Prepared, encoded: _Encoded, start: float) -> dict[str, Any]:
         """The :class:`EncoderAnswer`, as the plain dict that crosses Ray."""

@@ -198,8 +198,8 @@ class FusionService:
             else self._call_on_words(words, start, on_answer)
             for m in names
         ]
-        try:  # one call (a lone modality, the common request) is awaited as it is: no task to wrap it in
-            answers = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
+        try:
+            answers = await asyncio.gather(*calls)
         except BaseException:
             _cancel(words)
             raise
@@ -395,9 +395,7 @@ class FusionService:
         """Await ``response`` for at most ``budget`` s; :class:`EncoderUnavailable` once no replica is live."""
         if budget <= 0:
             raise TimeoutError
-        # The coalescer's answer is a task or future already: waited on as it is (cancelling it cancels the call);
-        # a plain DeploymentResponse (coalescing off) is wrapped in a task.
-        task = response if asyncio.isfuture(response) else asyncio.ensure_future(_resolve(response))
+        task = asyncio.ensure_future(_resolve(response))
         deadline = time.monotonic() + budget
         interval = self.watch_interval_s
         try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import numpy as np
 import pytest
 
 from bench.inputs import REPO_ROOT, TEXTS, MediaInputs
-from bench.latency_ab import hops, isolation_env, parse_versions, rounds_ahead, summarize
 from bench.load import ENDPOINTS, check_loopback, encode_request, inspect_answer, missing_modalities, request_factory
 from bench.machine import cpu_delta_by_label, summarize_gpu_samples
 from bench.profile import NATIVE, classify, parse_collapsed, split_cpu
@@ -30,7 +28,7 @@ from bench.report import (
 )
 from bench.run import main as bench_main
 from bench.run import parse_args, serve_overrides
-from bench.servers import deep_merge, serve_config_for_bench, serve_server
+from bench.servers import deep_merge, serve_config_for_bench
 from bench.stats import LoadResult, best_ceiling, composite_ceiling, percentile, ratio
 from bench.sweep import parse_args as sweep_parse_args
 from bench.sweep import sweep_points
@@ -489,35 +487,3 @@ def test_run_load_counts_answers_batches_and_errors() -> None:
     assert sum(result.status_counts.values()) == 40 and result.errors == result.status_counts["503"] > 0
     assert len(result.latencies_ms) == result.status_counts["200"] == 40 - result.errors
     assert result.extra["mean_batch_size"] == {"text": 3.0} and result.error_samples[0].startswith("503")
-
-
-def test_latency_ab_splits_hops_and_keeps_instances_apart(tmp_path: Path) -> None:
-    answer = {"latency_ms": 15.0, "modalities": {"text": {"latency_ms": 11.0, "model_ms": 10.5}}}
-    assert hops(18.0, answer) == {
-        "http_ingress_framework": 3.0,
-        "handle_call": 4.0,
-        "encoder_outside_forward": 0.5,
-        "forward": 10.5,
-    }
-    split = hops(18.0, answer)
-    summary = {"a": summarize([[10, 12, 14], [20, 22]], [split] * 5), "b": summarize([[9, 11, 13], [21, 23]], [split])}
-    assert summary["a"]["p50_ms"] == 14 and summary["a"]["round_p50_ms"] == [12, 21]
-    assert summary["a"]["hops_p50_ms"]["forward"] == 10.5
-    assert rounds_ahead(summary, "b", "a") == 1
-    # every Ray instance its own fallback proxy and direct-ingress ports (8500 is each one's default)
-    first, second = isolation_env(0, 1001, 1002), isolation_env(1, 1003, 1004)
-    assert first["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] == "1001"
-    assert int(first["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) < int(second["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"])
-    assert int(first["RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT"]) < int(second["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"])
-    versions = parse_versions([], ["a=.", "b=."], ["b:RAY_SERVE_USE_GRPC_BY_DEFAULT=0"], tmp_path)
-    assert [v.name for v in versions] == ["a", "b"] and versions[1].env == {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"}
-    for trees, envs in ((["a=."], []), (["a=.", "a=."], []), (["a=.", "b=."], ["c:X=1"])):
-        with pytest.raises(SystemExit):
-            parse_versions([], trees, envs, tmp_path)
-    other = tmp_path / "checkout"
-    server = serve_server(REPO_ROOT / "deploy" / "serve_config.yaml", tmp_path, root=other)  # not started
-    assert server.cwd == other and server.env["PYTHONPATH"].split(os.pathsep)[0] == str(other)
-    for path in server.temp_files:
-        Path(path).unlink(missing_ok=True)
-    for folder in server.temp_dirs:
-        shutil.rmtree(folder, ignore_errors=True)

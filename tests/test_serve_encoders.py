@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -17,9 +16,8 @@ import numpy as np
 import pytest
 
 from models.checkpoint import DEFAULT_WEIGHTS_DIR
-from models.inference import EncoderResult, Prepared
 from models.labels import EMOTIONS
-from serve.encoders import AudioEncoder, TextEncoder, VideoEncoder
+from serve.encoders import AudioEncoder, VideoEncoder
 from serve.schemas import EncoderAnswer
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -148,46 +146,3 @@ def test_hot_swap_keeps_in_flight_requests(tmp_path: Path) -> None:
     versions = [r["model_version"] for r in results]
     assert versions[-1] == "audio-hot-swapped" and before.version in versions
     assert info["version"] == "audio-hot-swapped" and info["weights_dir"] == str(new_dir)
-
-
-class SlowTextPipeline:
-    """A text pipeline whose forward takes ``forward_s`` (so calls overlap) and records each batch's size."""
-
-    version, device, precision = "text-fake", "cpu", "float32"
-
-    def __init__(self, forward_s: float) -> None:
-        self.forward_s = forward_s
-        self.batches: list[int] = []
-
-    def prepare(self, payload: str) -> Prepared:
-        return Prepared(payload, {"characters": len(payload)})
-
-    def encode(self, items: list[Prepared]) -> list[EncoderResult]:
-        time.sleep(self.forward_s)
-        self.batches.append(len(items))
-        probs = np.full(len(EMOTIONS), 1 / len(EMOTIONS), dtype=np.float32)
-        return [EncoderResult(np.ones(256, dtype=np.float32), probs, dict(it.info)) for it in items]
-
-
-def test_an_idle_replica_encodes_a_lone_call_at_once_and_batches_the_rest() -> None:
-    """A lone call skips the batch queue and its wait; calls arriving meanwhile, and lists, still batch."""
-    wait_s = 0.5
-
-    async def scenario() -> tuple[float, list[dict[str, Any]], list[dict[str, Any]], list[int]]:
-        enc = TextEncoder.func_or_class({"encoder": {"max_batch_size": 4, "max_ongoing_requests": 16}})
-        pipeline = SlowTextPipeline(forward_s=0.05)
-        enc._pipeline, enc._pipeline_key = pipeline, (None, None, None)  # the defaults' key: reconfigure keeps it
-        await enc.reconfigure({"max_batch_size": 4, "batch_wait_timeout_s": wait_s})
-        start = time.perf_counter()
-        lone = await enc("alone")
-        lone_s = time.perf_counter() - start
-        assert lone["batch_size"] == 1
-        concurrent = await asyncio.gather(*(enc(f"text {i}") for i in range(5)))
-        listed = await enc.encode_many([f"listed {i}" for i in range(4)])
-        return lone_s, list(concurrent), listed, pipeline.batches
-
-    lone_s, concurrent, listed, batches = asyncio.run(scenario())
-    assert lone_s < wait_s / 2  # did not wait for a batch to fill
-    assert [r["batch_size"] for r in concurrent] == [1, 4, 4, 4, 4]  # the first alone, the others in one forward
-    assert [r["batch_size"] for r in listed] == [4, 4, 4, 4]  # a list call's items always share a forward
-    assert batches == [1, 1, 4, 4]
