@@ -88,8 +88,8 @@ class _Pipeline:
         device: str = "cpu",
         precision: Precision = "auto",
     ) -> None:
-        directory = Path(weights_dir) if weights_dir else DEFAULT_WEIGHTS_DIR / self.modality
-        self.model, self.checkpoint = load_model(directory, overrides)
+        self.weights_dir = Path(weights_dir) if weights_dir else DEFAULT_WEIGHTS_DIR / self.modality
+        self.model, self.checkpoint = load_model(self.weights_dir, overrides)
         self.device = resolve_device(device)
         self.model.to(self.device)
         if precision == "auto" and self.device.type == "cpu" and getattr(self.model, "float32_on_cpu", False):
@@ -131,7 +131,7 @@ class TextPipeline(_Pipeline):
         cfg = self.model.config
         self.preprocessor = TextPreprocessor(cfg.backbone, cfg.max_length)
         self.context_expert: torch.nn.Module | None = None
-        expert_dir = (Path(weights_dir) if weights_dir else DEFAULT_WEIGHTS_DIR / self.modality) / CONTEXT_EXPERT
+        expert_dir = self.weights_dir / CONTEXT_EXPERT
         if expert_dir.is_dir():
             self.context_expert, expert = load_model(expert_dir, overrides)
             self.context_expert.to(self.device)

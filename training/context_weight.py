@@ -2,9 +2,9 @@
 
 ``python -m training.context_weight`` reads the utterance model (``models/weights/text``) and its context expert
 (``.../context``) on the 5 % holdout of both training sets that picked their epochs (MELD lines, with their
-dialogue's turns for the expert, and without them as a control), combines the two calibrated predictions as
-``(1 - w) * log p_text + w * log p_expert`` for a few ``w``, and writes the MELD weighted-F1 of each to
-``reports/text_context_weight.json``. The served encoder uses ``w = 0.5`` (:func:`models.text.model.with_context`).
+dialogue's turns for the expert, and without them as a control), combines the two calibrated predictions with
+:func:`models.text.model.with_context` for a few expert weights, and writes the MELD weighted-F1 of each to
+``reports/text_context_weight.json``. The served encoder uses the default weight, 0.5.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
+import torch
 from sklearn.metrics import f1_score
 
 from models.checkpoint import DEFAULT_WEIGHTS_DIR
-from models.text.model import CONTEXT_EXPERT
+from models.text.model import CONTEXT_EXPERT, with_context
 from training.embeddings import encode_split
 
 WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -37,9 +37,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = {}
     for name, context in (("with_turns", True), ("control_without_turns", False)):
         other = encode_split("text", args.split, expert, args.data_root, context=context)
-        a, b = (np.log(np.clip(d["probs"][meld], 1e-8, 1.0)) for d in (alone, other))
+        a, b = (torch.from_numpy(d["probs"][meld]) for d in (alone, other))
         rows[name] = {
-            str(w): float(f1_score(labels, ((1 - w) * a + w * b).argmax(1), average="weighted")) for w in WEIGHTS
+            str(w): float(f1_score(labels, with_context(a, b, w).argmax(1).numpy(), average="weighted"))
+            for w in WEIGHTS
         }
     result = {"split": args.split, "n_meld": int(meld.sum()), "meld_weighted_f1": rows}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

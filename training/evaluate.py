@@ -43,6 +43,7 @@ TARGETS = {  # (report row, metric, goal)
     "video": [("publictest", "accuracy", 0.66)],
 }
 AUDIO_LOAO_GOAL, AUDIO_DEGRADED_MAX_DROP = 0.78, 0.08
+CONTROL = "meld_dev_expert_without_context"  # both text models without the turns: a control, never served
 CONTEXT_GAIN_GOAL = 0.02  # MELD dev weighted-F1: the same text model with the previous turns, over without (issue 44)
 CARD = Path(__file__).resolve().parents[1] / "models" / "MODEL_CARD.md"
 START, END = "<!-- metrics:start -->", "<!-- metrics:end -->"
@@ -104,13 +105,13 @@ def evaluate_encoder(modality: str, args: argparse.Namespace) -> dict[str, Any]:
         expert = weights / CONTEXT_EXPERT
         if expert.is_dir():  # the same lines read with their dialogue's turns: both experts, as served
             mask = data["source"] == "meld"
-            for name, context in (("meld_dev_context", True), ("meld_dev_expert_without_context", False)):
+            for name, context in (("meld_dev_context", True), (CONTROL, False)):
                 ctx = encode_split(modality, args.split, expert, args.data_root, args.layout, context=context)
                 if not np.array_equal(ctx["labels"], data["labels"]):
                     raise SystemExit(f"{expert}: its split is not the utterance model's")
                 probs = with_context(torch.from_numpy(data["probs"][mask]), torch.from_numpy(ctx["probs"][mask]))
                 sets[name] = _scored(data["labels"][mask], probs.log().numpy(), probs.numpy())
-            order = ("meld_dev", "meld_dev_context", "goemotions_val", "meld_dev_expert_without_context")
+            order = ("meld_dev", "meld_dev_context", "goemotions_val", CONTROL)
             sets = {k: sets[k] for k in order}
         elif read_config(weights)["config"].get("context"):  # the same lines, read with their dialogue's turns
             ctx = encode_split(modality, args.split, weights, args.data_root, args.layout, context=True)
@@ -241,7 +242,7 @@ def card_table(reports: dict[str, dict[str, Any]]) -> str:
     names = {
         "meld_dev": "MELD dev",
         "meld_dev_context": "MELD dev, with the previous turns as context",
-        "meld_dev_expert_without_context": "MELD dev, both models without turns",
+        CONTROL: "MELD dev, both models without turns",
         "goemotions_val": "GoEmotions val, single-label comments",
         "actors_17_20": "RAVDESS actors 17-20",
         "publictest": "FER2013 PublicTest",
@@ -265,7 +266,7 @@ def card_table(reports: dict[str, dict[str, Any]]) -> str:
                 f"| text | MELD dev: with context minus without (the same model) | | | | {gain:+.3f} | "
                 f"weighted-f1 gain >= {CONTEXT_GAIN_GOAL} | {'yes' if gain >= CONTEXT_GAIN_GOAL else 'no'} |"
             )
-            control = r["sets"].get("meld_dev_expert_without_context")
+            control = r["sets"].get(CONTROL)
             if control:  # how much of the gain a second model brings without any turns (never served)
                 rows.append(
                     f"| text | MELD dev, control: the context expert also without turns | {control['n']} | "
@@ -341,7 +342,7 @@ def card_table(reports: dict[str, dict[str, Any]]) -> str:
         for m in MODALITIES
         if m in reports
         for set_name, s in reports[m]["sets"].items()
-        if set_name != "meld_dev_expert_without_context"  # a control, never served
+        if set_name != CONTROL
     ]
     if calib:
         rows += ["", "Expected calibration error before -> after temperature scaling: " + "; ".join(calib) + "."]
@@ -388,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
         report = evaluate_fusion(args) if m == "fusion" else evaluate_encoder(m, args)
         (out / f"{m}.json").write_text(json.dumps(report, indent=2) + "\n")
         for name, r in report.get("sets", {"": {"confusion_matrix": report.get("confusion_matrix")}}).items():
-            if name == "meld_dev_expert_without_context":  # a control, never served
+            if name == CONTROL:
                 continue
             suffix = f"_{name}" if name and len(report.get("sets", {})) > 1 else ""
             plot_confusion(r["confusion_matrix"], f"{m}: {name or DATASETS[m]}", out / f"{m}{suffix}_confusion.png")

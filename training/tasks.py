@@ -161,6 +161,24 @@ class Task:
 SPEAKERLESS = 0.2  # text: share of the context-reading MELD lines trained with the speakers left out
 
 
+TEXT_SELECTION = (("meld", "weighted_f1"), ("goemotions", "macro_f1"))  # the figure each text corpus is judged by
+
+
+def text_selection(
+    labels: np.ndarray, preds: np.ndarray, sources: np.ndarray
+) -> tuple[float | None, dict[str, dict[str, Any]]]:
+    """The text selection score, mean of MELD weighted-F1 and GoEmotions macro-F1 (None unless both corpora are
+    present), and each present corpus's classification report."""
+    by_source = {
+        source: classification_report(labels[sources == source], preds[sources == source])
+        for source, _ in TEXT_SELECTION
+        if (sources == source).any()
+    }
+    if len(by_source) < len(TEXT_SELECTION):
+        return None, by_source
+    return float(np.mean([by_source[source][key] for source, key in TEXT_SELECTION])), by_source
+
+
 def teacher_distributions(data_root: str, path: str, temperature: float) -> dict[str, torch.Tensor]:
     """Per training text, the teacher's ``softmax(logits / temperature)`` from ``training.text_teacher``.
 
@@ -323,14 +341,10 @@ class TextTask(Task):
 
     def score(self, report: dict[str, Any], labels: np.ndarray, preds: np.ndarray, select_on: str) -> float:
         """Mean of MELD weighted-F1 and GoEmotions macro-F1 where both are present (``select_on`` otherwise)."""
-        parts = []
-        for source, key in (("meld", "weighted_f1"), ("goemotions", "macro_f1")):
-            mask = self.val_source == source
-            if mask.any():
-                sub = classification_report(labels[mask], preds[mask])
-                report[source] = {k: sub[k] for k in ("n", "accuracy", "macro_f1", "weighted_f1")}
-                parts.append(sub[key])
-        return float(np.mean(parts)) if len(parts) == 2 else report[select_on]
+        score, by_source = text_selection(labels, preds, self.val_source)
+        for source, sub in by_source.items():
+            report[source] = {k: sub[k] for k in ("n", "accuracy", "macro_f1", "weighted_f1")}
+        return report[select_on] if score is None else score
 
     def metadata(self) -> dict[str, Any]:
         return {

@@ -35,7 +35,7 @@ from torch import nn
 from models.labels import NUM_CLASSES
 from training.datasets import read_text_corpora, split_holdout
 from training.fetch_teacher import teacher_dir
-from training.metrics import classification_report
+from training.tasks import length_bucketed, text_selection
 
 MAX_LENGTH = 128
 SPLITS = ("train", "val")
@@ -137,18 +137,15 @@ class CachedStates:
 
 
 def length_batches(idx: list[int], states: CachedStates, size: int, rng: random.Random | None) -> list[list[int]]:
-    """Batches of texts of similar length (shuffled within windows of 50 batches when ``rng``)."""
-    if rng is not None:
-        idx = idx[:]
-        rng.shuffle(idx)
-        window = size * 50
-        idx = [i for k in range(0, len(idx), window) for i in sorted(idx[k : k + window], key=states.length)]
-    else:
-        idx = sorted(idx, key=states.length)
-    batches = [idx[k : k + size] for k in range(0, len(idx), size)]
-    if rng is not None:
-        rng.shuffle(batches)
-    return batches
+    """Batches of texts of similar length: for training (``rng``) in random order, as
+    :func:`training.tasks.length_bucketed` builds them over 50-batch windows; else simply sorted by length."""
+    lengths = [states.length(i) for i in range(len(states))]
+    if rng is None:
+        order = sorted(idx, key=lengths.__getitem__)
+        return [order[k : k + size] for k in range(0, len(order), size)]
+    order = idx[:]
+    rng.shuffle(order)
+    return length_bucketed(order, lengths, size, 50, rng)
 
 
 @torch.inference_mode()
@@ -163,17 +160,6 @@ def predict(top: TeacherTop, states: CachedStates, idx: list[int], batch: int = 
             logits = top(hidden, mask).float()
         out[[where[i] for i in b]] = logits
     return out
-
-
-def balanced_score(labels: np.ndarray, preds: np.ndarray, sources: np.ndarray) -> dict[str, Any]:
-    """MELD weighted-F1, GoEmotions macro-F1 and their mean (the selection score)."""
-    meld = classification_report(labels[sources == "meld"], preds[sources == "meld"])
-    goemotions = classification_report(labels[sources == "goemotions"], preds[sources == "goemotions"])
-    return {
-        "meld": meld,
-        "goemotions": goemotions,
-        "score": (meld["weighted_f1"] + goemotions["macro_f1"]) / 2,
-    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -270,15 +256,15 @@ def main(argv: list[str] | None = None) -> None:
                     flush=True,
                 )
         preds = predict(top, states["train"], held_idx).argmax(1).numpy()
-        score = balanced_score(held_labels, preds, sources[held_idx])
+        score, by_source = text_selection(held_labels, preds, sources[held_idx])
         log["epochs"].append(
             {
                 "epoch": epoch + 1,
                 "loss": total / len(batches),
                 "seconds": time.time() - began,
-                "holdout_score": score["score"],
-                "holdout_meld_weighted_f1": score["meld"]["weighted_f1"],
-                "holdout_goemotions_macro_f1": score["goemotions"]["macro_f1"],
+                "holdout_score": score,
+                "holdout_meld_weighted_f1": by_source["meld"]["weighted_f1"],
+                "holdout_goemotions_macro_f1": by_source["goemotions"]["macro_f1"],
             }
         )
         print(json.dumps(log["epochs"][-1]), flush=True)
@@ -305,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     val_logits = predict(top, states["val"], val_idx)
     val_sources = np.array([val_items[i][2] for i in val_idx])
     val_labels = np.array([val_items[i][1][0] for i in val_idx])
-    val = balanced_score(val_labels, val_logits.argmax(1).numpy(), val_sources)
+    _, val = text_selection(val_labels, val_logits.argmax(1).numpy(), val_sources)
     report = {
         "model_version": f"text-teacher-mpnet-top{args.top_layers}-e{best['epoch']}",
         "model": f"all-mpnet-base-v2, top {args.top_layers} of 12 layers fine-tuned on cached states, linear head",

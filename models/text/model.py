@@ -30,11 +30,12 @@ class TextModelConfig:
 CONTEXT_EXPERT = "context"  # sub-folder of a text weights folder: the expert that reads the previous turns
 
 
-def with_context(probs: torch.Tensor, context_probs: torch.Tensor) -> torch.Tensor:
-    """A text read with its conversation: the normalised geometric mean (a product of two experts) of the
-    utterance model's calibrated probabilities and those of the context expert, which read the previous
-    turns and the utterance together. Both ``[B, 7]``; returns ``[B, 7]``."""
-    log = (probs.clamp_min(1e-8).log() + context_probs.clamp_min(1e-8).log()) / 2
+def with_context(probs: torch.Tensor, context_probs: torch.Tensor, weight: float = 0.5) -> torch.Tensor:
+    """A text read with its conversation: the normalised weighted geometric mean (a product of two experts) of the
+    utterance model's calibrated probabilities and those of the context expert, which read the previous turns and
+    the utterance together, the expert weighing ``weight`` (served: 0.5, chosen by ``training.context_weight``).
+    Both ``[B, 7]``; returns ``[B, 7]``."""
+    log = (1 - weight) * probs.clamp_min(1e-8).log() + weight * context_probs.clamp_min(1e-8).log()
     return torch.softmax(log, dim=-1)
 
 
